@@ -1,0 +1,13 @@
+"""Exceptions for user mistakes: the CLI prints their message on one line and exits with code 2."""
+
+
+class CloverError(Exception):
+    """A problem the user can fix; the message says how."""
+
+
+class UnsupportedModelError(CloverError):
+    """The model's family has no adapter."""
+
+
+class MissingModelPackageError(CloverError):
+    """A named real model's pip package is not installed."""
