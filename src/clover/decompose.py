@@ -1,0 +1,95 @@
+"""Apply CLOVER's exact factorization to every attention site of a model, in place, one site at a time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .adapters import AttentionSite, attention_sites
+from .factorize import factorize_qk, factorize_vo, orthogonalize_heads, split_heads
+
+
+@dataclass
+class SiteSpectrum:
+    """Singular values of one attention site, per KV group (rows) and dim (columns, descending)."""
+
+    name: str
+    stack: str
+    layer_index: int
+    vo: Tensor
+    qk: Tensor | None = None  # None where RoPE sits between Q and K
+    q: Tensor | None = None  # rotary sites: singular values of each query head's W_q (separate-QR form)
+    k: Tensor | None = None  # rotary sites: same for each key head's W_k
+
+
+def _check_finite(site: AttentionSite, tensors: dict[str, Tensor | None]) -> None:
+    from .errors import CloverError
+
+    for label, tensor in tensors.items():
+        if tensor is not None and not torch.isfinite(tensor).all():
+            raise CloverError(
+                f"{site.name}: the {label} weights contain NaN or Inf; fix the checkpoint first"
+            )
+
+
+def decompose_site(
+    site: AttentionSite, *, compute_dtype: torch.dtype = torch.float64, write: bool = True
+) -> SiteSpectrum:
+    """Factorize one site's V-O pair and (where no rotation intervenes) its Q-K pair; write back if asked."""
+    w_q, b_q = site.q.read()
+    w_k, b_k = site.k.read()
+    w_v, b_v = site.v.read()
+    w_o, b_o = site.o.read()
+    _check_finite(site, {"q": w_q, "k": w_k, "v": w_v, "o": w_o, "q bias": b_q, "k bias": b_k, "v bias": b_v})
+    groups = {"num_heads": site.num_heads, "num_kv_heads": site.num_kv_heads, "compute_dtype": compute_dtype}
+    vo = factorize_vo(w_v, w_o, b_v, b_o, **groups)
+    spectrum = SiteSpectrum(site.name, site.stack, site.layer_index, vo=vo.singular_values.float())
+    if site.rotary:
+        # Separate-QR form (method section 4): the factors are exact but W_q, W_k stay as they are.
+        for label, weight, bias, heads in (
+            ("q", w_q, b_q, site.num_heads),
+            ("k", w_k, b_k, site.num_kv_heads),
+        ):
+            _, r = orthogonalize_heads(split_heads(weight, bias, heads), compute_dtype=compute_dtype)
+            setattr(spectrum, label, torch.linalg.svdvals(r).float())
+    else:
+        qk = factorize_qk(w_q, w_k, b_q, b_k, **groups)
+        spectrum.qk = qk.singular_values.float()
+        if write:
+            site.q.write(qk.w_q.to(w_q.dtype), None if qk.b_q is None else qk.b_q.to(w_q.dtype))
+            site.k.write(qk.w_k.to(w_k.dtype), None if qk.b_k is None else qk.b_k.to(w_k.dtype))
+    if write:
+        site.v.write(vo.w_v.to(w_v.dtype), None if vo.b_v is None else vo.b_v.to(w_v.dtype))
+        site.o.write(vo.w_o.to(w_o.dtype), None if vo.b_o is None else vo.b_o.to(w_o.dtype))
+    return spectrum
+
+
+def _run(model: nn.Module, compute_dtype: torch.dtype, write: bool, progress: bool) -> list[SiteSpectrum]:
+    sites = attention_sites(model)
+    label = "factorizing attention" if write else "reading spectra"
+    with torch.no_grad():
+        return [
+            decompose_site(site, compute_dtype=compute_dtype, write=write)
+            for site in tqdm(sites, desc=label, unit="attn", disable=not progress)
+        ]
+
+
+def decompose_(
+    model: nn.Module, *, compute_dtype: torch.dtype = torch.float64, progress: bool = False
+) -> list[SiteSpectrum]:
+    """Rewrite every attention site of ``model`` in place into CLOVER's orthogonal form; same function, same shapes.
+
+    Returns the singular values of each site. Works site by site, so the peak extra memory is one
+    attention block's weights in ``compute_dtype``.
+    """
+    return _run(model, compute_dtype, write=True, progress=progress)
+
+
+def spectrum(
+    model: nn.Module, *, compute_dtype: torch.dtype = torch.float64, progress: bool = False
+) -> list[SiteSpectrum]:
+    """Singular values of every attention site, leaving the model untouched."""
+    return _run(model, compute_dtype, write=False, progress=progress)

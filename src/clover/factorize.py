@@ -1,0 +1,205 @@
+"""CLOVER's exact per-head factorization, on plain tensors.
+
+Layout: every weight is in *math* layout, rows = input features, columns = output features, so a
+projection computes ``x @ W + b``. Head h of a projection with head size d_h owns columns
+``h*d_h:(h+1)*d_h``; in the output projection it owns rows ``h*d_h:(h+1)*d_h``.
+
+A head pair acts only through the product ``A @ B.T`` with A (m × d_h), B (n × d_h):
+Q-K: A = [W_q; b_q], B = [W_k; b_k] (bias as an extra input row, the input gets a trailing 1);
+V-O: A = W_v, B = W_oᵀ. Any invertible T with A ← A T, B ← B T⁻ᵀ keeps the product, so we pick
+the T that makes the columns orthogonal and sorted by singular value.
+
+Under GQA a K (or V) head is shared by g query heads, so one T must serve the group: the shared head
+is factored against its partners stacked along the rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "PairFactors",
+    "QKFactors",
+    "VOFactors",
+    "factorize_pair",
+    "factorize_qk",
+    "factorize_vo",
+    "orthogonalize_heads",
+    "product_singular_values",
+    "split_heads",
+    "merge_heads",
+]
+
+
+@dataclass
+class PairFactors:
+    """New factors of a batch of head pairs: ``left @ right.T`` equals the input product."""
+
+    left: Tensor  # (..., m, d_h) mutually orthogonal columns, column i has norm sqrt(σ_i)
+    right: Tensor  # (..., n, d_h) same
+    singular_values: Tensor  # (..., d_h), descending; zeros past the pair's rank
+
+
+def factorize_pair(left: Tensor, right: Tensor, *, compute_dtype: torch.dtype = torch.float64) -> PairFactors:
+    """Rewrite each pair (A, B) as (Q_a U √Σ, Q_b V √Σ), where A Bᵀ = Q_a (R_a R_bᵀ) Q_bᵀ and R_a R_bᵀ = U Σ Vᵀ.
+
+    Costs two thin QRs and one d_h×d_h SVD per pair instead of an SVD of the m×n product.
+    Leading dimensions are batch dimensions (heads). Returns tensors in ``compute_dtype``.
+    """
+    if left.shape[-1] != right.shape[-1] or left.shape[:-2] != right.shape[:-2]:
+        raise ValueError(f"pair shapes do not match: {tuple(left.shape)} and {tuple(right.shape)}")
+    head_dim = left.shape[-1]
+    q_a, r_a = torch.linalg.qr(left.to(compute_dtype))
+    q_b, r_b = torch.linalg.qr(right.to(compute_dtype))
+    u, sigma, v_h = torch.linalg.svd(r_a @ r_b.mT, full_matrices=False)
+    root = sigma.sqrt().unsqueeze(-2)
+    new_left, new_right = (q_a @ u) * root, (q_b @ v_h.mT) * root
+    rank = sigma.shape[-1]
+    if rank < head_dim:  # fewer input rows than head dims: the extra dims carry nothing
+        pad = head_dim - rank
+        new_left = torch.nn.functional.pad(new_left, (0, pad))
+        new_right = torch.nn.functional.pad(new_right, (0, pad))
+        sigma = torch.nn.functional.pad(sigma, (0, pad))
+    return PairFactors(new_left, new_right, sigma)
+
+
+def product_singular_values(
+    left: Tensor, right: Tensor, *, compute_dtype: torch.dtype = torch.float64
+) -> Tensor:
+    """Singular values of the explicit product ``left @ right.T`` (the authors' full-SVD route), top d_h."""
+    product = left.to(compute_dtype) @ right.to(compute_dtype).mT
+    sigma = torch.linalg.svdvals(product)[..., : left.shape[-1]]
+    return torch.nn.functional.pad(sigma, (0, left.shape[-1] - sigma.shape[-1]))
+
+
+def orthogonalize_heads(
+    weight: Tensor, *, compute_dtype: torch.dtype = torch.float64
+) -> tuple[Tensor, Tensor]:
+    """Thin QR of each head's factor, (heads, m, d_h) -> orthonormal (heads, m, d_h) and R (heads, d_h, d_h).
+
+    The form used where a rotation (RoPE) sits between Q and K and the pair cannot be merged.
+    """
+    return torch.linalg.qr(weight.to(compute_dtype))
+
+
+def split_heads(weight: Tensor, bias: Tensor | None, num_heads: int) -> Tensor:
+    """(d_in, n·d_h) weight and optional (n·d_h,) bias -> (n, d_in[+1], d_h), bias as the last row."""
+    d_in, width = weight.shape
+    head_dim = width // num_heads
+    heads = weight.reshape(d_in, num_heads, head_dim).permute(1, 0, 2)
+    if bias is None:
+        return heads
+    return torch.cat([heads, bias.reshape(num_heads, 1, head_dim).to(heads.dtype)], dim=1)
+
+
+def merge_heads(heads: Tensor, has_bias: bool) -> tuple[Tensor, Tensor | None]:
+    """Inverse of :func:`split_heads`."""
+    num_heads, rows, head_dim = heads.shape
+    weight_rows = heads[:, : rows - 1] if has_bias else heads
+    weight = weight_rows.permute(1, 0, 2).reshape(-1, num_heads * head_dim)
+    bias = heads[:, -1].reshape(num_heads * head_dim) if has_bias else None
+    return weight, bias
+
+
+def _group_size(num_heads: int, num_kv_heads: int) -> int:
+    if num_kv_heads <= 0 or num_heads % num_kv_heads:
+        raise ValueError(f"{num_heads} query heads cannot be grouped over {num_kv_heads} key/value heads")
+    return num_heads // num_kv_heads
+
+
+@dataclass
+class QKFactors:
+    """Rewritten Q and K projections (math layout) and the singular values per KV group."""
+
+    w_q: Tensor
+    b_q: Tensor | None
+    w_k: Tensor
+    b_k: Tensor | None
+    singular_values: Tensor  # (num_kv_heads, d_h)
+
+
+def factorize_qk(
+    w_q: Tensor,
+    w_k: Tensor,
+    b_q: Tensor | None = None,
+    b_k: Tensor | None = None,
+    *,
+    num_heads: int,
+    num_kv_heads: int | None = None,
+    compute_dtype: torch.dtype = torch.float64,
+) -> QKFactors:
+    """Exact CLOVER rewrite of a Q-K pair with no rotation between Q and K.
+
+    ``w_q``: (d_q, H·d_h); ``w_k``: (d_k, G·d_h). Biases enter as an augmented input row, so the
+    new biases are the new last rows. Under GQA each K head is factored against its g query heads.
+    """
+    num_kv_heads = num_kv_heads or num_heads
+    group = _group_size(num_heads, num_kv_heads)
+    q_heads = split_heads(w_q.to(compute_dtype), b_q, num_heads)  # (H, m, d_h)
+    k_heads = split_heads(w_k.to(compute_dtype), b_k, num_kv_heads)  # (G, n, d_h)
+    rows, head_dim = q_heads.shape[1:]
+    stacked_q = q_heads.reshape(num_kv_heads, group * rows, head_dim)
+    factors = factorize_pair(k_heads, stacked_q, compute_dtype=compute_dtype)
+    new_q, new_b_q = merge_heads(factors.right.reshape(num_heads, rows, head_dim), b_q is not None)
+    new_k, new_b_k = merge_heads(factors.left, b_k is not None)
+    return QKFactors(new_q, new_b_q, new_k, new_b_k, factors.singular_values)
+
+
+@dataclass
+class VOFactors:
+    """Rewritten V and O projections (math layout) and the singular values per KV group."""
+
+    w_v: Tensor
+    b_v: Tensor | None
+    w_o: Tensor
+    b_o: Tensor | None
+    singular_values: Tensor  # (num_kv_heads, d_h)
+
+
+def fold_value_bias(w_o: Tensor, b_v: Tensor, b_o: Tensor, *, num_heads: int, num_kv_heads: int) -> Tensor:
+    """O's bias after absorbing V's bias: b_o + Σ_h b_v^{kv(h)} W_o^h (softmax rows sum to 1)."""
+    group = _group_size(num_heads, num_kv_heads)
+    head_dim = w_o.shape[0] // num_heads
+    per_query_head = b_v.reshape(num_kv_heads, head_dim).repeat_interleave(group, dim=0).reshape(-1)
+    return b_o + per_query_head.to(w_o.dtype) @ w_o
+
+
+def factorize_vo(
+    w_v: Tensor,
+    w_o: Tensor,
+    b_v: Tensor | None = None,
+    b_o: Tensor | None = None,
+    *,
+    num_heads: int,
+    num_kv_heads: int | None = None,
+    fold_bias: bool = True,
+    compute_dtype: torch.dtype = torch.float64,
+) -> VOFactors:
+    """Exact CLOVER rewrite of a V-O pair.
+
+    ``w_v``: (d_kv, G·d_h); ``w_o``: (H·d_h, d_out). With ``fold_bias`` and an O bias present, V's bias
+    is folded into O's (returned b_v is zero), which takes it off the V path and the KV cache;
+    otherwise it rides along as an augmented row of V.
+    """
+    num_kv_heads = num_kv_heads or num_heads
+    group = _group_size(num_heads, num_kv_heads)
+    w_v, w_o = w_v.to(compute_dtype), w_o.to(compute_dtype)
+    b_o = None if b_o is None else b_o.to(compute_dtype)
+    folded = b_v is not None and b_o is not None and fold_bias
+    if folded:
+        b_o = fold_value_bias(w_o, b_v.to(compute_dtype), b_o, num_heads=num_heads, num_kv_heads=num_kv_heads)
+    v_heads = split_heads(w_v, None if folded or b_v is None else b_v.to(compute_dtype), num_kv_heads)
+    head_dim = v_heads.shape[-1]
+    o_heads = w_o.reshape(num_heads, head_dim, -1).mT  # (H, d_out, d_h): W_o^hᵀ
+    d_out = o_heads.shape[1]
+    factors = factorize_pair(
+        v_heads, o_heads.reshape(num_kv_heads, group * d_out, head_dim), compute_dtype=compute_dtype
+    )
+    new_v, new_b_v = merge_heads(factors.left, b_v is not None and not folded)
+    new_o = factors.right.reshape(num_heads, d_out, head_dim).mT.reshape(num_heads * head_dim, d_out)
+    if folded:
+        new_b_v = torch.zeros_like(b_v, dtype=compute_dtype)
+    return VOFactors(new_v, new_b_v, new_o, b_o, factors.singular_values)
