@@ -113,9 +113,7 @@ def model_output(model: torch.nn.Module, seed: int = 1) -> torch.Tensor:
     ids = torch.randint(3, VOCAB, (2, 12), generator=generator)
     with torch.no_grad():
         if model.config.model_type == "whisper":
-            mels = torch.randn(
-                2, model.config.num_mel_bins, 2 * model.config.max_source_positions, generator=generator
-            )
+            mels = torch.randn(2, model.config.num_mel_bins, 2 * model.config.max_source_positions, generator=generator)
             return model(input_features=mels, decoder_input_ids=ids[:, :8]).logits
         output = model(input_ids=ids, attention_mask=torch.ones_like(ids))
         return output.logits if hasattr(output, "logits") else output.last_hidden_state

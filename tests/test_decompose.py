@@ -93,9 +93,7 @@ def test_bfloat16_model_is_factorized_in_float64_and_written_back_in_bfloat16():
 def test_unsupported_model_names_the_supported_families():
     import transformers as tf
 
-    config = tf.OPTConfig(
-        vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, ffn_dim=32
-    )
+    config = tf.OPTConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, ffn_dim=32)
     with pytest.raises(UnsupportedModelError, match=r"'opt'.*GPT-2.*Whisper"):
         decompose_(tf.OPTForCausalLM(config))
 

@@ -53,32 +53,20 @@ def test_pair_is_exact_orthogonal_and_sorted(heads, rows_left, rows_right, head_
     assert _is_diagonal(f.left.double().mT @ f.left.double(), tol["atol"] * 10)
     assert _is_diagonal(f.right.double().mT @ f.right.double(), tol["atol"] * 10)
     # column i of each new factor has norm sqrt(σ_i)
-    torch.testing.assert_close(
-        f.left.double().norm(dim=-2) ** 2, sigma, atol=tol["atol"] * 10, rtol=tol["rtol"] * 10
-    )
-    torch.testing.assert_close(
-        sigma, product_singular_values(a, b), atol=tol["atol"] * 10, rtol=tol["rtol"] * 10
-    )
+    torch.testing.assert_close(f.left.double().norm(dim=-2) ** 2, sigma, atol=tol["atol"] * 10, rtol=tol["rtol"] * 10)
+    torch.testing.assert_close(sigma, product_singular_values(a, b), atol=tol["atol"] * 10, rtol=tol["rtol"] * 10)
 
 
 def _scores(x, w_q, b_q, w_k, b_k, heads, kv_heads):
     n, d_h = x.shape[0], w_q.shape[1] // heads
     q = (x @ w_q + (0 if b_q is None else b_q)).reshape(n, heads, d_h)
-    k = (
-        (x @ w_k + (0 if b_k is None else b_k))
-        .reshape(n, kv_heads, d_h)
-        .repeat_interleave(heads // kv_heads, 1)
-    )
+    k = (x @ w_k + (0 if b_k is None else b_k)).reshape(n, kv_heads, d_h).repeat_interleave(heads // kv_heads, 1)
     return torch.einsum("ihd,jhd->hij", q, k)
 
 
 def _head_outputs(x, attn, w_v, b_v, w_o, b_o, heads, kv_heads):
     n, d_h = x.shape[0], w_o.shape[0] // heads
-    v = (
-        (x @ w_v + (0 if b_v is None else b_v))
-        .reshape(n, kv_heads, d_h)
-        .repeat_interleave(heads // kv_heads, 1)
-    )
+    v = (x @ w_v + (0 if b_v is None else b_v)).reshape(n, kv_heads, d_h).repeat_interleave(heads // kv_heads, 1)
     out = torch.einsum("hij,jhd->ihd", attn, v).reshape(n, heads * d_h) @ w_o
     return out + (0 if b_o is None else b_o)
 

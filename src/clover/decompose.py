@@ -30,9 +30,7 @@ def _check_finite(site: AttentionSite, tensors: dict[str, Tensor | None]) -> Non
 
     for label, tensor in tensors.items():
         if tensor is not None and not torch.isfinite(tensor).all():
-            raise CloverError(
-                f"{site.name}: the {label} weights contain NaN or Inf; fix the checkpoint first"
-            )
+            raise CloverError(f"{site.name}: the {label} weights contain NaN or Inf; fix the checkpoint first")
 
 
 def decompose_site(

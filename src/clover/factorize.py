@@ -66,18 +66,14 @@ def factorize_pair(left: Tensor, right: Tensor, *, compute_dtype: torch.dtype = 
     return PairFactors(new_left, new_right, sigma)
 
 
-def product_singular_values(
-    left: Tensor, right: Tensor, *, compute_dtype: torch.dtype = torch.float64
-) -> Tensor:
+def product_singular_values(left: Tensor, right: Tensor, *, compute_dtype: torch.dtype = torch.float64) -> Tensor:
     """Singular values of the explicit product ``left @ right.T`` (the authors' full-SVD route), top d_h."""
     product = left.to(compute_dtype) @ right.to(compute_dtype).mT
     sigma = torch.linalg.svdvals(product)[..., : left.shape[-1]]
     return torch.nn.functional.pad(sigma, (0, left.shape[-1] - sigma.shape[-1]))
 
 
-def orthogonalize_heads(
-    weight: Tensor, *, compute_dtype: torch.dtype = torch.float64
-) -> tuple[Tensor, Tensor]:
+def orthogonalize_heads(weight: Tensor, *, compute_dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
     """Thin QR of each head's factor, (heads, m, d_h) -> orthonormal (heads, m, d_h) and R (heads, d_h, d_h).
 
     The form used where a rotation (RoPE) sits between Q and K and the pair cannot be merged.
