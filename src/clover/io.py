@@ -49,3 +49,48 @@ def save_loaded_model(loaded, directory: Path) -> None:
         loaded.tokenizer.save_pretrained(directory)
     if loaded.feature_extractor is not None:
         loaded.feature_extractor.save_pretrained(directory)
+
+
+AUTO_CLASS = {
+    "causal-lm": "AutoModelForCausalLM",
+    "encoder": "AutoModel",
+    "speech-seq2seq": "AutoModelForSpeechSeq2Seq",
+}
+
+
+def save_pruned_model(loaded, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write a pruned model atomically: safetensors, config with the per-head dims, and the modeling code.
+
+    The directory loads with ``AutoModel*.from_pretrained(DIR, trust_remote_code=True)`` in a process that
+    does not have clover installed: ``modeling_clover.py`` (torch + transformers only) is copied beside the weights.
+    """
+    from . import modeling_clover
+
+    model = loaded.model
+    base = type(model).__name__
+    clover_class = f"Clover{base}"
+    if not hasattr(modeling_clover, clover_class):
+        raise CloverError(f"no pruned counterpart for {base}; pruned checkpoints support {_pruned_bases()}")
+    with atomic_directory(out, overwrite=overwrite) as staging:
+        model.config.auto_map = {AUTO_CLASS[loaded.kind]: f"modeling_clover.{clover_class}"}
+        try:
+            save_loaded_model(loaded, staging)
+        finally:
+            del model.config.auto_map  # the live model object is the plain class; only the files need the map
+        shutil.copyfile(modeling_clover.__file__, staging / "modeling_clover.py")
+        _patch_architectures(staging / "config.json", clover_class)
+    return Path(out)
+
+
+def _pruned_bases() -> str:
+    from . import modeling_clover
+
+    return ", ".join(n.removeprefix("Clover") for n in dir(modeling_clover) if n.startswith("Clover") and "For" in n)
+
+
+def _patch_architectures(config_path: Path, clover_class: str) -> None:
+    import json
+
+    config = json.loads(config_path.read_text())
+    config["architectures"] = [clover_class]
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

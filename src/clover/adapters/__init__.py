@@ -45,6 +45,10 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
 
 def attention_sites(model: nn.Module) -> list[AttentionSite]:
     """All attention sites of a model, in module order; raises if the model has none we recognise."""
+    if (getattr(getattr(model, "config", None), "clover", None) or {}).get("sites"):
+        raise UnsupportedModelError(
+            "this model is already pruned by clover; decompose, prune or fine-tune its original checkpoint instead"
+        )
     sites = adapter_for(model).attention_sites(model)
     if not sites:
         raise UnsupportedModelError(f"found no attention blocks in {type(model).__name__}")

@@ -18,8 +18,9 @@ class Projection:
         raise NotImplementedError
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.read()[0].dtype
+    def input_module(self) -> nn.Module:
+        """The module whose forward input is this projection's input (for calibration hooks)."""
+        raise NotImplementedError
 
 
 class LinearProjection(Projection):
@@ -27,6 +28,10 @@ class LinearProjection(Projection):
 
     def __init__(self, linear: nn.Linear):
         self.linear = linear
+
+    @property
+    def input_module(self) -> nn.Module:
+        return self.linear
 
     def read(self) -> tuple[Tensor, Tensor | None]:
         bias = self.linear.bias
@@ -44,6 +49,10 @@ class Conv1DSlice(Projection):
 
     def __init__(self, conv: nn.Module, start: int, stop: int):
         self.conv, self.start, self.stop = conv, start, stop
+
+    @property
+    def input_module(self) -> nn.Module:
+        return self.conv
 
     def read(self) -> tuple[Tensor, Tensor | None]:
         cols = slice(self.start, self.stop)
@@ -71,6 +80,8 @@ class AttentionSite:
     num_heads: int
     num_kv_heads: int
     head_dim: int
+    scaling: float = 1.0  # the original softmax scale; pruning never recomputes it from the kept dims
+    is_causal: bool = False
     rotary: bool = False  # RoPE (or QK-norm) acts between Q and K: no exact Q-K merge
 
 

@@ -28,6 +28,8 @@ class BertAdapter(ModelAdapter):
                     k=LinearProjection(inner.key),
                     v=LinearProjection(inner.value),
                     o=LinearProjection(module.output.dense),
+                    scaling=inner.scaling,
+                    is_causal=bool(inner.is_causal),
                     num_heads=inner.num_attention_heads,
                     num_kv_heads=inner.num_attention_heads,
                     head_dim=inner.attention_head_size,

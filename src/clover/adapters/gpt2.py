@@ -28,6 +28,8 @@ class GPT2Adapter(ModelAdapter):
                     k=Conv1DSlice(module.c_attn, d, 2 * d),
                     v=Conv1DSlice(module.c_attn, 2 * d, 3 * d),
                     o=Conv1DSlice(module.c_proj, 0, d),
+                    scaling=module.scaling,
+                    is_causal=True,
                     num_heads=module.num_heads,
                     num_kv_heads=module.num_heads,
                     head_dim=module.head_dim,

@@ -28,6 +28,8 @@ class LlamaAdapter(ModelAdapter):
                     k=LinearProjection(module.k_proj),
                     v=LinearProjection(module.v_proj),
                     o=LinearProjection(module.o_proj),
+                    scaling=module.scaling,
+                    is_causal=True,
                     num_heads=config.num_attention_heads,
                     num_kv_heads=config.num_key_value_heads,
                     head_dim=module.head_dim,

@@ -33,6 +33,8 @@ class WhisperAdapter(ModelAdapter):
                     k=LinearProjection(module.k_proj),
                     v=LinearProjection(module.v_proj),
                     o=LinearProjection(module.out_proj),
+                    scaling=module.scaling,
+                    is_causal=bool(module.is_causal),
                     num_heads=module.num_heads,
                     num_kv_heads=module.num_heads,
                     head_dim=module.head_dim,

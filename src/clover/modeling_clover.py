@@ -1,0 +1,277 @@
+"""Attention with pruned, per-head Q-K and V-O dims (CLOVER), for transformers models.
+
+Self-contained on purpose: it imports only torch and transformers, because `clover prune` copies this file
+into every pruned checkpoint, where ``from_pretrained(DIR, trust_remote_code=True)`` loads it without clover.
+
+Each pruned attention keeps, for every KV group j, ``qk_dims[j]`` Q-K dims (in K and in each of the group's
+query heads) and ``vo_dims[j]`` V-O dims (in V and in each query head's rows of O). Projections are packed:
+head blocks of their own widths, concatenated. The KV cache holds exactly the kept dims: one cache "head" of
+width sum(qk_dims) for K and sum(vo_dims) for V. Heads with equal dims are computed together by torch's
+scaled_dot_product_attention; the softmax scale is the original model's, never recomputed from pruned dims.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CONFIG_KEY = "clover"  # config.clover = {"method": ..., "sites": {module path: site spec}}
+
+
+class HeadLayout:
+    """Index bookkeeping of one pruned attention: which packed columns belong to which head, by dims bucket."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, qk_dims: list[int], vo_dims: list[int]):
+        self.group = num_heads // num_kv_heads
+        self._indices: dict[str, list[int] | None] = {}
+        self._tensors: dict[tuple[str, torch.device], torch.Tensor] = {}
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.qk_dims, self.vo_dims = list(qk_dims), list(vo_dims)
+        q_off = self._offsets([qk_dims[h // self.group] for h in range(num_heads)])
+        k_off, v_off = self._offsets(qk_dims), self._offsets(vo_dims)
+        o_off = self._offsets([vo_dims[h // self.group] for h in range(num_heads)])
+        self.q_width, self.k_width, self.v_width = q_off[-1], k_off[-1], v_off[-1]
+        self.out_width = o_off[-1]
+        buckets: dict[tuple[int, int], list[int]] = {}
+        for j in range(num_kv_heads):
+            buckets.setdefault((qk_dims[j], vo_dims[j]), []).append(j)
+        self.buckets: list[tuple[int, int, int]] = []  # (dq, dv, number of KV groups)
+        out_positions = []
+        for b, ((dq, dv), groups) in enumerate(buckets.items()):
+            heads = [h for j in groups for h in range(j * self.group, (j + 1) * self.group)]
+            self._index(f"q{b}", [i for h in heads for i in range(q_off[h], q_off[h] + dq)], self.q_width)
+            self._index(f"k{b}", [i for j in groups for i in range(k_off[j], k_off[j] + dq)], self.k_width)
+            self._index(f"v{b}", [i for j in groups for i in range(v_off[j], v_off[j] + dv)], self.v_width)
+            out_positions += [i for h in heads for i in range(o_off[h], o_off[h] + dv)]
+            self.buckets.append((dq, dv, len(groups)))
+        self._index("out", sorted(range(len(out_positions)), key=out_positions.__getitem__), self.out_width)
+
+    @staticmethod
+    def _offsets(widths: list[int]) -> list[int]:
+        offsets = [0]
+        for w in widths:
+            offsets.append(offsets[-1] + w)
+        return offsets
+
+    def _index(self, name: str, index: list[int], width: int) -> None:
+        # plain lists, turned into tensors on first use per device: modules may be built on the meta device
+        identity = index == list(range(width))  # the common uniform case needs no gather at all
+        self._indices[name] = None if identity else index
+
+    def take(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        index = self._indices[name]
+        if index is None:
+            return x
+        key = (name, x.device)
+        if key not in self._tensors:
+            self._tensors[key] = torch.tensor(index, dtype=torch.long, device=x.device)
+        return x.index_select(-1, self._tensors[key])
+
+    def attend(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        *,
+        scaling: float,
+        is_causal: bool,
+        dropout: float = 0.0,
+    ) -> torch.Tensor:
+        """query (B, L, q_width), key (B, S, k_width), value (B, S, v_width) -> (B, L, out_width)."""
+        batch, q_len, _ = query.shape
+        kv_len = key.shape[1]
+        if attention_mask is not None and attention_mask.dim() == 4:
+            attention_mask = attention_mask[:, :, :, :kv_len]
+        causal = q_len > 1 and attention_mask is None and is_causal
+        if causal and kv_len > q_len:
+            key, value, kv_len = key[:, :q_len], value[:, :q_len], q_len
+        outputs = []
+        for b, (dq, dv, groups) in enumerate(self.buckets):
+            heads = groups * self.group
+            if dv == 0:  # every V-O dim of these heads pruned: they add nothing
+                continue
+            if dq == 0:  # every Q-K dim pruned: scores are all zero, attention is uniform over unmasked keys
+                q = query.new_zeros(batch, heads, q_len, 1)
+                k = key.new_zeros(batch, groups, kv_len, 1)
+            else:
+                q = self.take(query, f"q{b}").view(batch, q_len, heads, dq).transpose(1, 2)
+                k = self.take(key, f"k{b}").view(batch, kv_len, groups, dq).transpose(1, 2)
+            v = self.take(value, f"v{b}").view(batch, kv_len, groups, dv).transpose(1, 2)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attention_mask, dropout_p=dropout, is_causal=causal, scale=scaling,
+                enable_gqa=self.group > 1,
+            )  # fmt: skip
+            outputs.append(out.transpose(1, 2).reshape(batch, q_len, heads * dv))
+        if not outputs:
+            return query.new_zeros(batch, q_len, 0)
+        return self.take(torch.cat(outputs, dim=-1) if len(outputs) > 1 else outputs[0], "out")
+
+
+def _linear(spec: dict, name: str, d_in: int, d_out: int) -> nn.Linear:
+    return nn.Linear(d_in, d_out, bias=spec["bias"][name])
+
+
+class _PrunedAttentionBase(nn.Module):
+    """Packed q/k/v/o projections and the head layout, built from a site spec (see ``site_spec`` in clover.prune)."""
+
+    def __init__(self, spec: dict, layer_idx: int | None, *, o_name: str = "o_proj", with_o: bool = True):
+        super().__init__()
+        self.spec = spec
+        self.layer_idx = layer_idx
+        self.scaling = float(spec["scaling"])
+        self.is_causal = bool(spec["is_causal"])
+        self.dropout_p = float(spec.get("dropout", 0.0))
+        self.layout = HeadLayout(spec["num_heads"], spec["num_kv_heads"], spec["qk_dims"], spec["vo_dims"])
+        d_q, d_kv, d_out = spec["d_q"], spec["d_kv"], spec["d_out"]
+        self.q_proj = _linear(spec, "q", d_q, self.layout.q_width)
+        self.k_proj = _linear(spec, "k", d_kv, self.layout.k_width)
+        self.v_proj = _linear(spec, "v", d_kv, self.layout.v_width)
+        if with_o:
+            setattr(self, o_name, _linear(spec, "o", self.layout.out_width, d_out))
+
+    def _attend(self, query, key, value, attention_mask, scaling=None):
+        return self.layout.attend(
+            query, key, value, attention_mask, scaling=self.scaling if scaling is None else scaling,
+            is_causal=self.is_causal, dropout=self.dropout_p if self.training else 0.0,
+        )  # fmt: skip
+
+
+def _as_cache_entry(x: torch.Tensor) -> torch.Tensor:
+    return x.unsqueeze(1)  # (B, T, width) -> (B, 1, T, width): one cache "head" holding every kept dim
+
+
+class CloverLlamaAttention(_PrunedAttentionBase):
+    """Llama / Qwen2 / Mistral self-attention with pruned V-O dims (Q-K intact: RoPE acts between Q and K)."""
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        cache = cache if cache is not None else kwargs.pop("past_key_values", None)
+        batch, length, _ = hidden_states.shape
+        head_dim = self.spec["head_dim"]
+        q = self.q_proj(hidden_states).view(batch, length, -1, head_dim).transpose(1, 2)
+        k = self.k_proj(hidden_states).view(batch, length, -1, head_dim).transpose(1, 2)
+        cos, sin = position_embeddings
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        q = q.transpose(1, 2).reshape(batch, length, -1)
+        k = _as_cache_entry(k.transpose(1, 2).reshape(batch, length, -1))
+        v = _as_cache_entry(self.v_proj(hidden_states))
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
+        out = self._attend(q, k[:, 0], v[:, 0], attention_mask)
+        return self.o_proj(out), None
+
+
+class CloverWhisperAttention(_PrunedAttentionBase):
+    """Whisper encoder self-, decoder self- and decoder cross-attention with pruned Q-K and V-O dims."""
+
+    def __init__(self, spec: dict, layer_idx: int | None):
+        super().__init__(spec, layer_idx, o_name="out_proj")
+
+    def forward(self, hidden_states, key_value_states=None, cache=None, attention_mask=None, **kwargs):
+        from transformers.cache_utils import EncoderDecoderCache
+
+        cache = cache if cache is not None else kwargs.pop("past_key_values", None)
+        kwargs.pop("output_attentions", None)
+        is_cross = key_value_states is not None
+        # Whisper scales q before the product (as the original does) and attends with scale 1
+        query = self.q_proj(hidden_states) * self.scaling
+        is_updated = False
+        if isinstance(cache, EncoderDecoderCache):
+            is_updated = cache.is_updated.get(self.layer_idx)
+            if is_cross:
+                cache.is_updated[self.layer_idx] = True
+                cache = cache.cross_attention_cache
+            else:
+                cache = cache.self_attention_cache
+        source = key_value_states if is_cross else hidden_states
+        if is_cross and cache is not None and is_updated:
+            k, v = cache.layers[self.layer_idx].keys, cache.layers[self.layer_idx].values
+        else:
+            k, v = _as_cache_entry(self.k_proj(source)), _as_cache_entry(self.v_proj(source))
+            if cache is not None:
+                k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
+        out = self._attend(query, k[:, 0], v[:, 0], attention_mask, scaling=1.0)
+        return self.out_proj(out), None
+
+
+class CloverBertSelfAttention(_PrunedAttentionBase):
+    """BERT self-attention with pruned Q-K and V-O dims; its output projection lives in BertSelfOutput.dense."""
+
+    def __init__(self, spec: dict, layer_idx: int | None):
+        super().__init__(spec, layer_idx, with_o=False)
+
+    def forward(self, hidden_states, attention_mask=None, cache=None, **kwargs):
+        q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        return self._attend(q, k, v, attention_mask), None
+
+
+class CloverGPT2Attention(_PrunedAttentionBase):
+    """GPT-2 self-attention with pruned Q-K and V-O dims; the fused c_attn becomes separate packed q/k/v."""
+
+    def __init__(self, spec: dict, layer_idx: int | None):
+        super().__init__(spec, layer_idx, o_name="c_proj")
+
+    def forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):
+        cache = cache if cache is not None else kwargs.pop("past_key_values", None)
+        q = self.q_proj(hidden_states)
+        k, v = _as_cache_entry(self.k_proj(hidden_states)), _as_cache_entry(self.v_proj(hidden_states))
+        if cache is not None:
+            from transformers.cache_utils import EncoderDecoderCache
+
+            target = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
+            k, v = target.update(k, v, self.layer_idx, kwargs=kwargs)
+        out = self._attend(q, k[:, 0], v[:, 0], attention_mask)
+        return self.c_proj(out), None
+
+
+PRUNED_ATTENTION = {
+    "llama": CloverLlamaAttention,
+    "whisper": CloverWhisperAttention,
+    "bert": CloverBertSelfAttention,
+    "gpt2": CloverGPT2Attention,
+}
+
+
+def install_pruned_attention(model: nn.Module, sites: dict[str, dict]) -> None:
+    """Replace each listed attention module (by module path) with its pruned counterpart (weights uninitialised)."""
+    for name, spec in sites.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        original = getattr(parent, child)
+        pruned = PRUNED_ATTENTION[spec["family"]](spec, spec.get("layer_idx"))
+        if spec["family"] == "bert":  # BertAttention keeps its LayerNorm/dropout; swap .self and .output.dense
+            original.self = pruned
+            dense = original.output.dense
+            original.output.dense = nn.Linear(pruned.layout.out_width, dense.out_features, bias=dense.bias is not None)
+        else:
+            setattr(parent, child, pruned)
+
+
+def _pruned_class(base: type) -> type:
+    def __init__(self, config, *args, **kwargs):
+        base.__init__(self, config, *args, **kwargs)
+        install_pruned_attention(self, getattr(config, CONFIG_KEY)["sites"])
+
+    return type(f"Clover{base.__name__}", (base,), {"__init__": __init__, "__module__": __name__})
+
+
+def _define_classes() -> None:
+    import transformers
+
+    for base_name in (
+        "LlamaForCausalLM",
+        "Qwen2ForCausalLM",
+        "MistralForCausalLM",
+        "LlamaModel",
+        "GPT2LMHeadModel",
+        "GPT2Model",
+        "BertModel",
+        "WhisperForConditionalGeneration",
+    ):
+        globals()[f"Clover{base_name}"] = _pruned_class(getattr(transformers, base_name))
+
+
+_define_classes()

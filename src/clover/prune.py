@@ -1,0 +1,451 @@
+"""Training-free pruning of attention dims by singular value (CLOVER), calibrated CLOVER, or the vanilla baseline.
+
+Two passes, one attention site at a time, so the model is never held twice:
+1. score every (site, KV group, dim): singular values of the (whitened) factorization, or the vanilla
+   importance ‖q_i‖·‖k_i‖ / ‖v_i‖·‖o_i‖ of the original weights;
+2. allocate how many dims each KV group keeps (uniform, per layer, global, or by threshold), then rebuild each
+   site with only its kept dims and swap in a pruned attention module whose cache holds only those dims.
+
+Scores of different layers are compared as they are (raw singular values, the paper's protocol): every Q-K
+σ is in units of attention logits per unit of (normalised) input, every V-O σ in units of the residual
+stream, so a threshold means the same thing in every layer. Calibrated scores are singular values of
+L_aᵀ W L_b, i.e. the RMS size of each direction's contribution on the calibration inputs, which is the right
+common currency when ranking dims across layers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .adapters import AttentionSite, adapter_for, attention_sites
+from .errors import CloverError
+from .factorize import factorize_qk, factorize_vo, fold_value_bias, split_heads, whitening_factor
+from .modeling_clover import CONFIG_KEY, install_pruned_attention
+
+METHODS = ("clover", "calibrated", "vanilla")
+ALLOCATIONS = ("uniform", "layer", "global")
+
+
+@dataclass
+class PruneConfig:
+    """What to remove. Ratios are shares of all Q-K (or V-O) dims of the model, counted per KV group."""
+
+    qk_ratio: float = 0.0
+    vo_ratio: float = 0.0
+    qk_threshold: float | None = None  # remove every dim with σ ≤ threshold (the paper's Whisper criterion)
+    vo_threshold: float | None = None
+    method: str = "clover"
+    allocation: str = "uniform"
+    min_dims: int = 1  # per KV group and pair: no head is emptied unless the user sets 0
+    ridge: float = 1e-4  # calibrated: relative ridge added to each input second moment before Cholesky
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise CloverError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.allocation not in ALLOCATIONS:
+            raise CloverError(f"unknown allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
+        for name in ("qk_ratio", "vo_ratio"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and 0.0 <= value < 1.0):
+                raise CloverError(f"{name.replace('_', ' ')} must be in [0, 1) (share of dims removed), got {value}")
+        for name in ("qk_threshold", "vo_threshold"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise CloverError(f"{name.replace('_', ' ')} must be a finite singular value ≥ 0, got {value}")
+        if (self.qk_threshold is not None and self.qk_ratio) or (self.vo_threshold is not None and self.vo_ratio):
+            raise CloverError("give either a ratio or a threshold for each pair, not both")
+        if self.min_dims < 0:
+            raise CloverError(f"min dims must be ≥ 0, got {self.min_dims}")
+
+    def prunes(self, pair: str) -> bool:
+        return getattr(self, f"{pair}_ratio") > 0 or getattr(self, f"{pair}_threshold") is not None
+
+
+# ----------------------------------------------------------------------------------------------- allocation
+
+
+def allocate_dims(
+    scores: list[Tensor],
+    *,
+    allocation: str,
+    ratio: float = 0.0,
+    threshold: float | None = None,
+    min_dims: int = 1,
+) -> list[Tensor]:
+    """Dims kept per KV group, for each site's (groups, d_h) score tensor; larger score = more important.
+
+    ``uniform``: the same count everywhere. ``layer``: one count per site, removing whichever site's next
+    trailing dims cost the least total squared score. ``global``: one cut over every (group, dim) of the
+    model. A threshold removes every dim whose score is ≤ it. ``min_dims`` dims per group always survive.
+    """
+    ordered = [s.sort(dim=-1, descending=True).values for s in scores]
+    head_dims = {s.shape[-1] for s in ordered}
+    total = sum(s.numel() for s in ordered)
+    floor = [min(min_dims, s.shape[-1]) for s in ordered]
+    if threshold is not None:
+        return [torch.maximum((s > threshold).sum(-1), torch.full_like(s[:, 0], f, dtype=torch.long)) for s, f in
+                zip(ordered, floor, strict=True)]  # fmt: skip
+    to_remove = round(ratio * total)
+    if allocation == "uniform":
+        if len(head_dims) != 1:
+            raise CloverError("uniform allocation needs one head dim across the model; use layer or global")
+        (head_dim,) = head_dims
+        keep = max(head_dim - round(ratio * head_dim), min(min_dims, head_dim))
+        return [torch.full((s.shape[0],), keep, dtype=torch.long) for s in ordered]
+    if allocation == "layer":
+        # cost of dropping trailing dim t of site s (all its groups at once): Σ_groups σ², increasing in t
+        candidates = []
+        for index, s in enumerate(ordered):
+            costs = (s**2).sum(0)
+            for t in range(s.shape[-1] - 1, floor[index] - 1, -1):
+                candidates.append((float(costs[t]), index, s.shape[0]))
+        candidates.sort(key=lambda c: c[0])
+        keep = [s.shape[-1] for s in ordered]
+        removed = 0
+        for _, index, groups in candidates:
+            if removed >= to_remove:
+                break
+            keep[index] -= 1
+            removed += groups
+        _check_reachable(removed, to_remove, total)
+        return [torch.full((s.shape[0],), k, dtype=torch.long) for s, k in zip(ordered, keep, strict=True)]
+    # global: lowest scores over all groups and layers, beyond each group's floor
+    pool = torch.cat([s[:, f:].reshape(-1) for s, f in zip(ordered, floor, strict=True)])
+    _check_reachable(pool.numel(), to_remove, total)
+    if to_remove == 0:
+        return [torch.full((s.shape[0],), s.shape[-1], dtype=torch.long) for s in ordered]
+    cut = pool.kthvalue(to_remove).values
+    keep, removed = [], 0
+    for s, f in zip(ordered, floor, strict=True):
+        k = torch.maximum((s > cut).sum(-1), torch.full_like(s[:, 0], f, dtype=torch.long))
+        keep.append(k)
+        removed += int((s.shape[-1] - k).sum())
+    # ties at the cut: give back (or take) dims in order so that exactly `to_remove` go
+    surplus = removed - to_remove
+    for k, s, f in zip(keep, ordered, floor, strict=True):
+        for g in range(s.shape[0]):
+            while surplus > 0 and k[g] < s.shape[-1] and s[g, k[g]] == cut:
+                k[g] += 1
+                surplus -= 1
+            while surplus < 0 and k[g] > f and s[g, k[g] - 1] == cut:
+                k[g] -= 1
+                surplus += 1
+    return keep
+
+
+def _check_reachable(available: int, wanted: int, total: int) -> None:
+    if available < wanted:
+        raise CloverError(
+            f"cannot remove {wanted} of {total} dims while keeping the per-group floor; "
+            "lower the ratio or pass --min-dims 0"
+        )
+
+
+# ----------------------------------------------------------------------------------------------- calibration
+
+
+class InputMoments:
+    """Accumulates E[xᵀx] and E[x] of the inputs of the projections that feed each pair (forward hooks)."""
+
+    def __init__(self, sites: list[AttentionSite]):
+        self.moments: dict[int, list] = {}
+        self.handles = []
+        self.keys: dict[str, tuple[int, int]] = {}
+        for site in sites:
+            q_mod, k_mod = site.q.input_module, site.k.input_module
+            self.keys[site.name] = (self._watch(q_mod), self._watch(k_mod))
+
+    def _watch(self, module: nn.Module) -> int:
+        key = id(module)
+        if key not in self.moments:
+            self.moments[key] = [None, None, 0]
+
+            def hook(_module, args, _key=key):
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+                entry = self.moments[_key]
+                gram = (x.T @ x).double()
+                entry[0] = gram if entry[0] is None else entry[0] + gram
+                total = x.sum(0).double()
+                entry[1] = total if entry[1] is None else entry[1] + total
+                entry[2] += x.shape[0]
+
+            self.handles.append(module.register_forward_pre_hook(hook))
+        return key
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def whitening(self, site: AttentionSite, side: str, augmented: bool, ridge: float) -> Tensor:
+        """Cholesky factor of the input second moment of Q's (side 'q') or K/V's (side 'k') projection."""
+        gram, total, count = self.moments[self.keys[site.name][0 if side == "q" else 1]]
+        if count == 0:
+            raise CloverError(f"calibration never reached {site.name}; check the calibration data")
+        moment = gram / count
+        if augmented:  # input [x, 1]: the bias row sees the mean and a constant 1
+            mean = (total / count).unsqueeze(0)
+            moment = torch.cat([torch.cat([moment, mean.T], 1), torch.cat([mean, torch.ones(1, 1).double()], 1)], 0)
+        return whitening_factor(moment, ridge=ridge)
+
+
+# ----------------------------------------------------------------------------------------------- per site
+
+
+@dataclass
+class _PairHeads:
+    """One pair after (optional) rotation: per-head factors in math layout, and a score per KV-group dim."""
+
+    left: Tensor  # (G, m, d_h): K heads (Q-K) or V heads (V-O), bias row last where augmented
+    right: Tensor  # (H, n, d_h): Q heads (Q-K) or O heads transposed (V-O)
+    scores: Tensor  # (G, d_h)
+    left_bias: bool
+    right_bias: bool
+    extra: dict = field(default_factory=dict)
+
+
+def _vanilla_scores(left: Tensor, right: Tensor, groups: int) -> Tensor:
+    stacked = right.reshape(groups, -1, right.shape[-1])
+    return left.norm(dim=1) * stacked.norm(dim=1)
+
+
+def _site_pair(
+    site: AttentionSite, pair: str, config: PruneConfig, moments: InputMoments | None, compute_dtype: torch.dtype
+) -> _PairHeads:
+    heads = {"num_heads": site.num_heads, "num_kv_heads": site.num_kv_heads, "compute_dtype": compute_dtype}
+    if pair == "qk":
+        (w_q, b_q), (w_k, b_k) = site.q.read(), site.k.read()
+        if config.method == "vanilla":
+            left = split_heads(w_k.to(compute_dtype), _opt(b_k, compute_dtype), site.num_kv_heads)
+            right = split_heads(w_q.to(compute_dtype), _opt(b_q, compute_dtype), site.num_heads)
+            return _PairHeads(left, right, _vanilla_scores(left, right, site.num_kv_heads), b_k is not None,
+                              b_q is not None)  # fmt: skip
+        whitening = {}
+        if config.method == "calibrated":
+            whitening = {
+                "q_whitening": moments.whitening(site, "q", b_q is not None, config.ridge),
+                "k_whitening": moments.whitening(site, "k", b_k is not None, config.ridge),
+            }
+        f = factorize_qk(w_q, w_k, b_q, b_k, **heads, **whitening)
+        left = split_heads(f.w_k, f.b_k, site.num_kv_heads)
+        right = split_heads(f.w_q, f.b_q, site.num_heads)
+        return _PairHeads(left, right, f.singular_values, b_k is not None, b_q is not None)
+    (w_v, b_v), (w_o, b_o) = site.v.read(), site.o.read()
+    folded = b_v is not None and b_o is not None
+    if config.method == "vanilla":
+        w_v, w_o = w_v.to(compute_dtype), w_o.to(compute_dtype)
+        new_b_o = _opt(b_o, compute_dtype)
+        if folded:
+            new_b_o = fold_value_bias(w_o, b_v.to(compute_dtype), new_b_o, num_heads=site.num_heads,
+                                      num_kv_heads=site.num_kv_heads)  # fmt: skip
+        left = split_heads(w_v, None if folded else _opt(b_v, compute_dtype), site.num_kv_heads)
+        right = w_o.reshape(site.num_heads, site.head_dim, -1).mT
+        scores = _vanilla_scores(left, right, site.num_kv_heads)
+        return _PairHeads(left, right, scores, b_v is not None and not folded, False, {"b_o": new_b_o})
+    whitening = {}
+    if config.method == "calibrated":
+        whitening = {"v_whitening": moments.whitening(site, "k", b_v is not None and not folded, config.ridge)}
+    f = factorize_vo(w_v, w_o, b_v, b_o, **heads, **whitening)
+    left = split_heads(f.w_v, None if folded else f.b_v, site.num_kv_heads)
+    right = f.w_o.reshape(site.num_heads, site.head_dim, -1).mT
+    return _PairHeads(left, right, f.singular_values, b_v is not None and not folded, False, {"b_o": f.b_o})
+
+
+def _opt(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if t is None else t.to(dtype)
+
+
+def _kept_columns(pair: _PairHeads, keep: Tensor, group: int) -> tuple[Tensor, Tensor]:
+    """Packed (left, right) with only the kept dims of each group, highest score first."""
+    order = pair.scores.argsort(dim=-1, descending=True, stable=True)
+    lefts, rights = [], []
+    for j in range(pair.left.shape[0]):
+        index = order[j, : int(keep[j])].sort().values
+        lefts.append(pair.left[j][:, index])
+        rights += [pair.right[h][:, index] for h in range(j * group, (j + 1) * group)]
+    return lefts, rights
+
+
+def _pack(heads: list[Tensor], has_bias: bool) -> tuple[Tensor, Tensor | None]:
+    """Per-head (rows, width_h) blocks -> packed math-layout weight (d_in, Σ width) and bias."""
+    packed = torch.cat(heads, dim=1)
+    return (packed[:-1], packed[-1]) if has_bias else (packed, None)
+
+
+# ----------------------------------------------------------------------------------------------- entry point
+
+
+@dataclass
+class PruneReport:
+    """What a pruning removed."""
+
+    config: dict
+    params_before: int
+    params_after: int
+    attention_params_before: int
+    attention_params_after: int
+    qk_removed: float  # share of Q-K dims removed (per KV group)
+    vo_removed: float
+    kv_dims_per_token_before: int  # K + V dims cached per token over all layers
+    kv_dims_per_token_after: int
+    sites: dict
+
+
+def prune_(
+    model: nn.Module,
+    config: PruneConfig,
+    *,
+    calibrate: Callable[[nn.Module], None] | None = None,
+    compute_dtype: torch.dtype = torch.float64,
+    progress: bool = False,
+) -> PruneReport:
+    """Prune ``model``'s attention in place and return what was removed.
+
+    ``calibrate(model)`` runs forward passes over calibration inputs; it is required by ``method="calibrated"``
+    (and ignored otherwise). Raises CloverError, before touching the model, for bad options, RoPE Q-K
+    requests, non-finite weights or an already pruned model.
+    """
+    config.validate()
+    adapter = adapter_for(model)
+    sites = attention_sites(model)
+    if config.prunes("qk") and any(s.rotary for s in sites):
+        raise CloverError(
+            f"Q-K pruning is refused for {adapter.examples}: RoPE sits between Q and K, so there is no exact "
+            "Q-K product to truncate. V-O pruning works there: use --vo-ratio (or --vo-threshold) only."
+        )
+    for site in sites:
+        for label, tensor in (("q", site.q), ("k", site.k), ("v", site.v), ("o", site.o)):
+            weight, bias = tensor.read()
+            if not torch.isfinite(weight).all() or (bias is not None and not torch.isfinite(bias).all()):
+                raise CloverError(f"{site.name}: the {label} weights contain NaN or Inf; fix the checkpoint first")
+    if config.method == "calibrated" and calibrate is None:
+        raise CloverError("method 'calibrated' needs calibration data (a calibrate(model) callback)")
+    params_before = sum(p.numel() for p in model.parameters())
+    attention_before = sum(p.numel() for s in sites for p in _site_params(s))
+
+    moments = None
+    if config.method == "calibrated":
+        moments = InputMoments(sites)
+        try:
+            with torch.no_grad():
+                calibrate(model)
+        finally:
+            moments.remove()
+
+    pairs = [p for p in ("qk", "vo") if config.prunes(p)]
+    with torch.no_grad():
+        scores = {p: [] for p in pairs}
+        for site in tqdm(sites, desc="scoring dims", unit="attn", disable=not progress):
+            for p in pairs:
+                scores[p].append(_site_pair(site, p, config, moments, compute_dtype).scores.float())
+        keep = {
+            p: allocate_dims(scores[p], allocation=config.allocation, ratio=getattr(config, f"{p}_ratio"),
+                             threshold=getattr(config, f"{p}_threshold"), min_dims=config.min_dims)
+            for p in pairs
+        }  # fmt: skip
+        specs = {}
+        for index, site in enumerate(tqdm(sites, desc="pruning", unit="attn", disable=not progress)):
+            kept = {p: keep[p][index] if p in keep else None for p in ("qk", "vo")}
+            specs[site.name] = _rebuild_site(model, adapter.family, site, config, moments, kept, compute_dtype)
+
+    total_groups = sum(s.num_kv_heads * s.head_dim for s in sites)
+    qk_dims = sum(sum(spec["qk_dims"]) for spec in specs.values())
+    vo_dims = sum(sum(spec["vo_dims"]) for spec in specs.values())
+    kv_before = sum(2 * s.num_kv_heads * s.head_dim for s in sites if s.stack != "encoder")
+    kv_after = sum(sum(specs[s.name]["qk_dims"]) + sum(specs[s.name]["vo_dims"]) for s in sites if s.stack != "encoder")
+    setattr(
+        model.config,
+        CONFIG_KEY,
+        {"method": config.method, "allocation": config.allocation, "options": asdict(config), "sites": specs},
+    )
+    attention_after = sum(p.numel() for name in specs for p in _pruned_params(model, name, adapter.family))
+    return PruneReport(
+        config=asdict(config),
+        params_before=params_before,
+        params_after=sum(p.numel() for p in model.parameters()),
+        attention_params_before=attention_before,
+        attention_params_after=attention_after,
+        qk_removed=1 - qk_dims / total_groups,
+        vo_removed=1 - vo_dims / total_groups,
+        kv_dims_per_token_before=kv_before,
+        kv_dims_per_token_after=kv_after,
+        sites={name: {"qk_dims": s["qk_dims"], "vo_dims": s["vo_dims"]} for name, s in specs.items()},
+    )
+
+
+def _site_params(site: AttentionSite) -> list[Tensor]:
+    return [t for proj in (site.q, site.k, site.v, site.o) for t in proj.read() if t is not None]
+
+
+def _pruned_params(model: nn.Module, name: str, family: str) -> list[Tensor]:
+    module = model.get_submodule(name)
+    if family == "bert":
+        return list(module.self.parameters()) + list(module.output.dense.parameters())
+    return list(module.parameters())
+
+
+def _rebuild_site(
+    model: nn.Module,
+    family: str,
+    site: AttentionSite,
+    config: PruneConfig,
+    moments: InputMoments | None,
+    kept: dict[str, Tensor | None],
+    compute_dtype: torch.dtype,
+) -> dict:
+    """Swap one site for a pruned attention module holding only its kept dims; returns its config spec."""
+    group = site.num_heads // site.num_kv_heads
+    full = torch.full((site.num_kv_heads,), site.head_dim, dtype=torch.long)
+    (w_q, b_q), (w_k, b_k), (w_o, b_o) = site.q.read(), site.k.read(), site.o.read()
+    dtype, device = w_q.dtype, w_q.device
+    if kept["qk"] is not None:
+        qk = _site_pair(site, "qk", config, moments, compute_dtype)
+        k_heads, q_heads = _kept_columns(qk, kept["qk"], group)
+        new_k, new_b_k = _pack(k_heads, qk.left_bias)
+        new_q, new_b_q = _pack(q_heads, qk.right_bias)
+        qk_dims = kept["qk"]
+    else:  # Q-K untouched (not requested, or RoPE)
+        new_q, new_b_q, new_k, new_b_k, qk_dims = w_q, b_q, w_k, b_k, full
+    vo = _site_pair(site, "vo", config, moments, compute_dtype)
+    vo_keep = kept["vo"] if kept["vo"] is not None else full
+    v_heads, o_heads = _kept_columns(vo, vo_keep, group)
+    new_v, new_b_v = _pack(v_heads, vo.left_bias)
+    new_o = torch.cat([h.mT for h in o_heads], dim=0)  # (Σ widths, d_out)
+    new_b_o = vo.extra["b_o"]
+    spec = {
+        "family": family,
+        "layer_idx": site.layer_index,
+        "num_heads": site.num_heads,
+        "num_kv_heads": site.num_kv_heads,
+        "head_dim": site.head_dim,
+        "qk_dims": [int(x) for x in qk_dims],
+        "vo_dims": [int(x) for x in vo_keep],
+        "d_q": w_q.shape[0],
+        "d_kv": w_k.shape[0],
+        "d_out": w_o.shape[1],
+        "bias": {"q": new_b_q is not None, "k": new_b_k is not None, "v": new_b_v is not None, "o": b_o is not None},
+        "scaling": site.scaling,
+        "is_causal": site.is_causal,
+    }
+    install_pruned_attention(model, {site.name: spec})
+    module = model.get_submodule(site.name)
+    if family == "bert":
+        projections = {"q": module.self.q_proj, "k": module.self.k_proj, "v": module.self.v_proj,
+                       "o": module.output.dense}  # fmt: skip
+    else:
+        o_name = {"whisper": "out_proj", "gpt2": "c_proj"}.get(family, "o_proj")
+        projections = {"q": module.q_proj, "k": module.k_proj, "v": module.v_proj, "o": getattr(module, o_name)}
+    for label, (weight, bias) in {
+        "q": (new_q, new_b_q), "k": (new_k, new_b_k), "v": (new_v, new_b_v), "o": (new_o, new_b_o)
+    }.items():  # fmt: skip
+        linear = projections[label]
+        linear.to(device=device, dtype=dtype)
+        linear.weight.data = weight.T.to(device=device, dtype=dtype).contiguous()
+        if bias is not None:
+            linear.bias.data = bias.to(device=device, dtype=dtype).contiguous()
+    return spec
