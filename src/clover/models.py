@@ -323,8 +323,9 @@ def _load_directory(path: pathlib.Path, dtype: torch.dtype, name: str) -> Loaded
         raise CloverError(f"{path} has no config.json: pass a directory written by save_pretrained.")
     config = json.loads(config_file.read_text())
     arch = (config.get("architectures") or [""])[0]
-    remote = {"trust_remote_code": True} if config.get("auto_map") else {}
-    if arch.endswith("ForCausalLM"):
+    auto_map = config.get("auto_map") or {}
+    remote = {"trust_remote_code": True} if auto_map else {}
+    if "AutoModelForCausalLM" in auto_map or arch.endswith(("ForCausalLM", "LMHeadModel")):
         kind, cls = "causal-lm", AutoModelForCausalLM
     elif "whisper" in arch.lower() or config.get("model_type") == "whisper":
         kind, cls = "speech-seq2seq", AutoModelForSpeechSeq2Seq if remote else WhisperForConditionalGeneration

@@ -1,0 +1,244 @@
+"""Pruning: exact at ratio 0, top-r equals the rank-r truncation, allocations, real cache savings, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers as tf
+from conftest import TINY_ARCHS, VOCAB, build_tiny, model_output
+
+from clover.adapters import attention_sites
+from clover.errors import CloverError
+from clover.factorize import split_heads
+from clover.io import save_pruned_model
+from clover.models import LoadedModel, load_model
+from clover.prune import PruneConfig, allocate_dims, prune_
+
+ROTARY = {"llama", "llama-mha", "mistral", "qwen2"}
+KIND = {"bert": "encoder", "whisper": "speech-seq2seq"}
+AUTO = {"bert": tf.AutoModel, "whisper": tf.AutoModelForSpeechSeq2Seq}
+
+
+def _qk_ratio(arch: str, ratio: float) -> float:
+    return 0.0 if arch in ROTARY else ratio
+
+
+@pytest.mark.parametrize("method", ["clover", "vanilla"])
+def test_ratio_zero_is_exact(tiny_arch, method):
+    model = build_tiny(tiny_arch)
+    reference = model_output(model)
+    prune_(model, PruneConfig(method=method))
+    torch.testing.assert_close(model_output(model), reference, atol=1e-4, rtol=0)
+
+
+def test_calibrated_ratio_zero_is_exact(tiny_arch):
+    model = build_tiny(tiny_arch)
+    reference = model_output(model)
+    prune_(model, PruneConfig(method="calibrated"), calibrate=lambda m: model_output(m, seed=7))
+    torch.testing.assert_close(model_output(model), reference, atol=1e-4, rtol=0)
+
+
+def _group_products(site_or_module, pair, num_heads, num_kv_heads, qk_dims, vo_dims, weights):
+    """Per-KV-group product (left @ stacked rightᵀ) from packed weights (math layout)."""
+    group = num_heads // num_kv_heads
+    dims = qk_dims if pair == "qk" else vo_dims
+    left_w, right_w = weights
+    products, lo, ro = [], 0, 0
+    for j in range(num_kv_heads):
+        left = left_w[:, lo : lo + dims[j]]
+        lo += dims[j]
+        rights = []
+        for _ in range(group):
+            rights.append(right_w[:, ro : ro + dims[j]])
+            ro += dims[j]
+        products.append(left @ torch.cat(rights, 0).T)
+    return products
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama-mha", "llama", "whisper"])
+def test_keeping_top_r_equals_rank_r_truncation(arch):
+    model = build_tiny(arch).double()
+    sites = attention_sites(model)
+    ratio = 0.5
+    originals = {}
+    for s in sites:
+        (w_q, b_q), (w_k, b_k), (w_v, _), (w_o, b_o) = s.q.read(), s.k.read(), s.v.read(), s.o.read()
+        g = s.num_heads // s.num_kv_heads
+        k = split_heads(w_k.clone(), None if b_k is None else b_k.clone(), s.num_kv_heads)
+        q = split_heads(w_q.clone(), None if b_q is None else b_q.clone(), s.num_heads)
+        v = split_heads(w_v.clone(), None, s.num_kv_heads)
+        o = w_o.clone().reshape(s.num_heads, s.head_dim, -1).mT
+        originals[s.name] = {
+            "qk": [k[j] @ q[j * g : (j + 1) * g].reshape(-1, s.head_dim).T for j in range(s.num_kv_heads)],
+            "vo": [v[j] @ o[j * g : (j + 1) * g].reshape(-1, s.head_dim).T for j in range(s.num_kv_heads)],
+        }
+    report = prune_(model, PruneConfig(qk_ratio=_qk_ratio(arch, ratio), vo_ratio=ratio))
+    for s in sites:
+        module = model.get_submodule(s.name)
+        spec = model.config.clover["sites"][s.name]
+        o_linear = getattr(module, "out_proj", None) or getattr(module, "c_proj", None) or module.o_proj
+        packed = {
+            "qk": (_with_bias(module.k_proj), _with_bias(module.q_proj)),
+            "vo": (module.v_proj.weight.T, o_linear.weight),  # O rows by head: (Σ widths, d_out) -> stacked ᵀ
+        }
+        for pair in ("qk", "vo") if arch not in ROTARY else ("vo",):
+            got = _group_products(module, pair, s.num_heads, s.num_kv_heads, spec["qk_dims"], spec["vo_dims"],
+                                  packed[pair])  # fmt: skip
+            for j, product in enumerate(originals[s.name][pair]):
+                rank = (spec["qk_dims"] if pair == "qk" else spec["vo_dims"])[j]
+                u, sigma, vh = torch.linalg.svd(product, full_matrices=False)
+                truncated = (u[:, :rank] * sigma[:rank]) @ vh[:rank]
+                torch.testing.assert_close(got[j], truncated, atol=1e-9, rtol=1e-9)
+    assert report.vo_removed == pytest.approx(ratio)
+
+
+def _with_bias(linear):
+    weight = linear.weight.T
+    return weight if linear.bias is None else torch.cat([weight, linear.bias.unsqueeze(0)], 0)
+
+
+def test_global_allocation_respects_floor_and_total():
+    generator = torch.Generator().manual_seed(0)
+    # one layer with tiny singular values that a plain global cut would empty completely
+    scores = [torch.rand(4, 16, generator=generator) * 10, torch.rand(4, 16, generator=generator) * 1e-3]
+    keep = allocate_dims(scores, allocation="global", ratio=0.5, min_dims=2)
+    assert sum(int(k.sum()) for k in keep) == 64
+    assert all(int(k.min()) >= 2 for k in keep)
+    emptied = allocate_dims(scores, allocation="global", ratio=0.5, min_dims=0)
+    assert int(emptied[1].sum()) == 0, "without a floor the global cut empties the low layer"
+    layer = allocate_dims(scores, allocation="layer", ratio=0.25, min_dims=1)
+    assert len({int(x) for x in layer[0]}) == 1 and sum(int(k.sum()) for k in layer) == 96
+    assert int(layer[1][0]) < int(layer[0][0]), "the layer with smaller spectra loses more"
+    threshold = allocate_dims(scores, allocation="global", threshold=1e-2, min_dims=1)
+    assert int(threshold[1].max()) == 1 and int(threshold[0].min()) >= 15
+
+
+def _greedy(model, arch, use_cache):
+    generator = torch.Generator().manual_seed(3)
+    kwargs = {"max_new_tokens": 6, "do_sample": False, "use_cache": use_cache, "pad_token_id": 0}
+    if arch == "whisper":
+        mels = torch.randn(1, model.config.num_mel_bins, 2 * model.config.max_source_positions, generator=generator)
+        return model.generate(input_features=mels, decoder_input_ids=torch.tensor([[1, 5]]), **kwargs)
+    ids = torch.randint(3, VOCAB, (1, 5), generator=generator)
+    return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2", "whisper"])
+def test_generation_with_cache_equals_without_and_cache_holds_only_kept_dims(arch):
+    model = build_tiny(arch)
+    prune_(model, PruneConfig(qk_ratio=_qk_ratio(arch, 0.4), vo_ratio=0.5, allocation="global"))
+    assert torch.equal(_greedy(model, arch, True), _greedy(model, arch, False))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    if arch == "whisper":
+        mels = torch.zeros(1, model.config.num_mel_bins, 2 * model.config.max_source_positions)
+        cache = model(input_features=mels, decoder_input_ids=ids, use_cache=True).past_key_values
+        cache = cache.self_attention_cache
+        names = [n for n in model.config.clover["sites"] if n.endswith("self_attn") and ".decoder." in n]
+    else:
+        cache = model(input_ids=ids, use_cache=True).past_key_values
+        names = list(model.config.clover["sites"])
+    for layer, name in zip(cache.layers, names, strict=True):
+        spec = model.config.clover["sites"][name]
+        assert layer.keys.shape == (1, 1, 4, sum(spec["qk_dims"]))
+        assert layer.values.shape == (1, 1, 4, sum(spec["vo_dims"]))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert", "whisper"])
+def test_checkpoint_loads_with_trust_remote_code_in_a_fresh_process(arch, tmp_path):
+    model = build_tiny(arch)
+    prune_(model, PruneConfig(qk_ratio=_qk_ratio(arch, 0.3), vo_ratio=0.4, allocation="global"))
+    expected = model_output(model)
+    out = tmp_path / "pruned"
+    save_pruned_model(LoadedModel(model, None, "tiny", KIND.get(arch, "causal-lm")), out)
+    config = json.loads((out / "config.json").read_text())
+    assert config["clover"]["sites"] and "auto_map" in config and (out / "modeling_clover.py").exists()
+    auto = AUTO.get(arch, tf.AutoModelForCausalLM).__name__
+    script = (
+        "import sys, torch, transformers as tf; sys.path.insert(0, 'tests'); from conftest import model_output\n"
+        f"m = tf.{auto}.from_pretrained({str(out)!r}, trust_remote_code=True).eval()\n"
+        "assert 'clover' not in sys.modules, 'the checkpoint must not need clover'\n"
+        f"torch.save(model_output(m), {str(tmp_path / 'out.pt')!r})\n"
+    )
+    env = {"HF_HUB_OFFLINE": "1", "PATH": "", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=str(_repo_root()))
+    reloaded = torch.load(tmp_path / "out.pt", weights_only=True)
+    torch.testing.assert_close(reloaded, expected, atol=0, rtol=0)
+    on_disk = sum(p.numel() for p in AUTO.get(arch, tf.AutoModelForCausalLM).from_pretrained(
+        out, trust_remote_code=True).parameters())  # fmt: skip
+    assert on_disk == sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in build_tiny(arch).parameters())
+
+
+def test_clover_reloads_a_pruned_checkpoint_in_one_call(tmp_path):
+    model = build_tiny("gpt2")
+    prune_(model, PruneConfig(qk_ratio=0.5, vo_ratio=0.25))
+    save_pruned_model(LoadedModel(model, None, "tiny", "causal-lm"), tmp_path / "p")
+    loaded = load_model(str(tmp_path / "p"))
+    torch.testing.assert_close(model_output(loaded.model), model_output(model), atol=0, rtol=0)
+
+
+def _repo_root():
+    from pathlib import Path
+
+    return Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"vo_ratio": 1.0}, r"\[0, 1\)"),
+        ({"vo_ratio": -0.1}, r"\[0, 1\)"),
+        ({"qk_ratio": float("nan")}, r"\[0, 1\)"),
+        ({"vo_threshold": -1.0}, "finite singular value"),
+        ({"vo_threshold": 0.1, "vo_ratio": 0.2}, "not both"),
+        ({"vo_ratio": 0.2, "method": "magic"}, "clover, calibrated, vanilla"),
+        ({"vo_ratio": 0.2, "allocation": "random"}, "uniform, layer, global"),
+    ],
+)
+def test_bad_options_are_refused_before_touching_the_model(options, message):
+    model = build_tiny("gpt2")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CloverError, match=message):
+        prune_(model, PruneConfig(**options))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_rope_qk_pruning_is_refused_with_a_pointer_to_vo():
+    with pytest.raises(CloverError, match="RoPE.*V-O pruning works"):
+        prune_(build_tiny("llama"), PruneConfig(qk_ratio=0.3))
+
+
+def test_nan_weights_and_calibration_without_data_are_refused():
+    model = build_tiny("whisper")
+    with pytest.raises(CloverError, match="calibration data"):
+        prune_(model, PruneConfig(vo_ratio=0.3, method="calibrated"))
+    with torch.no_grad():
+        model.model.decoder.layers[0].encoder_attn.k_proj.weight[0, 0] = float("inf")
+    with pytest.raises(CloverError, match="NaN or Inf"):
+        prune_(model, PruneConfig(vo_ratio=0.3))
+
+
+def test_already_pruned_model_is_refused():
+    model = build_tiny("bert")
+    prune_(model, PruneConfig(vo_ratio=0.3))
+    with pytest.raises(CloverError, match="already pruned"):
+        prune_(model, PruneConfig(vo_ratio=0.3))
+
+
+@pytest.mark.parametrize("arch", sorted(set(TINY_ARCHS) - ROTARY - {"llama-mha"}))
+def test_uniform_pruning_reduces_parameters_by_two_d_per_dim(arch):
+    model = build_tiny(arch)
+    sites = attention_sites(model)
+    report = prune_(model, PruneConfig(qk_ratio=0.25, vo_ratio=0.5))
+    removed = report.attention_params_before - report.attention_params_after
+    expected = 0
+    for s in sites:
+        d = s.q.read()[0].shape[0]
+        qk_bias_rows = (s.q.read()[1] is not None) + (s.k.read()[1] is not None)
+        expected += s.num_heads * (s.head_dim // 4) * (2 * d + qk_bias_rows)  # Q-K: 2·d (+ bias rows) per dim
+        expected += s.num_heads * (s.head_dim // 2) * 2 * d  # V-O: 2·d per dim
+        expected += (s.v.read()[1] is not None) * s.num_heads * s.head_dim  # V bias folded into O's
+    assert removed == expected
