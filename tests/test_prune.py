@@ -66,7 +66,7 @@ def test_keeping_top_r_equals_rank_r_truncation(arch):
     ratio = 0.5
     originals = {}
     for s in sites:
-        (w_q, b_q), (w_k, b_k), (w_v, _), (w_o, b_o) = s.q.read(), s.k.read(), s.v.read(), s.o.read()
+        (w_q, b_q), (w_k, b_k), (w_v, _), (w_o, _) = s.q.read(), s.k.read(), s.v.read(), s.o.read()
         g = s.num_heads // s.num_kv_heads
         k = split_heads(w_k.clone(), None if b_k is None else b_k.clone(), s.num_kv_heads)
         q = split_heads(w_q.clone(), None if b_q is None else b_q.clone(), s.num_heads)
