@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
 from common import header, write_csv
 
 from clover.adapters import attention_sites
@@ -69,7 +68,7 @@ def main() -> None:
                         ),
                     )
                 else:
-                    (w_v, b_v), (w_o, b_o) = site.v.read(), site.o.read()
+                    (w_v, _), (w_o, _) = site.v.read(), site.o.read()
                     # no bias here so both routes factor the very same product
                     qr_s, factors = best_of(
                         args.repeats,

@@ -148,3 +148,21 @@ def test_mismatched_pair_is_refused():
         factorize_pair(torch.randn(2, 5, 3), torch.randn(2, 5, 4))
     with pytest.raises(ValueError, match="cannot be grouped"):
         factorize_vo(torch.randn(8, 8), torch.randn(12, 8), num_heads=3, num_kv_heads=2)
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(4, 16), head_dim=st.integers(1, 4), group=st.sampled_from([1, 2]), seed=st.integers(0, 2**16))
+def test_whitened_factorization_is_exact_and_ranks_by_output_energy(rows, head_dim, group, seed):
+    from clover.factorize import whitening_factor
+
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(2, rows, head_dim, generator=g, dtype=torch.float64)
+    b = torch.randn(2, group * rows, head_dim, generator=g, dtype=torch.float64)
+    x = torch.randn(50, rows, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3, rows, dtype=torch.float64)
+    whitening = whitening_factor(x.T @ x / 50, ridge=0.0)
+    f = factorize_pair(a, b, left_whitening=whitening, right_whitening=whitening)
+    torch.testing.assert_close(f.left @ f.right.mT, a @ b.mT, atol=1e-8, rtol=1e-8)
+    # σ are those of the whitened product Lᵀ A Bᵀ L (blockwise on the stacked side)
+    blocks = torch.block_diag(*[whitening] * group)
+    expected = torch.linalg.svdvals(whitening.mT @ a @ b.mT @ blocks)[..., :head_dim]
+    torch.testing.assert_close(f.singular_values, expected, atol=1e-8, rtol=1e-8)

