@@ -151,43 +151,49 @@ def _check_reachable(available: int, wanted: int, total: int) -> None:
 
 
 class InputMoments:
-    """Accumulates E[xᵀx] and E[x] of the inputs of the projections that feed each pair (forward hooks)."""
+    """E[xᵀx], Σx and counts of the inputs that feed each site's Q side ("q") and K/V side ("k")."""
 
-    def __init__(self, sites: list[AttentionSite]):
-        self.moments: dict[int, list] = {}
-        self.handles = []
-        self.keys: dict[str, tuple[int, int]] = {}
-        for site in sites:
-            k_key = self._watch(site.k.input_module)
+    def __init__(self, stats: dict[str, list]):
+        self.stats = stats  # "<site name>|q" / "<site name>|k" -> [Σ xᵀx, Σ x, count]
+
+    @classmethod
+    def collect(cls, model: nn.Module, calibrate: Callable[[nn.Module], None]) -> InputMoments:
+        """Run ``calibrate(model)`` once with forward pre-hooks on every site's projection inputs."""
+        per_module: dict[int, list] = {}
+        keys: dict[str, int] = {}
+        handles = []
+
+        def watch(module: nn.Module) -> int:
+            key = id(module)
+            if key not in per_module:
+                per_module[key] = [None, None, 0]
+
+                def hook(_module, args, _entry=per_module[key]):
+                    x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+                    gram, total = (x.T @ x).double(), x.sum(0).double()
+                    _entry[0] = gram if _entry[0] is None else _entry[0] + gram
+                    _entry[1] = total if _entry[1] is None else _entry[1] + total
+                    _entry[2] += x.shape[0]
+
+                handles.append(module.register_forward_pre_hook(hook))
+            return key
+
+        for site in attention_sites(model):
+            keys[f"{site.name}|k"] = watch(site.k.input_module)
             # self-attention: Q reads the very same input as K/V, so one moment serves both
-            q_key = self._watch(site.q.input_module) if site.stack == "cross" else k_key
-            self.keys[site.name] = (q_key, k_key)
-
-    def _watch(self, module: nn.Module) -> int:
-        key = id(module)
-        if key not in self.moments:
-            self.moments[key] = [None, None, 0]
-
-            def hook(_module, args, _key=key):
-                x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-                entry = self.moments[_key]
-                gram = (x.T @ x).double()
-                entry[0] = gram if entry[0] is None else entry[0] + gram
-                total = x.sum(0).double()
-                entry[1] = total if entry[1] is None else entry[1] + total
-                entry[2] += x.shape[0]
-
-            self.handles.append(module.register_forward_pre_hook(hook))
-        return key
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
+            keys[f"{site.name}|q"] = watch(site.q.input_module) if site.stack == "cross" else keys[f"{site.name}|k"]
+        try:
+            with torch.no_grad():
+                calibrate(model)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return cls({name: per_module[key] for name, key in keys.items()})
 
     def whitening(self, site: AttentionSite, side: str, augmented: bool, ridge: float) -> Tensor:
         """Cholesky factor of the input second moment of Q's (side 'q') or K/V's (side 'k') projection."""
-        gram, total, count = self.moments[self.keys[site.name][0 if side == "q" else 1]]
-        if count == 0:
+        gram, total, count = self.stats.get(f"{site.name}|{side}", (None, None, 0))
+        if not count:
             raise CloverError(f"calibration never reached {site.name}; check the calibration data")
         moment = gram / count
         if augmented:  # input [x, 1]: the bias row sees the mean and a constant 1
@@ -303,14 +309,16 @@ def prune_(
     config: PruneConfig,
     *,
     calibrate: Callable[[nn.Module], None] | None = None,
+    input_moments: InputMoments | None = None,
     compute_dtype: torch.dtype = torch.float64,
     progress: bool = False,
 ) -> PruneReport:
     """Prune ``model``'s attention in place and return what was removed.
 
-    ``calibrate(model)`` runs forward passes over calibration inputs; it is required by ``method="calibrated"``
-    (and ignored otherwise). Raises CloverError, before touching the model, for bad options, RoPE Q-K
-    requests, non-finite weights or an already pruned model.
+    ``calibrate(model)`` runs forward passes over calibration inputs; ``method="calibrated"`` needs it, or
+    ``input_moments`` collected once by ``InputMoments.collect`` (reusable across ratios of the same model).
+    Raises CloverError, before touching the model, for bad options, RoPE Q-K requests, non-finite weights
+    or an already pruned model.
     """
     config.validate()
     adapter = adapter_for(model)
@@ -325,19 +333,14 @@ def prune_(
             weight, bias = tensor.read()
             if not torch.isfinite(weight).all() or (bias is not None and not torch.isfinite(bias).all()):
                 raise CloverError(f"{site.name}: the {label} weights contain NaN or Inf; fix the checkpoint first")
-    if config.method == "calibrated" and calibrate is None:
+    if config.method == "calibrated" and calibrate is None and input_moments is None:
         raise CloverError("method 'calibrated' needs calibration data (a calibrate(model) callback)")
     params_before = sum(p.numel() for p in model.parameters())
     attention_before = sum(p.numel() for s in sites for p in _site_params(s))
 
     moments = None
     if config.method == "calibrated":
-        moments = InputMoments(sites)
-        try:
-            with torch.no_grad():
-                calibrate(model)
-        finally:
-            moments.remove()
+        moments = input_moments or InputMoments.collect(model, calibrate)
 
     pairs = [p for p in ("qk", "vo") if config.prunes(p)]
     with torch.no_grad():
