@@ -44,6 +44,7 @@ class PruneConfig:
     allocation: str = "uniform"
     min_dims: int = 1  # per KV group and pair: no head is emptied unless the user sets 0
     ridge: float = 1e-4  # calibrated: relative ridge added to each input second moment before Cholesky
+    stacks: tuple[str, ...] | None = None  # only these attention stacks ("encoder", "decoder", "cross"); None = all
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -322,7 +323,9 @@ def prune_(
     """
     config.validate()
     adapter = adapter_for(model)
-    sites = attention_sites(model)
+    sites = [s for s in attention_sites(model) if config.stacks is None or s.stack in config.stacks]
+    if not sites:
+        raise CloverError(f"no attention blocks in stacks {config.stacks}; this model has encoder/decoder/cross")
     if config.prunes("qk") and any(s.rotary for s in sites):
         raise CloverError(
             f"Q-K pruning is refused for {adapter.examples}: RoPE sits between Q and K, so there is no exact "

@@ -1,0 +1,198 @@
+"""Pruning curves on real models: CLOVER vs calibrated CLOVER vs vanilla, uniform vs layer vs global allocation.
+
+    .venv/bin/python benchmarks/pruning_curves.py [--models smollm2-135m whisper-base minilm-l6] [--full]
+
+Quality metric per model: SmolLM2-135M V-O (RoPE blocks Q-K), WikiText-2 test perplexity (first 4096 tokens,
+non-overlapping 512-token windows, fp32); Whisper-base, encoder and decoder (self + cross) pruned separately,
+Q-K and V-O separately: WER and decoder loss on espeak-ng speech of Harvard sentences; all-MiniLM-L6-v2:
+mean cosine similarity of sentence embeddings to the unpruned model on 256 SST-2 sentences. "ratio" is the
+share of the pair's dims removed (per KV group) in the pruned stack. The default grid fits a 2-core CPU in
+about half an hour; --full runs every ratio 0.1..0.9 for every method x allocation (a GPU job).
+
+Also: the paper's headline protocol (global allocation, Q-K) on the MHA models (which vanilla ratio matches
+CLOVER at 70%?), and the paper's Whisper thresholds (σ_QK ≤ 5e-3, σ_VO ≤ 6e-3) applied to Whisper-base.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import matplotlib
+import numpy as np
+from common import RESULTS, header, write_csv
+
+from clover import evaluate
+from clover.models import load_model
+from clover.prune import InputMoments, PruneConfig, prune_
+from clover.quality import calibration_callback, measure
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+METRIC = {"causal-lm": "wikitext2_test_ppl", "speech-seq2seq": "wer", "encoder": "similarity_to_original"}
+ALL_RATIOS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+HEADLINE_RATIOS = [0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9]
+
+
+def grid(name: str, full: bool) -> list[dict]:
+    """(stack, pair, method, allocation, ratios) runs for one model."""
+    runs = []
+    coarse = ALL_RATIOS if full else [0.1, 0.3, 0.5, 0.7, 0.9]
+    if name == "smollm2-135m":
+        for method in ("clover", "calibrated", "vanilla"):
+            runs.append(dict(stacks=None, pair="vo", method=method, allocation="uniform", ratios=ALL_RATIOS))
+        for method in ("clover", "calibrated") if not full else ("clover", "calibrated", "vanilla"):
+            for allocation in ("layer", "global"):
+                runs.append(dict(stacks=None, pair="vo", method=method, allocation=allocation, ratios=coarse))
+    elif name == "whisper-base":
+        for stacks in (("encoder",), ("decoder", "cross")):
+            for pair in ("qk", "vo"):
+                for method in ("clover", "calibrated", "vanilla"):
+                    ratios = HEADLINE_RATIOS if pair == "qk" and stacks == ("encoder",) else coarse
+                    runs.append(dict(stacks=stacks, pair=pair, method=method, allocation="global", ratios=ratios))
+        if full:
+            for allocation in ("uniform", "layer"):
+                runs.append(dict(stacks=("encoder",), pair="vo", method="clover", allocation=allocation, ratios=coarse))
+    else:
+        for pair in ("qk", "vo"):
+            for method in ("clover", "calibrated", "vanilla"):
+                for allocation in ("uniform", "layer", "global"):
+                    ratios = HEADLINE_RATIOS if pair == "qk" and allocation == "global" else coarse
+                    runs.append(dict(stacks=None, pair=pair, method=method, allocation=allocation, ratios=ratios))
+    return runs
+
+
+def evaluate_model(loaded, sentences: int, reference) -> dict:
+    report = measure(loaded, sentences=sentences, reference_embeddings=reference)
+    return {k: v for k, v in report.items() if isinstance(v, int | float)}
+
+
+def run_model(name: str, full: bool, sentences: int) -> list[dict]:
+    base = load_model(name)
+    reference = None
+    if base.kind == "encoder":
+        reference = evaluate.sentence_embeddings(base.model, base.tokenizer, evaluate.similarity_sentences(256))
+    start = time.perf_counter()
+    baseline = evaluate_model(base, sentences, reference)
+    print(
+        f"{name}: unpruned {METRIC[base.kind]} = {baseline[METRIC[base.kind]]:.4g} "
+        f"({time.perf_counter() - start:.0f} s)"
+    )
+    moments = InputMoments.collect(base.model, calibration_callback(base, samples=128, seq_len=512))
+    rows = [{"model": name, "stack": "all", "pair": "-", "method": "none", "allocation": "-", "ratio": 0.0,
+             "removed": 0.0, **baseline}]  # fmt: skip
+    for run in grid(name, full):
+        for ratio in run["ratios"]:
+            loaded = load_model(name)
+            options = PruneConfig(method=run["method"], allocation=run["allocation"], stacks=run["stacks"],
+                                  **{f"{run['pair']}_ratio": ratio})  # fmt: skip
+            report = prune_(loaded.model, options, input_moments=moments)
+            metrics = evaluate_model(loaded, sentences, reference)
+            removed = report.qk_removed if run["pair"] == "qk" else report.vo_removed
+            stack = "+".join(run["stacks"]) if run["stacks"] else "all"
+            rows.append({"model": name, "stack": stack, "pair": run["pair"], "method": run["method"],
+                         "allocation": run["allocation"], "ratio": ratio, "removed": round(removed, 4),
+                         **metrics})  # fmt: skip
+            print(f"  {stack:14} {run['pair']} {run['method']:10} {run['allocation']:7} {ratio:.2f}: "
+                  f"{METRIC[loaded.kind]} = {metrics[METRIC[loaded.kind]]:.4g}", flush=True)  # fmt: skip
+    if name == "whisper-base":
+        loaded = load_model(name)
+        prune_(loaded.model, PruneConfig(qk_threshold=5e-3, vo_threshold=6e-3, allocation="global", min_dims=0))
+        metrics = evaluate_model(loaded, sentences, reference)
+        sites = loaded.model.config.clover["sites"].values()
+        total = sum(s["num_kv_heads"] * s["head_dim"] for s in sites)
+        qk_removed = 1 - sum(sum(s["qk_dims"]) for s in sites) / total
+        vo_removed = 1 - sum(sum(s["vo_dims"]) for s in sites) / total
+        rows.append({"model": name, "stack": "all", "pair": "qk+vo", "method": "clover", "allocation": "threshold",
+                     "ratio": float("nan"), "removed": round((qk_removed + vo_removed) / 2, 4), **metrics,
+                     "qk_removed": round(qk_removed, 4), "vo_removed": round(vo_removed, 4)})  # fmt: skip
+        print(
+            f"  paper thresholds: {100 * qk_removed:.2f}% Q-K, {100 * vo_removed:.2f}% V-O removed, "
+            f"WER {metrics['wer']:.3f}"
+        )
+    return rows
+
+
+def headline(rows: list[dict]) -> list[str]:
+    """Vanilla ratio whose quality equals CLOVER's at 70% of Q-K dims removed (global), by interpolation."""
+    lines = []
+    for model, stack in {(r["model"], r["stack"]) for r in rows if r["pair"] == "qk" and r["allocation"] == "global"}:
+
+        def curve(method, model=model, stack=stack):
+            pts = sorted((r["ratio"], r[METRIC_BY_MODEL[model]]) for r in rows if r["model"] == model and
+                         r["stack"] == stack and r["pair"] == "qk" and r["method"] == method
+                         and r["allocation"] == "global")  # fmt: skip
+            return np.array(pts)
+
+        clover, vanilla = curve("clover"), curve("vanilla")
+        if not len(clover) or 0.7 not in clover[:, 0]:
+            continue
+        target = clover[clover[:, 0] == 0.7][0, 1]
+        values = vanilla[:, 1]
+        worse = (values >= target) if METRIC_BY_MODEL[model] != "similarity_to_original" else (values <= target)
+        if not worse.any():
+            match = "> 0.9"
+        elif worse[0]:
+            match = f"< {vanilla[0, 0]:.2f}"
+        else:
+            i = int(np.argmax(worse))
+            x0, x1, y0, y1 = vanilla[i - 1, 0], vanilla[i, 0], values[i - 1], values[i]
+            match = f"{x0 + (target - y0) * (x1 - x0) / (y1 - y0):.3f}"
+        lines.append(f"| {model} {stack} | {METRIC_BY_MODEL[model]} | CLOVER at 70%: {target:.4g} | vanilla ratio with "
+                     f"the same quality: {match} | paper (GPT-2 XL): 70% ≈ 8% |")  # fmt: skip
+    return lines
+
+
+METRIC_BY_MODEL = {"smollm2-135m": "wikitext2_test_ppl", "whisper-base": "wer", "minilm-l6": "similarity_to_original"}
+
+
+def plot(rows: list[dict], model: str) -> None:
+    metric = METRIC_BY_MODEL[model]
+    panels = sorted({(r["stack"], r["pair"]) for r in rows if r["model"] == model and r["method"] != "none"
+                     and r["allocation"] != "threshold"})  # fmt: skip
+    base = next(r[metric] for r in rows if r["model"] == model and r["method"] == "none")
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4), squeeze=False)
+    styles = {"clover": "C0", "calibrated": "C2", "vanilla": "C3"}
+    dashes = {"uniform": "-", "layer": "--", "global": ":"}
+    for ax, (stack, pair) in zip(axes[0], panels, strict=True):
+        for method in styles:
+            for allocation in dashes:
+                pts = sorted((r["removed"], r[metric]) for r in rows if r["model"] == model and r["stack"] == stack
+                             and r["pair"] == pair and r["method"] == method
+                             and r["allocation"] == allocation)  # fmt: skip
+                if pts:
+                    x, y = zip(*[(0.0, base), *pts], strict=True)
+                    ax.plot(x, y, dashes[allocation], color=styles[method], marker="o", ms=3,
+                            label=f"{method}, {allocation}")  # fmt: skip
+        ax.set_title(f"{model}: {stack} {pair.upper().replace('QK', 'Q-K').replace('VO', 'V-O')}")
+        ax.set_xlabel("share of dims removed")
+        ax.set_ylabel(metric)
+        if metric == "wikitext2_test_ppl":
+            ax.set_yscale("log")
+        if metric == "wer":
+            ax.set_ylim(0, 1.5)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"pruning_{model}.png", dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["minilm-l6", "smollm2-135m", "whisper-base"])
+    parser.add_argument("--sentences", type=int, default=10, help="Whisper: spoken sentences per evaluation")
+    parser.add_argument("--full", action="store_true", help="every ratio for every method x allocation")
+    args = parser.parse_args()
+    header("CLOVER pruning curves")
+    rows = []
+    for name in args.models:
+        rows += run_model(name, args.full, args.sentences)
+        write_csv("pruning_curves.csv", rows)  # keep partial results if a later model fails
+        plot(rows, name)
+    print("\n".join(headline(rows)))
+
+
+if __name__ == "__main__":
+    main()
