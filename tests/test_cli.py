@@ -65,3 +65,42 @@ def test_help_explains_every_option(capsys):
     text = capsys.readouterr().out
     for option in ("--out", "--dtype", "--compute-dtype", "--no-verify", "--overwrite", "--json", "--quiet"):
         assert option in text
+
+
+def test_prune_writes_a_smaller_checkpoint_and_reports_json(tiny_checkpoint, tmp_path, capsys):
+    path, model = tiny_checkpoint
+    out = tmp_path / "pruned"
+    code = main(["prune", str(path), "--qk-ratio", "0.5", "--vo-ratio", "0.25", "--allocation", "global",
+                 "--out", str(out), "--json", "--quiet"])  # fmt: skip
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["qk_removed"] == 0.5 and report["vo_removed"] == 0.25
+    assert report["parameters_after"] < report["parameters_before"]
+    assert (out / "modeling_clover.py").exists() and (out / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--vo-ratio", "1.5"], "[0, 1)"),
+        (["--qk-ratio", "-0.2"], "[0, 1)"),
+        (["--threshold", "nan"], "finite"),
+        ([], "nothing to prune"),
+    ],
+)
+def test_prune_user_mistakes_exit_2_and_write_nothing(tiny_checkpoint, tmp_path, capsys, arguments, message):
+    path, _ = tiny_checkpoint
+    out = tmp_path / "never"
+    assert main(["prune", str(path), "--out", str(out), "--quiet", *arguments]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not out.exists() and not any(p.name.startswith(".never") for p in tmp_path.iterdir())
+
+
+def test_prune_refuses_rope_qk_and_points_to_vo(tmp_path, capsys):
+    from conftest import build_tiny
+
+    path = tmp_path / "llama"
+    build_tiny("llama").save_pretrained(path)
+    assert main(["prune", str(path), "--qk-ratio", "0.3", "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert "--vo-ratio" in capsys.readouterr().err
