@@ -7,7 +7,7 @@ non-overlapping 512-token windows, fp32); Whisper-base, encoder and decoder (sel
 Q-K and V-O separately: WER and decoder loss on espeak-ng speech of Harvard sentences; all-MiniLM-L6-v2:
 mean cosine similarity of sentence embeddings to the unpruned model on 256 SST-2 sentences. "ratio" is the
 share of the pair's dims removed (per KV group) in the pruned stack. The default grid fits a 2-core CPU in
-about half an hour; --full runs every ratio 0.1..0.9 for every method x allocation (a GPU job).
+about half an hour; --full runs every ratio 0.1..0.9 for every method x allocation and pair (a GPU job).
 
 Also: the paper's headline protocol (global allocation, Q-K) on the MHA models (which vanilla ratio matches
 CLOVER at 70%?), and the paper's Whisper thresholds (σ_QK ≤ 5e-3, σ_VO ≤ 6e-3) applied to Whisper-base.
@@ -32,34 +32,38 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 METRIC = {"causal-lm": "wikitext2_test_ppl", "speech-seq2seq": "wer", "encoder": "similarity_to_original"}
 ALL_RATIOS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
-HEADLINE_RATIOS = [0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9]
 
 
 def grid(name: str, full: bool) -> list[dict]:
-    """(stack, pair, method, allocation, ratios) runs for one model."""
+    """(stack, pair, method, allocation, ratios) runs for one model; --full is the complete grid."""
+    methods = ("clover", "calibrated", "vanilla")
+    if full:
+        pairs = {"smollm2-135m": ("vo",)}.get(name, ("qk", "vo"))
+        stacks = [("encoder",), ("decoder", "cross")] if name == "whisper-base" else [None]
+        return [dict(stacks=st, pair=p, method=m, allocation=a, ratios=ALL_RATIOS)
+                for st in stacks for p in pairs for m in methods for a in ("uniform", "layer", "global")]  # fmt: skip
     runs = []
-    coarse = ALL_RATIOS if full else [0.1, 0.3, 0.5, 0.7, 0.9]
     if name == "smollm2-135m":
-        for method in ("clover", "calibrated", "vanilla"):
-            runs.append(dict(stacks=None, pair="vo", method=method, allocation="uniform", ratios=ALL_RATIOS))
-        for method in ("clover", "calibrated") if not full else ("clover", "calibrated", "vanilla"):
+        for method in methods:
+            runs.append(dict(stacks=None, pair="vo", method=method, allocation="uniform",
+                             ratios=[0.1, 0.25, 0.5, 0.75, 0.9]))  # fmt: skip
+        for method in ("clover", "calibrated"):
             for allocation in ("layer", "global"):
-                runs.append(dict(stacks=None, pair="vo", method=method, allocation=allocation, ratios=coarse))
+                runs.append(dict(stacks=None, pair="vo", method=method, allocation=allocation, ratios=[0.25, 0.5]))
     elif name == "whisper-base":
         for stacks in (("encoder",), ("decoder", "cross")):
             for pair in ("qk", "vo"):
-                for method in ("clover", "calibrated", "vanilla"):
-                    ratios = HEADLINE_RATIOS if pair == "qk" and stacks == ("encoder",) else coarse
+                ratios = [0.05, 0.1, 0.3, 0.5, 0.7] if pair == "qk" and stacks == ("encoder",) else [0.1, 0.3, 0.5, 0.7]
+                for method in methods:
                     runs.append(dict(stacks=stacks, pair=pair, method=method, allocation="global", ratios=ratios))
-        if full:
-            for allocation in ("uniform", "layer"):
-                runs.append(dict(stacks=("encoder",), pair="vo", method="clover", allocation=allocation, ratios=coarse))
     else:
         for pair in ("qk", "vo"):
-            for method in ("clover", "calibrated", "vanilla"):
-                for allocation in ("uniform", "layer", "global"):
-                    ratios = HEADLINE_RATIOS if pair == "qk" and allocation == "global" else coarse
-                    runs.append(dict(stacks=None, pair=pair, method=method, allocation=allocation, ratios=ratios))
+            ratios = [0.05, 0.1, 0.3, 0.5, 0.7, 0.9] if pair == "qk" else [0.1, 0.3, 0.5, 0.7, 0.9]
+            for method in methods:
+                runs.append(dict(stacks=None, pair=pair, method=method, allocation="global", ratios=ratios))
+            for method in ("clover", "calibrated"):
+                for allocation in ("uniform", "layer"):
+                    runs.append(dict(stacks=None, pair=pair, method=method, allocation=allocation, ratios=[0.3, 0.7]))
     return runs
 
 
@@ -181,8 +185,8 @@ def plot(rows: list[dict], model: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["minilm-l6", "smollm2-135m", "whisper-base"])
-    parser.add_argument("--sentences", type=int, default=10, help="Whisper: spoken sentences per evaluation")
+    parser.add_argument("--models", nargs="+", default=["smollm2-135m", "minilm-l6", "whisper-base"])
+    parser.add_argument("--sentences", type=int, default=8, help="Whisper: spoken sentences per evaluation")
     parser.add_argument("--full", action="store_true", help="every ratio for every method x allocation")
     args = parser.parse_args()
     header("CLOVER pruning curves")

@@ -53,7 +53,7 @@ def cmd_decompose(args: argparse.Namespace) -> int:
     reference = probe_output(loaded) if args.verify else None
     spectra = decompose_(loaded.model, compute_dtype=_dtype(args.compute_dtype), progress=not args.quiet)
     factorized_at = time.perf_counter()
-    loaded.model.config.clover = {"method": "decompose", "compute_dtype": args.compute_dtype}
+    loaded.model.config.clover = {"method": "decompose", "compute_dtype": args.compute_dtype, "source": args.model}
     report = {"model": args.model, "out": str(args.out), "attention_sites": len(spectra)}
     if reference is not None:
         report["max_abs_output_change"] = float((probe_output(loaded) - reference).abs().max())
