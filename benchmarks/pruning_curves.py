@@ -53,7 +53,7 @@ def grid(name: str, full: bool) -> list[dict]:
     elif name == "whisper-base":
         for stacks in (("encoder",), ("decoder", "cross")):
             for pair in ("qk", "vo"):
-                ratios = [0.05, 0.1, 0.3, 0.5, 0.7] if pair == "qk" and stacks == ("encoder",) else [0.1, 0.3, 0.5, 0.7]
+                ratios = [0.05, 0.1, 0.3, 0.5, 0.7] if pair == "qk" and stacks == ("encoder",) else [0.3, 0.7]
                 for method in methods:
                     runs.append(dict(stacks=stacks, pair=pair, method=method, allocation="global", ratios=ratios))
     else:
@@ -183,17 +183,65 @@ def plot(rows: list[dict], model: str) -> None:
     plt.close(fig)
 
 
+def _number(value: str):
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
+def summarize() -> None:
+    """Plots and markdown tables from every results/pruning_curves*.csv (several runs may share the work)."""
+    import csv
+
+    rows = []
+    for path in sorted(RESULTS.glob("pruning_curves*.csv")):
+        with path.open() as f:
+            rows += [{k: _number(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        plot(rows, model)
+        metric = METRIC_BY_MODEL[model]
+        base = next(r[metric] for r in rows if r["model"] == model and r["method"] == "none")
+        print(f"\n{model}: {metric} (unpruned {base:.4g}); columns: share of the pair's dims removed")
+        keys = sorted({(r["stack"], r["pair"], r["allocation"]) for r in rows if r["model"] == model
+                       and r["method"] != "none" and r["allocation"] != "threshold"})  # fmt: skip
+        for stack, pair, allocation in keys:
+            sel = [r for r in rows if r["model"] == model and (r["stack"], r["pair"], r["allocation"]) ==
+                   (stack, pair, allocation) and r["method"] != "none"]  # fmt: skip
+            ratios = sorted({r["ratio"] for r in sel})
+            print(f"\n| {stack} {pair} {allocation} | " + " | ".join(f"{x:.0%}" for x in ratios) + " |")
+            print("|---|" + "---|" * len(ratios))
+            for method in ("clover", "calibrated", "vanilla"):
+                values = {r["ratio"]: r[metric] for r in sel if r["method"] == method}
+                if values:
+                    cells = [f"{values[x]:.4g}" if x in values else "" for x in ratios]
+                    print(f"| {method} | " + " | ".join(cells) + " |")
+        for r in rows:
+            if r["model"] == model and r.get("allocation") == "threshold":
+                print(f"\npaper thresholds (σ_QK ≤ 5e-3, σ_VO ≤ 6e-3): {r['qk_removed']:.2%} of Q-K and "
+                      f"{r['vo_removed']:.2%} of V-O dims removed, WER {r['wer']:.3f} "
+                      f"(unpruned {base:.3f})")  # fmt: skip
+    print("\n" + "\n".join(headline(rows)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["smollm2-135m", "minilm-l6", "whisper-base"])
     parser.add_argument("--sentences", type=int, default=8, help="Whisper: spoken sentences per evaluation")
     parser.add_argument("--full", action="store_true", help="every ratio for every method x allocation")
+    parser.add_argument("--csv", default="pruning_curves.csv", help="file name under benchmarks/results/")
+    parser.add_argument(
+        "--summarize", action="store_true", help="no runs: plot and tabulate results/pruning_curves*.csv"
+    )
     args = parser.parse_args()
+    if args.summarize:
+        summarize()
+        return
     header("CLOVER pruning curves")
     rows = []
     for name in args.models:
         rows += run_model(name, args.full, args.sentences)
-        write_csv("pruning_curves.csv", rows)  # keep partial results if a later model fails
+        write_csv(args.csv, rows)  # keep partial results if a later model fails
         plot(rows, name)
     print("\n".join(headline(rows)))
 

@@ -1,0 +1,291 @@
+"""Fine-tune SmolLM2-135M on the commonsense mix: CLOVER vs PEFT LoRA (and DoRA, PiSSA) at matched trainable counts.
+
+The fair-comparison rule of the method notes (section 6): every method sees the same examples in the same
+order (the balanced mix of the 8 training parts, clover.finetune_data), the same steps, seed and batch, and
+the same loss masking (answer tokens only), and each gets its learning rate from the same small sweep on
+held-out data. LoRA's rank is the one whose trainable count is closest to CLOVER's default recipe.
+
+Each run (and the zero-shot base model) runs in its own subprocess, so its peak RSS is its own; step time
+and peak RSS are reported as ratios against LoRA measured in the same benchmark run. The small default
+fits about 30 minutes of a 2-core CPU shared with another job (torch on 1 thread: 2 threads on 2 busy
+cores spin-wait and run 5x slower). Learning rates are selected on the same held-out rows that are
+reported (40 per task): an optimistic number for every method alike, and the comparison stays even.
+``--full`` is the configuration for a GPU: 3 seeds, all 8 tasks, every held-out row, more steps, a wider
+sweep, and HiRA, PSOFT and OSF from PEFT 0.21 as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, header, machine, write_csv  # noqa: E402
+
+MODEL = "smollm2-135m"
+SMALL = {
+    "steps": 60,
+    "batch_size": 8,
+    "grad_accum": 1,
+    "max_length": 128,
+    "eval_tasks": ["piqa", "arc_easy", "boolq", "winogrande"],
+    "eval_limit": 40,
+    "seeds": [0],
+    "sweep": {"clover": [5e-4, 1e-3], "lora": [5e-4, 1e-3]},
+    # after the sweep, if the time budget allows: DoRA and PiSSA at LoRA's selected lr; CLOVER with its dropout
+    # moved from the frozen path to the update (LoRA's placement) at CLOVER's selected lr, an ablation
+    "extra": [
+        ("dora", "dora", {}),
+        ("pissa", "pissa", {}),
+        ("clover-update-dropout", "clover", {"dropout_placement": "update"}),
+    ],
+    "threads": 1,
+    "budget_minutes": 32,
+}
+FULL = {
+    "steps": 1000,
+    "batch_size": 16,
+    "grad_accum": 1,
+    "max_length": 256,
+    "eval_tasks": ["boolq", "piqa", "social_iqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"],
+    "eval_limit": None,
+    "seeds": [0, 1, 2],
+    "sweep": {m: [1e-4, 3e-4, 5e-4, 1e-3] for m in ("clover", "lora", "dora", "pissa", "hira", "psoft", "osf")},
+    "extra": [("clover-update-dropout", "clover", {"dropout_placement": "update"})],
+    "threads": None,
+    "budget_minutes": None,
+}
+
+
+# ---------------------------------------------------------------- one run in a subprocess
+
+
+def worker(spec: dict) -> None:
+    """Child process: score the base model or train one run; print one RESULT line of JSON."""
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    import torch
+
+    from clover import finetune_data as data
+    from clover.cli_finetune import FinetuneOptions, _peak_rss_kb, run_finetune
+
+    options = FinetuneOptions(**spec["options"])
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    if spec["mode"] == "base":
+        from clover.models import load_model
+
+        started = time.perf_counter()
+        loaded = load_model(MODEL)
+        scores = data.heldout_accuracy(
+            loaded.model, loaded.tokenizer, options.eval_tasks, limit=options.eval_limit, batch_size=16
+        )
+        report = {"heldout": scores, "eval_seconds": round(time.perf_counter() - started, 1)}
+    else:
+        report = run_finetune(MODEL, options, None, progress=False, log=lambda *_: None)
+    report["process_peak_rss_mb"] = round(_peak_rss_kb() / 1024, 1)
+    print("RESULT " + json.dumps(report), flush=True)
+
+
+def run_child(mode: str, options: dict) -> dict:
+    """Run one worker and return its report (raises with its stderr tail on failure)."""
+    spec = json.dumps({"mode": mode, "options": options})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    if options.get("threads"):
+        env["OMP_NUM_THREADS"] = str(options["threads"])
+    started = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", spec], capture_output=True, text=True, env=env, check=False
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"{mode} run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    report = json.loads(lines[-1].removeprefix("RESULT "))
+    report["wall_seconds"] = round(time.perf_counter() - started, 1)
+    return report
+
+
+# ---------------------------------------------------------------- the benchmark
+
+
+def _avg(scores: dict) -> float:
+    return sum(s["acc"] for s in scores.values()) / len(scores)
+
+
+def _tail_loss(log: list[dict], n: int = 5) -> float:
+    return sum(r["loss"] for r in log[-n:]) / len(log[-n:])
+
+
+def plot_losses(runs: list[dict], path: Path) -> None:
+    """Answer-token training loss per step (thin) and its 5-step moving average (thick), one colour per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for i, run in enumerate(runs):
+        steps = [r["step"] for r in run["log"]]
+        losses = [r["loss"] for r in run["log"]]
+        smooth = [sum(losses[max(0, k - 4) : k + 1]) / len(losses[max(0, k - 4) : k + 1]) for k in range(len(losses))]
+        color = f"C{i}"
+        ax.plot(steps, losses, color=color, alpha=0.25, linewidth=0.8)
+        label = f"{run['label']} lr {run['lr']:g} (seed {run['seed']}, {run['trainable']:,} trainable)"
+        ax.plot(steps, smooth, color=color, linewidth=2, label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("answer-token cross-entropy (nats)")
+    ax.set_title(f"{MODEL} on the commonsense mix: training loss (same batches for every run)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--full", action="store_true", help="the GPU configuration (3 seeds, 8 tasks, all methods)")
+    parser.add_argument("--steps", type=int, help="override the optimizer steps")
+    parser.add_argument("--eval-limit", type=int, help="override the held-out rows per task")
+    parser.add_argument("--budget-minutes", type=float, help="skip the optional runs that would not fit")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(json.loads(args.worker))
+        return
+    config = dict(FULL if args.full else SMALL)
+    for key in ("steps", "eval_limit", "budget_minutes"):
+        if getattr(args, key) is not None:
+            config[key] = getattr(args, key)
+    header(f"fine-tuning {MODEL} on the commonsense mix: CLOVER vs PEFT baselines at matched trainable counts")
+    started = time.perf_counter()
+    common = {
+        "task": "commonsense",
+        "steps": config["steps"],
+        "batch_size": config["batch_size"],
+        "grad_accum": config["grad_accum"],
+        "max_length": config["max_length"],
+        "eval_tasks": config["eval_tasks"],
+        "eval_limit": config["eval_limit"],
+        "threads": config["threads"],
+    }
+    print(f"# config: {json.dumps({k: v for k, v in config.items() if k != 'sweep'})}")
+    print(f"# sweep: {json.dumps(config['sweep'])}", flush=True)
+
+    base = run_child("base", common)
+    print(f"# base model scored in {base['wall_seconds']} s: average {_avg(base['heldout']):.3f}", flush=True)
+
+    runs: list[dict] = []
+    budget = config["budget_minutes"] * 60 if config["budget_minutes"] else None
+
+    def train(method: str, lr: float, seed: int, optional: bool = False, label: str = "", **extra: object) -> None:
+        label = label or method
+        if optional and budget is not None and runs:
+            expected = sum(r["wall_seconds"] for r in runs) / len(runs)
+            if time.perf_counter() - started + expected > budget:
+                print(f"# skipped {label} lr {lr:g}: would exceed the {budget / 60:.0f}-minute budget", flush=True)
+                return
+        report = run_child("train", {**common, "method": method, "lr": lr, "seed": seed, **extra})
+        report.update(label=label, method=method, lr=lr, seed=seed, trainable=report["adapter"]["trainable"])
+        runs.append(report)
+        print(
+            f"# {label} lr {lr:g} seed {seed}: average {report['heldout_average_acc']:.3f}, loss "
+            f"{report['train']['first_loss']:.3f} -> {_tail_loss(report['log']):.3f}, "
+            f"{report['train']['median_step_seconds']:.2f} s/step, {report['wall_seconds']} s",
+            flush=True,
+        )
+
+    sweep = config["sweep"]
+    width = max(len(lrs) for lrs in sweep.values())
+    for seed in config["seeds"]:
+        for i in range(width):  # interleaved, so a budget cut still leaves comparable pairs
+            for method, lrs in sweep.items():
+                if i < len(lrs):
+                    train(method, lrs[i], seed)
+
+    def selected_lr(method: str) -> float | None:
+        mine = [r for r in runs if r["label"] == method]
+        if not mine:
+            return None
+        by_lr = {lr: [r["heldout_average_acc"] for r in mine if r["lr"] == lr] for lr in {r["lr"] for r in mine}}
+        return max(sorted(by_lr), key=lambda lr: sum(by_lr[lr]) / len(by_lr[lr]))
+
+    for label, method, extra in config["extra"]:
+        lr = selected_lr("clover" if method == "clover" else "lora")
+        for seed in config["seeds"]:
+            train(method, lr, seed, optional=True, label=label, **extra)
+
+    # ratios against LoRA in this run (mean over LoRA runs: the batches are identical, only contention varies)
+    lora = [r for r in runs if r["method"] == "lora"]
+    lora_step = sum(r["train"]["median_step_seconds"] for r in lora) / len(lora)
+    lora_rss = sum(r["train"]["peak_rss_mb"] for r in lora) / len(lora)
+    clover_count = next(r["trainable"] for r in runs if r["method"] == "clover")
+    selected = {m: selected_lr(m) for m in sweep}
+    tasks = config["eval_tasks"]
+    rows = [
+        {"run": "base (zero-shot)", "method": "none", "lr": "", "seed": "", "selected": "", "rank": "",
+         "trainable": 0, "trainable_vs_clover": 0.0, "steps": 0,
+         **{t: round(base["heldout"][t]["acc"], 4) for t in tasks}, "avg_acc": round(_avg(base["heldout"]), 4),
+         "n_per_task": base["heldout"][tasks[0]]["n"], "first_loss": "", "final_loss": "", "median_step_s": "",
+         "step_time_vs_lora": "", "peak_rss_mb": "", "peak_rss_vs_lora": "", "train_eval_wall_s": base["wall_seconds"]}
+    ]  # fmt: skip
+    for r in runs:
+        rows.append(
+            {"run": f"{r['label']} lr {r['lr']:g} seed {r['seed']}", "method": r["label"], "lr": r["lr"],
+             "seed": r["seed"], "selected": r["lr"] == selected.get(r["label"]), "rank": r["adapter"].get("rank", ""),
+             "trainable": r["trainable"], "trainable_vs_clover": round(r["trainable"] / clover_count, 4),
+             "steps": r["train"]["steps"], **{t: round(r["heldout"][t]["acc"], 4) for t in tasks},
+             "avg_acc": r["heldout_average_acc"], "n_per_task": r["heldout"][tasks[0]]["n"],
+             "first_loss": r["train"]["first_loss"], "final_loss": round(_tail_loss(r["log"]), 4),
+             "median_step_s": r["train"]["median_step_seconds"],
+             "step_time_vs_lora": round(r["train"]["median_step_seconds"] / lora_step, 3),
+             "peak_rss_mb": r["train"]["peak_rss_mb"],
+             "peak_rss_vs_lora": round(r["train"]["peak_rss_mb"] / lora_rss, 3),
+             "train_eval_wall_s": r["wall_seconds"]}
+        )  # fmt: skip
+    csv_path = write_csv("finetune_commonsense.csv", rows)
+    png_path = RESULTS / "finetune_loss.png"
+    plot_losses(runs, png_path)
+
+    n = rows[0]["n_per_task"]
+    lines = [
+        f"# {MODEL}, commonsense mix, {config['steps']} steps x batch {config['batch_size'] * config['grad_accum']}, "
+        f"max length {config['max_length']}, seeds {config['seeds']}; held-out accuracy (lm-eval, zero-shot, "
+        f"acc) on {n} held-out rows per task",
+        "",
+        "| run | trainable | " + " | ".join(tasks) + " | avg | final loss | step time ÷ LoRA | peak RSS ÷ LoRA |",
+        "|---|---:|" + "---:|" * len(tasks) + "---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        mark = " **(selected lr)**" if row["selected"] is True else ""
+        lines.append(
+            f"| {row['run']}{mark} | {row['trainable']:,} | " + " | ".join(f"{row[t]:.3f}" for t in tasks)
+            + f" | {row['avg_acc']:.3f} | {row['final_loss']} | {row['step_time_vs_lora']} "
+            + f"| {row['peak_rss_vs_lora']} |"
+        )  # fmt: skip
+    stderr_task = (0.25 / n) ** 0.5
+    lines += [
+        "",
+        f"Binomial standard error at n={n}: about {stderr_task:.3f} per task and "
+        f"{stderr_task / len(tasks) ** 0.5:.3f} on the {len(tasks)}-task average.",
+        f"LoRA: median step {lora_step:.2f} s, training peak RSS {lora_rss:.0f} MB (ratios are against these).",
+        f"CSV: benchmarks/results/{csv_path.name}; loss curves: benchmarks/results/{png_path.name}",
+        f"machine: {machine()}; wall time {(time.perf_counter() - started) / 60:.1f} min",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    (RESULTS / "finetune_commonsense.txt").write_text(
+        f"reproduce: python {' '.join(sys.argv)}\n"
+        + json.dumps({k: v for k, v in config.items()})
+        + "\n\n"
+        + text
+        + "\n"
+    )
+
+
+if __name__ == "__main__":
+    main()
