@@ -274,7 +274,8 @@ def main() -> None:
         f"{stderr_task / len(tasks) ** 0.5:.3f} on the {len(tasks)}-task average.",
         f"LoRA: median step {lora_step:.2f} s, training peak RSS {lora_rss:.0f} MB (ratios are against these).",
         f"CSV: benchmarks/results/{csv_path.name}; loss curves: benchmarks/results/{png_path.name}",
-        f"machine: {machine()}; wall time {(time.perf_counter() - started) / 60:.1f} min",
+        f"machine: {machine()}; each run in its own process on {config['threads'] or 'default'} torch thread(s); "
+        f"wall time {(time.perf_counter() - started) / 60:.1f} min",
     ]
     text = "\n".join(lines)
     print(text)

@@ -68,6 +68,24 @@ class HeadLayout:
             self._tensors[key] = torch.tensor(index, dtype=torch.long, device=x.device)
         return x.index_select(-1, self._tensors[key])
 
+    def _sdpa(self, q, k, v, mask, causal: bool, scaling: float, dropout: float) -> torch.Tensor:
+        """SDPA on (B, heads, L, dq) x (B, groups, S, dq|dv), keeping torch's fast CPU kernels in play."""
+        batch, heads, q_len, dq = q.shape
+        groups, dv = k.shape[1], v.shape[-1]
+        if q_len == 1 and self.group > 1 and (mask is None or mask.shape[-2] == 1):
+            # decoding: fold each group's query heads into the query axis, one K/V read per group (~20x on CPU)
+            q = q.reshape(batch, groups, self.group, dq)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling)
+            return out.reshape(batch, heads, 1, dv)
+        width = max(dq, dv)
+        if dq != dv:  # unequal Q-K / V-O dims push SDPA onto its slow math path; zero columns change nothing
+            q, k = F.pad(q, (0, width - dq)), F.pad(k, (0, width - dq))
+            v = F.pad(v, (0, width - dv))
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal, scale=scaling, enable_gqa=self.group > 1
+        )
+        return out[..., :dv]
+
     def attend(
         self,
         query: torch.Tensor,
@@ -99,10 +117,7 @@ class HeadLayout:
                 q = self.take(query, f"q{b}").view(batch, q_len, heads, dq).transpose(1, 2)
                 k = self.take(key, f"k{b}").view(batch, kv_len, groups, dq).transpose(1, 2)
             v = self.take(value, f"v{b}").view(batch, kv_len, groups, dv).transpose(1, 2)
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attention_mask, dropout_p=dropout, is_causal=causal, scale=scaling,
-                enable_gqa=self.group > 1,
-            )  # fmt: skip
+            out = self._sdpa(q, k, v, attention_mask, causal, scaling, dropout)
             outputs.append(out.transpose(1, 2).reshape(batch, q_len, heads * dv))
         if not outputs:
             return query.new_zeros(batch, q_len, 0)
