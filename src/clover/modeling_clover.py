@@ -5,8 +5,9 @@ into every pruned checkpoint, where ``from_pretrained(DIR, trust_remote_code=Tru
 
 Each pruned attention keeps, for every KV group j, ``qk_dims[j]`` Q-K dims (in K and in each of the group's
 query heads) and ``vo_dims[j]`` V-O dims (in V and in each query head's rows of O). Projections are packed:
-head blocks of their own widths, concatenated. The KV cache holds exactly the kept dims: one cache "head" of
-width sum(qk_dims) for K and sum(vo_dims) for V. Heads with equal dims are computed together by torch's
+head blocks of their own widths, concatenated. The KV cache holds exactly the kept dims: (B, G, T, d) per
+KV group when every group keeps the same dims, else one cache "head" of width sum(qk_dims) for K, sum(vo_dims)
+for V. Heads with equal dims are computed together by torch's
 scaled_dot_product_attention; the softmax scale is the original model's, never recomputed from pruned dims.
 """
 
@@ -46,6 +47,8 @@ class HeadLayout:
             out_positions += [i for h in heads for i in range(o_off[h], o_off[h] + dv)]
             self.buckets.append((dq, dv, len(groups)))
         self._index("out", sorted(range(len(out_positions)), key=out_positions.__getitem__), self.out_width)
+        # every KV group has the same dims: cache K/V per group, (B, G, T, d), the layout SDPA reads fastest
+        self.uniform = len(self.buckets) == 1
 
     @staticmethod
     def _offsets(widths: list[int]) -> list[int]:
@@ -86,6 +89,13 @@ class HeadLayout:
         )
         return out[..., :dv]
 
+    def cache_entry(self, x: torch.Tensor, side: str) -> torch.Tensor:
+        """(B, T, width) projection output -> what the KV cache stores: exactly the kept dims, nothing else."""
+        if not self.uniform:
+            return x.unsqueeze(1)  # ragged dims: one cache "head" holding every kept dim of the layer
+        dq, dv, groups = self.buckets[0]
+        return x.view(x.shape[0], x.shape[1], groups, dq if side == "k" else dv).transpose(1, 2)
+
     def attend(
         self,
         query: torch.Tensor,
@@ -97,14 +107,26 @@ class HeadLayout:
         is_causal: bool,
         dropout: float = 0.0,
     ) -> torch.Tensor:
-        """query (B, L, q_width), key (B, S, k_width), value (B, S, v_width) -> (B, L, out_width)."""
+        """query (B, L, q_width) and key / value as ``cache_entry`` lays them out -> (B, L, out_width)."""
         batch, q_len, _ = query.shape
-        kv_len = key.shape[1]
+        kv_len = key.shape[2]
         if attention_mask is not None and attention_mask.dim() == 4:
             attention_mask = attention_mask[:, :, :, :kv_len]
         causal = q_len > 1 and attention_mask is None and is_causal
         if causal and kv_len > q_len:
-            key, value, kv_len = key[:, :q_len], value[:, :q_len], q_len
+            key, value, kv_len = key[:, :, :q_len], value[:, :, :q_len], q_len
+        if self.uniform:
+            dq, dv, groups = self.buckets[0]
+            if dv == 0:
+                return query.new_zeros(batch, q_len, 0)
+            heads = groups * self.group
+            if dq == 0:
+                q, key = query.new_zeros(batch, heads, q_len, 1), key.new_zeros(batch, groups, kv_len, 1)
+            else:
+                q = query.view(batch, q_len, heads, dq).transpose(1, 2)
+            out = self._sdpa(q, key, value, attention_mask, causal, scaling, dropout)
+            return out.transpose(1, 2).reshape(batch, q_len, heads * dv)
+        key, value = key[:, 0], value[:, 0]
         outputs = []
         for b, (dq, dv, groups) in enumerate(self.buckets):
             heads = groups * self.group
@@ -153,10 +175,6 @@ class _PrunedAttentionBase(nn.Module):
         )  # fmt: skip
 
 
-def _as_cache_entry(x: torch.Tensor) -> torch.Tensor:
-    return x.unsqueeze(1)  # (B, T, width) -> (B, 1, T, width): one cache "head" holding every kept dim
-
-
 class CloverLlamaAttention(_PrunedAttentionBase):
     """Llama / Qwen2 / Mistral self-attention with pruned V-O dims (Q-K intact: RoPE acts between Q and K)."""
 
@@ -171,11 +189,11 @@ class CloverLlamaAttention(_PrunedAttentionBase):
         cos, sin = position_embeddings
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         q = q.transpose(1, 2).reshape(batch, length, -1)
-        k = _as_cache_entry(k.transpose(1, 2).reshape(batch, length, -1))
-        v = _as_cache_entry(self.v_proj(hidden_states))
+        k = self.layout.cache_entry(k.transpose(1, 2).reshape(batch, length, -1), "k")
+        v = self.layout.cache_entry(self.v_proj(hidden_states), "v")
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
-        out = self._attend(q, k[:, 0], v[:, 0], attention_mask)
+        out = self._attend(q, k, v, attention_mask)
         return self.o_proj(out), None
 
 
@@ -205,10 +223,10 @@ class CloverWhisperAttention(_PrunedAttentionBase):
         if is_cross and cache is not None and is_updated:
             k, v = cache.layers[self.layer_idx].keys, cache.layers[self.layer_idx].values
         else:
-            k, v = _as_cache_entry(self.k_proj(source)), _as_cache_entry(self.v_proj(source))
+            k, v = self.layout.cache_entry(self.k_proj(source), "k"), self.layout.cache_entry(self.v_proj(source), "v")
             if cache is not None:
                 k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
-        out = self._attend(query, k[:, 0], v[:, 0], attention_mask, scaling=1.0)
+        out = self._attend(query, k, v, attention_mask, scaling=1.0)
         return self.out_proj(out), None
 
 
@@ -219,7 +237,9 @@ class CloverBertSelfAttention(_PrunedAttentionBase):
         super().__init__(spec, layer_idx, with_o=False)
 
     def forward(self, hidden_states, attention_mask=None, cache=None, **kwargs):
-        q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        q = self.q_proj(hidden_states)
+        k = self.layout.cache_entry(self.k_proj(hidden_states), "k")
+        v = self.layout.cache_entry(self.v_proj(hidden_states), "v")
         return self._attend(q, k, v, attention_mask), None
 
 
@@ -232,13 +252,14 @@ class CloverGPT2Attention(_PrunedAttentionBase):
     def forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):
         cache = cache if cache is not None else kwargs.pop("past_key_values", None)
         q = self.q_proj(hidden_states)
-        k, v = _as_cache_entry(self.k_proj(hidden_states)), _as_cache_entry(self.v_proj(hidden_states))
+        k = self.layout.cache_entry(self.k_proj(hidden_states), "k")
+        v = self.layout.cache_entry(self.v_proj(hidden_states), "v")
         if cache is not None:
             from transformers.cache_utils import EncoderDecoderCache
 
             target = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
             k, v = target.update(k, v, self.layer_idx, kwargs=kwargs)
-        out = self._attend(q, k[:, 0], v[:, 0], attention_mask)
+        out = self._attend(q, k, v, attention_mask)
         return self.c_proj(out), None
 
 
