@@ -25,12 +25,14 @@ class SiteSpectrum:
     k: Tensor | None = None  # rotary sites: same for each key head's W_k
 
 
-def _check_finite(site: AttentionSite, tensors: dict[str, Tensor | None]) -> None:
+def check_finite(site: AttentionSite) -> None:
+    """Refuse a site whose Q, K, V or O weights or biases hold NaN or Inf (the SVD would spread them)."""
     from .errors import CloverError
 
-    for label, tensor in tensors.items():
-        if tensor is not None and not torch.isfinite(tensor).all():
-            raise CloverError(f"{site.name}: the {label} weights contain NaN or Inf; fix the checkpoint first")
+    for label, projection in (("q", site.q), ("k", site.k), ("v", site.v), ("o", site.o)):
+        for tensor in projection.read():
+            if tensor is not None and not torch.isfinite(tensor).all():
+                raise CloverError(f"{site.name}: the {label} weights contain NaN or Inf; fix the checkpoint first")
 
 
 def decompose_site(
@@ -41,7 +43,7 @@ def decompose_site(
     w_k, b_k = site.k.read()
     w_v, b_v = site.v.read()
     w_o, b_o = site.o.read()
-    _check_finite(site, {"q": w_q, "k": w_k, "v": w_v, "o": w_o, "q bias": b_q, "k bias": b_k, "v bias": b_v})
+    check_finite(site)
     groups = {"num_heads": site.num_heads, "num_kv_heads": site.num_kv_heads, "compute_dtype": compute_dtype}
     vo = factorize_vo(w_v, w_o, b_v, b_o, **groups)
     spectrum = SiteSpectrum(site.name, site.stack, site.layer_index, vo=vo.singular_values.float())

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .adapters import AttentionSite, adapter_for, attention_sites
+from .decompose import check_finite
 from .errors import CloverError
 from .factorize import factorize_qk, factorize_vo, fold_value_bias, split_heads, whitening_factor
 from .modeling_clover import CONFIG_KEY, install_pruned_attention
@@ -332,10 +333,7 @@ def prune_(
             "Q-K product to truncate. V-O pruning works there: use --vo-ratio (or --vo-threshold) only."
         )
     for site in sites:
-        for label, tensor in (("q", site.q), ("k", site.k), ("v", site.v), ("o", site.o)):
-            weight, bias = tensor.read()
-            if not torch.isfinite(weight).all() or (bias is not None and not torch.isfinite(bias).all()):
-                raise CloverError(f"{site.name}: the {label} weights contain NaN or Inf; fix the checkpoint first")
+        check_finite(site)
     if config.method == "calibrated" and calibrate is None and input_moments is None:
         raise CloverError("method 'calibrated' needs calibration data (a calibrate(model) callback)")
     params_before = sum(p.numel() for p in model.parameters())
