@@ -62,6 +62,7 @@ class FinetuneOptions:
     warmup_steps: int | None = None  # None: 10% of the steps
     eval_tasks: tuple[str, ...] | None = None  # None: the training tasks
     eval_limit: int | None = None  # held-out rows scored per task; None: all
+    selection_rows: int = 0  # also score this many held-out rows after the reported ones, to select hyperparameters
     eval_batch_size: int = 16
     eval_base: bool = False  # also score the untouched model first
     evaluate: bool = True
@@ -87,6 +88,12 @@ class FinetuneOptions:
             raise CloverError(f"--rank {self.rank} must be at least 1 (or omit it to match CLOVER's count)")
         if self.eval_limit is not None and self.eval_limit < 1:
             raise CloverError(f"--eval-limit {self.eval_limit} must be at least 1 (omit it to score every row)")
+        if self.selection_rows < 0:
+            raise CloverError(f"--selection-rows {self.selection_rows} must be 0 (off) or more")
+        if self.selection_rows and (self.eval_limit is None or self.task == data.SST2):
+            raise CloverError(
+                "--selection-rows needs --eval-limit (its rows follow the reported ones) and a commonsense task"
+            )
         if self.warmup_steps is not None and not 0 <= self.warmup_steps <= self.steps:
             raise CloverError(f"--warmup-steps {self.warmup_steps} must be in [0, --steps]")
         if self.method != "clover" and self.targets is not None:
@@ -617,6 +624,12 @@ def run_finetune(
                         merged, tokenizer, eval_tasks, limit=options.eval_limit, batch_size=options.eval_batch_size
                     )
                 report["heldout_average_acc"] = round(_average(report["heldout"]), 4)
+                if options.selection_rows:
+                    report["selection"] = data.heldout_accuracy(
+                        merged, tokenizer, eval_tasks, limit=options.selection_rows,
+                        batch_size=options.eval_batch_size, offset=options.eval_limit,
+                    )  # fmt: skip
+                    report["selection_average_acc"] = round(_average(report["selection"]), 4)
                 report["eval_seconds"] = round(time.perf_counter() - eval_started, 1)
             report["seconds"] = round(time.perf_counter() - started, 1)
             if out is not None:
@@ -713,6 +726,13 @@ def add_finetune_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, help="LoRA family: lora_alpha (default 2 x rank; PSOFT: rank)")
     p.add_argument("--eval-tasks", type=_csv_list, help="held-out tasks to score (default: the training tasks)")
     p.add_argument("--eval-limit", type=int, help="held-out rows scored per task (default: all, up to 500)")
+    p.add_argument(
+        "--selection-rows",
+        type=int,
+        default=0,
+        help="also score this many held-out rows after the --eval-limit reported ones (disjoint): pick the "
+        "learning rate on these, report the others",
+    )
     p.add_argument("--eval-batch-size", type=int, default=defaults.eval_batch_size, help="lm-eval batch size")
     p.add_argument("--eval-base", action="store_true", help="also score the untouched model first (reference)")
     p.add_argument("--no-eval", dest="evaluate", action="store_false", help="skip the held-out evaluation")
@@ -749,7 +769,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         f"{'loss' if options.task == data.SST2 else 'answer-token loss'} "
         f"{train['first_loss']:.4f} -> {train['final_loss']:.4f}, {train['median_step_seconds']} s/step"
     )
-    for label, key in (("base model", "base_heldout"), ("fine-tuned", "heldout")):
+    for label, key in (("base model", "base_heldout"), ("fine-tuned", "heldout"), ("selection rows", "selection")):
         scores = report.get(key)
         if scores:
             cells = ", ".join(f"{task} {s['acc']:.3f} (n={s['n']})" for task, s in scores.items())

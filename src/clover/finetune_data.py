@@ -245,8 +245,11 @@ def collate(examples: Sequence[Example], max_length: int, pad_id: int) -> dict[s
 # ---------------------------------------------------------------- held-out evaluation with lm-eval
 
 
-def write_heldout_tasks(directory: str | os.PathLike, tasks: Sequence[str], seed: int = SPLIT_SEED) -> pathlib.Path:
-    """Write lm-eval task YAMLs (clover_<task>) whose data is only the held-out rows, one arrow file per task."""
+def write_heldout_tasks(
+    directory: str | os.PathLike, tasks: Sequence[str], seed: int = SPLIT_SEED, offset: int = 0
+) -> pathlib.Path:
+    """Write lm-eval task YAMLs (clover_<task>) whose data is only the held-out rows from ``offset`` on, one arrow
+    file per task (an offset keeps a second, disjoint slice of held-out rows for learning-rate selection)."""
     import pyarrow as pa
 
     out = pathlib.Path(directory)
@@ -256,6 +259,9 @@ def write_heldout_tasks(directory: str | os.PathLike, tasks: Sequence[str], seed
         source = evaluate.task_arrow_path(name)
         table = pa.ipc.open_stream(pa.memory_map(str(source))).read_all()
         _, heldout = split_indices(name, table.num_rows, seed)
+        heldout = heldout[offset:]
+        if not heldout:
+            raise CloverError(f"{name} has only {offset} held-out rows; use a smaller offset")
         arrow = out / f"{name}_heldout.arrow"
         with pa.OSFile(str(arrow), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
             writer.write_table(table.take(heldout))
@@ -276,8 +282,9 @@ def heldout_accuracy(
     limit: int | None = None,
     batch_size: int = 16,
     seed: int = SPLIT_SEED,
+    offset: int = 0,
 ) -> dict[str, dict[str, float]]:
-    """Zero-shot lm-eval accuracy on the held-out rows only: {task: {"acc", "acc_norm", ..., "n"}}."""
+    """Zero-shot lm-eval accuracy on held-out rows ``offset .. offset + limit``: {task: {"acc", ..., "n"}}."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -287,7 +294,7 @@ def heldout_accuracy(
     model.eval()
     try:
         with tempfile.TemporaryDirectory(prefix="clover-heldout-") as tmp:
-            write_heldout_tasks(tmp, list(names.values()), seed)
+            write_heldout_tasks(tmp, list(names.values()), seed, offset)
             results = simple_evaluate(
                 model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size),
                 tasks=list(names),
