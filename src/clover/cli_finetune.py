@@ -19,7 +19,7 @@ import resource
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,8 @@ PEFT_METHODS = ("lora", "dora", "pissa", "hira", "psoft", "osf")
 METHODS = ("clover", *PEFT_METHODS)
 PEFT_TARGETS = ("q", "k", "v", "o", "up", "gate", "down")
 DEFAULT_PEFT_TARGETS = ("q", "k", "v")  # the authors' LoRA / DoRA baselines
-TASK_CHOICES = (*data.COMMONSENSE, "commonsense", data.SST2)
+TASK_CHOICES = (*data.COMMONSENSE, "commonsense", data.SST2, data.WIKITEXT)
+PERPLEXITY_TOKENS, PERPLEXITY_WINDOW = 4096, 512  # WikiText-2 test, as in the pruning benchmarks
 TRAIN_LOG = "train_log.csv"
 REPORT = "finetune_report.json"
 ADAPTER_DIR = "adapter"
@@ -90,7 +91,7 @@ class FinetuneOptions:
             raise CloverError(f"--eval-limit {self.eval_limit} must be at least 1 (omit it to score every row)")
         if self.selection_rows < 0:
             raise CloverError(f"--selection-rows {self.selection_rows} must be 0 (off) or more")
-        if self.selection_rows and (self.eval_limit is None or self.task == data.SST2):
+        if self.selection_rows and (self.eval_limit is None or self.task in (data.SST2, data.WIKITEXT)):
             raise CloverError(
                 "--selection-rows needs --eval-limit (its rows follow the reported ones) and a commonsense task"
             )
@@ -100,8 +101,11 @@ class FinetuneOptions:
             if bad := [t for t in self.targets if t not in PEFT_TARGETS]:
                 raise CloverError(f"--targets {bad} unknown for {self.method}; choose from {', '.join(PEFT_TARGETS)}")
         if self.eval_tasks is not None:
-            if self.task == data.SST2:
-                raise CloverError("--eval-tasks applies to the commonsense tasks; sst2 is scored on its held-out part")
+            if self.task in (data.SST2, data.WIKITEXT):
+                raise CloverError(
+                    "--eval-tasks applies to the commonsense tasks; sst2 and wikitext are scored on their own "
+                    "held-out text"
+                )
             for task in self.eval_tasks:
                 if task not in data.COMMONSENSE:
                     raise CloverError(f"unknown eval task {task!r}: use some of {', '.join(data.COMMONSENSE)}")
@@ -124,7 +128,7 @@ def peft_target_modules(model: nn.Module, targets: Sequence[str]) -> list[str]:
     from clover.adapters import LinearProjection, attention_sites
 
     names, paths = _module_names(model), []
-    for site in attention_sites(model):
+    for site in attention_sites(model, allow_pruned=True):
         for label in ("q", "k", "v", "o"):
             if label in targets:
                 projection = getattr(site, label)
@@ -192,23 +196,10 @@ def _skeleton(model: nn.Module, **overrides: Any) -> nn.Module:
 
 
 def clover_trainable_count(model: nn.Module, options: FinetuneOptions) -> int:
-    """Trainable parameters CLOVER would have on this model, counted on 1- and 2-layer copies and extrapolated.
+    """Trainable parameters CLOVER would have on this model (from shapes: the real model stays untouched)."""
+    from clover.finetune import CloverConfig, trainable_count
 
-    Every layer of a stack gets the same blocks, so the count is linear in the depth; counting on small
-    random copies keeps the real model's memory untouched (a deep copy would inflate its peak RSS).
-    """
-    from clover.finetune import CloverConfig, get_clover_model
-
-    targets = options.targets if options.method == "clover" else None
-    layers = model.config.num_hidden_layers
-    vocab = min(model.config.vocab_size, 1024)
-    counts = []
-    for depth in (1, 2):
-        small = _skeleton(model, num_hidden_layers=depth, vocab_size=vocab)
-        counts.append(
-            get_clover_model(small, CloverConfig(targets=targets, dropout=0.0)).get_nb_trainable_parameters()[0]
-        )
-    return counts[0] + (counts[1] - counts[0]) * (layers - 1)
+    return trainable_count(model, CloverConfig(targets=options.targets if options.method == "clover" else None))
 
 
 def matching_rank(model: nn.Module, method: str, modules: dict[str, int], target: int) -> int:
@@ -536,6 +527,16 @@ def _write_log(rows: list[dict], path: Path) -> None:
         writer.writerows(rows)
 
 
+def _test_perplexity(model: nn.Module, tokenizer: Any) -> dict[str, float]:
+    """WikiText-2 test perplexity (first 4096 tokens, 512-token windows, the model's dtype)."""
+    from clover.evaluate import perplexity, wikitext2_text
+
+    result = perplexity(
+        model, tokenizer, wikitext2_text("test"), window=PERPLEXITY_WINDOW, max_tokens=PERPLEXITY_TOKENS
+    )
+    return {"perplexity": round(result.ppl, 4), "tokens": result.tokens_scored, "window": result.window}
+
+
 def _average(scores: dict[str, dict[str, float]]) -> float:
     return sum(s["acc"] for s in scores.values()) / len(scores)
 
@@ -545,7 +546,8 @@ def run_finetune(
     progress: bool = True, log: Any = print,
 ) -> dict[str, Any]:  # fmt: skip
     """Load, wrap, train, (score), merge and save one run; returns the report (also written to DIR)."""
-    from clover.io import atomic_directory, check_output_dir
+    from clover.adapters import pruned_site_specs
+    from clover.io import atomic_directory, check_output_dir, write_pruned_model
     from clover.models import load_model
 
     options.validate()
@@ -567,11 +569,15 @@ def run_finetune(
     model, tokenizer = loaded.model, loaded.tokenizer
     params_before = count_trainable(model)[1]
     report: dict[str, Any] = {"model": model_name, "options": asdict(options), "out": None if out is None else str(out)}
-    eval_tasks = list(options.eval_tasks or ([] if sst2 else data.commonsense_tasks(options.task)))
+    text = options.task == data.WIKITEXT
+    report["pruned"] = bool(pruned_site_specs(model))
+    eval_tasks = [] if sst2 or text else list(options.eval_tasks or data.commonsense_tasks(options.task))
     heldout_pairs = data.sst2_examples("heldout")[: options.eval_limit] if sst2 else []
     if options.eval_base:
         if sst2:
             report["base_heldout"] = None  # a fresh head is untrained: no meaningful zero-shot number
+        elif text:
+            report["base_heldout"] = {"wikitext2_test": _test_perplexity(model, tokenizer)}
         else:
             report["base_heldout"] = data.heldout_accuracy(
                 model, tokenizer, eval_tasks, limit=options.eval_limit, batch_size=options.eval_batch_size
@@ -585,7 +591,10 @@ def run_finetune(
         info["all"] += sum(p.numel() for p in classifier.head.parameters())
     else:
         needed = options.steps * options.batch_size * options.grad_accum
-        stream = data.training_examples(options.task, tokenizer, needed, options.seed)
+        if text:
+            stream = data.wikitext_examples(tokenizer, options.max_length, needed, options.seed)
+        else:
+            stream = data.training_examples(options.task, tokenizer, needed, options.seed)
         wrapped, info = wrap_model(model, options)
     report["adapter"] = info
     log(
@@ -619,11 +628,14 @@ def run_finetune(
                     report["heldout"] = {
                         "sst2": sst2_accuracy(classifier, tokenizer, heldout_pairs, options.max_length)
                     }
+                elif text:
+                    report["heldout"] = {"wikitext2_test": _test_perplexity(merged, tokenizer)}
                 else:
                     report["heldout"] = data.heldout_accuracy(
                         merged, tokenizer, eval_tasks, limit=options.eval_limit, batch_size=options.eval_batch_size
                     )
-                report["heldout_average_acc"] = round(_average(report["heldout"]), 4)
+                if not text:
+                    report["heldout_average_acc"] = round(_average(report["heldout"]), 4)
                 if options.selection_rows:
                     report["selection"] = data.heldout_accuracy(
                         merged, tokenizer, eval_tasks, limit=options.selection_rows,
@@ -634,8 +646,11 @@ def run_finetune(
             report["seconds"] = round(time.perf_counter() - started, 1)
             if out is not None:
                 with atomic_directory(out, overwrite=overwrite) as staging:
-                    merged.save_pretrained(staging)
-                    tokenizer.save_pretrained(staging)
+                    if report["pruned"]:  # a healed pruned model stays a pruned checkpoint (auto_map + code)
+                        write_pruned_model(replace(loaded, model=merged), staging)
+                    else:
+                        merged.save_pretrained(staging)
+                        tokenizer.save_pretrained(staging)
                     (Path(tmp) / ADAPTER_DIR).rename(staging / ADAPTER_DIR)
                     if sst2:
                         from safetensors.torch import save_file
@@ -660,20 +675,25 @@ def add_finetune_parser(subparsers: Any) -> argparse.ArgumentParser:
     defaults = FinetuneOptions()
     p = subparsers.add_parser(
         "finetune",
-        help="train CLOVER (or LoRA/DoRA/PiSSA for comparison) on commonsense data or SST-2, score, merge, save",
+        help="train CLOVER (or a PEFT baseline) on commonsense data, SST-2 or plain text (healing a pruned "
+        "model), score, merge, save",
         description="Fine-tune on the training part of a fixed split of the offline validation data (clover."
         "finetune_data: held-out rows are never trained on), with the loss on the answer tokens only, for every "
         "method. Then score the held-out rows with lm-evaluation-harness (zero-shot, same prompts as training), "
         "merge the adapter into a plain transformers checkpoint with the original parameter count, and write "
-        f"DIR (the merged model), DIR/{ADAPTER_DIR} (the adapter alone), DIR/{TRAIN_LOG} and DIR/{REPORT}.",
+        f"DIR (the merged model), DIR/{ADAPTER_DIR} (the adapter alone), DIR/{TRAIN_LOG} and DIR/{REPORT}. "
+        "Healing: MODEL may be a checkpoint written by `clover prune` (uniform or layer allocation for CLOVER; "
+        "any for PEFT methods); with --task wikitext it trains on WikiText-2 validation text, reports WikiText-2 "
+        "test perplexity, and DIR is again a pruned checkpoint (same dims, loads with trust_remote_code).",
     )
     p.add_argument("model", help="smollm2-135m (commonsense tasks), minilm-l6 (sst2), or a local checkpoint directory")
     p.add_argument(
         "--task",
         required=True,
         metavar="TASK",
-        help=f"one of {', '.join(data.COMMONSENSE)}; commonsense (a balanced mix of all 8); or sst2 "
-        "(encoder + linear head on mean-pooled embeddings)",
+        help=f"one of {', '.join(data.COMMONSENSE)}; commonsense (a balanced mix of all 8); sst2 "
+        "(encoder + linear head on mean-pooled embeddings); or wikitext (plain text, every token: healing a "
+        "pruned model, scored by WikiText-2 test perplexity)",
     )
     p.add_argument("--out", required=True, help="directory to write (refused if it exists, unless --overwrite)")
     p.add_argument(
@@ -771,11 +791,16 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     )
     for label, key in (("base model", "base_heldout"), ("fine-tuned", "heldout"), ("selection rows", "selection")):
         scores = report.get(key)
-        if scores:
+        if scores and "wikitext2_test" in scores:
+            result = scores["wikitext2_test"]
+            print(f"WikiText-2 test perplexity, {label}: {result['perplexity']:.3f} ({result['tokens']} tokens, "
+                  f"{result['window']}-token windows)")  # fmt: skip
+        elif scores:
             cells = ", ".join(f"{task} {s['acc']:.3f} (n={s['n']})" for task, s in scores.items())
             print(f"held-out accuracy, {label}: {cells}; average {_average(scores):.3f}")
+    kind = "pruned checkpoint" if report["pruned"] else "merged model"
     print(
-        f"wrote {args.out}: merged model ({report['parameters_after']:,} parameters, as before: "
+        f"wrote {args.out}: {kind} ({report['parameters_after']:,} parameters, as before: "
         f"{report['parameters_before']:,}), {ADAPTER_DIR}/, {TRAIN_LOG}, {REPORT}"
     )
     return 0

@@ -50,6 +50,7 @@ __all__ = [
     "CloverModel",
     "get_clover_model",
     "resolve_targets",
+    "trainable_count",
 ]
 
 TARGETS = ("qk", "q", "k", "v", "vo", "up")
@@ -428,7 +429,7 @@ def _model_type(model: nn.Module) -> str:
 
 def resolve_targets(model: nn.Module, config: CloverConfig) -> tuple[str, ...]:
     """The targets that CloverModel trains on ``model``: the config's (checked) or the authors' recipe."""
-    sites = attention_sites(model)
+    sites = attention_sites(model, allow_pruned=True)
     rotary = any(site.rotary for site in sites)
     has_up = bool(_up_projections(model))
     if config.targets is None:
@@ -450,6 +451,24 @@ def resolve_targets(model: nn.Module, config: CloverConfig) -> tuple[str, ...]:
     return config.targets
 
 
+def trainable_count(model: nn.Module, config: CloverConfig | None = None) -> int:
+    """Trainable parameters ``get_clover_model(model, config)`` would create, from shapes alone (no factorization)."""
+    config = config or CloverConfig()
+    targets = resolve_targets(model, config)
+    total = 0
+    for site in attention_sites(model, allow_pruned=True):
+        blocks = {"q": (site.q, site.num_heads), "k": (site.k, site.num_kv_heads), "v": (site.v, site.num_kv_heads),
+                  "qk": (site.k, site.num_kv_heads), "vo": (site.v, site.num_kv_heads)}  # fmt: skip
+        for target in targets:
+            if target in blocks:
+                projection, count = blocks[target]
+                total += count * (projection.read()[0].shape[1] // count) ** 2
+    if "up" in targets:
+        half = attention_sites(model, allow_pruned=True)[0].head_dim // 2
+        total += sum(up.out_features * half for up in _up_projections(model))
+    return total
+
+
 class CloverModel(nn.Module):
     """A transformers model with CLOVER layers: only the small matrices train; PEFT-shaped API."""
 
@@ -462,7 +481,7 @@ class CloverModel(nn.Module):
         config = config or CloverConfig()
         targets = resolve_targets(model, config)
         self.clover_config = replace(config, targets=targets)
-        sites = attention_sites(model)
+        sites = attention_sites(model, allow_pruned=True)
         head_dim = sites[0].head_dim
         if "up" in targets and head_dim % 2:
             raise CloverError(f"target 'up' cuts up_proj into blocks of d_h/2, and d_h = {head_dim} is odd")

@@ -21,6 +21,10 @@ evaluation see the same token sequences. The loss is masked to the answer tokens
 
 Held-out accuracy runs lm-eval on the held-out rows only: :func:`write_heldout_tasks` writes one arrow file
 of held-out rows per task and points the task config's ``data_files`` at it.
+
+Plain text (``wikitext``, for healing a pruned model): WikiText-2 *validation* cut into consecutive chunks of
+``max_length`` tokens, shuffled by the seed; the loss covers every token but each chunk's first. Quality is
+then WikiText-2 *test* perplexity, text never trained on.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from clover.errors import CloverError
 
 COMMONSENSE = [name.removeprefix("clover_") for name in evaluate.COMMONSENSE_TASKS]
 SST2 = "sst2"
+WIKITEXT = "wikitext"
 SPLIT_SEED = 0
 MAX_HELDOUT = 500
 IGNORE_INDEX = -100
@@ -215,6 +220,14 @@ def training_examples(task: str, tokenizer: Any, count: int, seed: int = 0) -> l
     chosen = [stream[i % len(stream)] for i in range(count)]
     cache: dict[int, Example] = {}
     return [cache.setdefault(id(row), encode_example(name, row, tokenizer, functions)) for name, row in chosen]
+
+
+def wikitext_examples(tokenizer: Any, max_length: int, count: int, seed: int = 0) -> list[Example]:
+    """``count`` chunks of ``max_length`` tokens of WikiText-2 validation, shuffled by ``seed`` (cycled if needed)."""
+    ids = tokenizer(evaluate.wikitext2_text("validation"), return_attention_mask=False)["input_ids"]
+    chunks = [tuple(ids[i : i + max_length]) for i in range(0, len(ids) - max_length + 1, max_length)]
+    random.Random(seed).shuffle(chunks)
+    return [Example(WIKITEXT, chunk[:1], chunk[1:]) for chunk in (chunks[i % len(chunks)] for i in range(count))]
 
 
 def collate(examples: Sequence[Example], max_length: int, pad_id: int) -> dict[str, torch.Tensor]:

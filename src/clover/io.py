@@ -64,22 +64,33 @@ def save_pruned_model(loaded, out: str | os.PathLike, *, overwrite: bool = False
     The directory loads with ``AutoModel*.from_pretrained(DIR, trust_remote_code=True)`` in a process that
     does not have clover installed: ``modeling_clover.py`` (torch + transformers only) is copied beside the weights.
     """
+    with atomic_directory(out, overwrite=overwrite) as staging:
+        write_pruned_model(loaded, staging)
+    return Path(out)
+
+
+def write_pruned_model(loaded, directory: Path) -> None:
+    """The files of a pruned checkpoint, written into an existing (staging) directory."""
     from . import modeling_clover
 
     model = loaded.model
     base = type(model).__name__
-    clover_class = f"Clover{base}"
+    # a pruned checkpoint loaded back with trust_remote_code already has the Clover class (healed models)
+    clover_class = base if base.startswith("Clover") else f"Clover{base}"
     if not hasattr(modeling_clover, clover_class):
         raise CloverError(f"no pruned counterpart for {base}; pruned checkpoints support {_pruned_bases()}")
-    with atomic_directory(out, overwrite=overwrite) as staging:
-        model.config.auto_map = {AUTO_CLASS[loaded.kind]: f"modeling_clover.{clover_class}"}
-        try:
-            save_loaded_model(loaded, staging)
-        finally:
+    had_map = "auto_map" in model.config.to_dict()
+    previous = getattr(model.config, "auto_map", None)
+    model.config.auto_map = {AUTO_CLASS[loaded.kind]: f"modeling_clover.{clover_class}"}
+    try:
+        save_loaded_model(loaded, directory)
+    finally:
+        if had_map:
+            model.config.auto_map = previous
+        else:
             del model.config.auto_map  # the live model object is the plain class; only the files need the map
-        shutil.copyfile(modeling_clover.__file__, staging / "modeling_clover.py")
-        _patch_architectures(staging / "config.json", clover_class)
-    return Path(out)
+    shutil.copyfile(modeling_clover.__file__, directory / "modeling_clover.py")
+    _patch_architectures(directory / "config.json", clover_class)
 
 
 def _pruned_bases() -> str:

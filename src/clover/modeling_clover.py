@@ -277,11 +277,13 @@ def install_pruned_attention(model: nn.Module, sites: dict[str, dict]) -> None:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         original = getattr(parent, child)
-        pruned = PRUNED_ATTENTION[spec["family"]](spec, spec.get("layer_idx"))
+        pruned = PRUNED_ATTENTION[spec["family"]](spec, spec.get("layer_idx")).train(original.training)
         if spec["family"] == "bert":  # BertAttention keeps its LayerNorm/dropout; swap .self and .output.dense
             original.self = pruned
             dense = original.output.dense
-            original.output.dense = nn.Linear(pruned.layout.out_width, dense.out_features, bias=dense.bias is not None)
+            original.output.dense = nn.Linear(
+                pruned.layout.out_width, dense.out_features, bias=dense.bias is not None
+            ).train(dense.training)
         else:
             setattr(parent, child, pruned)
 

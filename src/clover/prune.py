@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .adapters import AttentionSite, adapter_for, attention_sites
+from .adapters import AttentionSite, adapter_for, attention_sites, pruned_projections
 from .decompose import check_finite
 from .errors import CloverError
 from .factorize import factorize_qk, factorize_vo, fold_value_bias, split_heads, whitening_factor
@@ -439,13 +439,7 @@ def _rebuild_site(
         "is_causal": site.is_causal,
     }
     install_pruned_attention(model, {site.name: spec})
-    module = model.get_submodule(site.name)
-    if family == "bert":
-        projections = {"q": module.self.q_proj, "k": module.self.k_proj, "v": module.self.v_proj,
-                       "o": module.output.dense}  # fmt: skip
-    else:
-        o_name = {"whisper": "out_proj", "gpt2": "c_proj"}.get(family, "o_proj")
-        projections = {"q": module.q_proj, "k": module.k_proj, "v": module.v_proj, "o": getattr(module, o_name)}
+    projections = pruned_projections(model.get_submodule(site.name), family)
     for label, (weight, bias) in {
         "q": (new_q, new_b_q), "k": (new_k, new_b_k), "v": (new_v, new_b_v), "o": (new_o, new_b_o)
     }.items():  # fmt: skip

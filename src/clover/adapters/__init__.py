@@ -9,6 +9,7 @@ from .base import AttentionSite, Conv1DSlice, LinearProjection, ModelAdapter, Pr
 from .bert import BertAdapter
 from .gpt2 import GPT2Adapter
 from .llama import LlamaAdapter
+from .pruned import pruned_attention_sites, pruned_projections, pruned_site_specs
 from .whisper import WhisperAdapter
 
 ADAPTERS: tuple[ModelAdapter, ...] = (LlamaAdapter(), GPT2Adapter(), BertAdapter(), WhisperAdapter())
@@ -22,6 +23,8 @@ __all__ = [
     "Projection",
     "adapter_for",
     "attention_sites",
+    "pruned_projections",
+    "pruned_site_specs",
     "supported_families",
 ]
 
@@ -43,11 +46,18 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
     )
 
 
-def attention_sites(model: nn.Module) -> list[AttentionSite]:
-    """All attention sites of a model, in module order; raises if the model has none we recognise."""
-    if (getattr(getattr(model, "config", None), "clover", None) or {}).get("sites"):
+def attention_sites(model: nn.Module, *, allow_pruned: bool = False) -> list[AttentionSite]:
+    """All attention sites of a model, in module order; raises if the model has none we recognise.
+
+    A model pruned by clover is refused unless ``allow_pruned`` (fine-tuning heals pruned models; decomposing
+    or pruning again would need the original checkpoint).
+    """
+    if pruned_site_specs(model):
+        if allow_pruned:
+            return pruned_attention_sites(model)
         raise UnsupportedModelError(
-            "this model is already pruned by clover; decompose, prune or fine-tune its original checkpoint instead"
+            "this model is already pruned by clover; decompose or prune its original checkpoint instead "
+            "(fine-tuning, e.g. healing with `clover finetune DIR --task wikitext`, does accept it)"
         )
     sites = adapter_for(model).attention_sites(model)
     if not sites:

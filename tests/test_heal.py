@@ -1,0 +1,138 @@
+"""Healing: the CLOVER adapter on models pruned by clover, merged back into pruned checkpoints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+from conftest import TINY_ARCHS, build_tiny, model_output
+from test_finetune import OTHER_TARGETS, _train
+from test_finetune_cli import byte_tokenizer
+
+from clover import finetune_data as data
+from clover.cli_finetune import add_finetune_parser, cmd_finetune
+from clover.errors import CloverError
+from clover.finetune import CloverConfig, CloverModel, trainable_count
+from clover.io import save_pruned_model, write_pruned_model
+from clover.models import LoadedModel, load_model
+from clover.prune import PruneConfig, prune_
+
+ATOL = 1e-5  # float32 model, factors built in float64
+ROTARY = {"llama", "llama-mha", "mistral", "qwen2"}
+KIND = {"bert": "encoder", "whisper": "speech-seq2seq"}
+
+
+def _pruned(arch: str, allocation: str = "uniform") -> torch.nn.Module:
+    model = build_tiny(arch)
+    qk = 0.0 if arch in ROTARY else 0.25
+    prune_(model, PruneConfig(qk_ratio=qk, vo_ratio=0.5, allocation=allocation))
+    return model
+
+
+def _count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "layer"])
+@pytest.mark.parametrize("targets", [None, "other"], ids=["default-targets", "other-targets"])
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_adapter_on_a_pruned_model_is_exact_trains_and_merges_into_the_pruned_layout(arch, targets, allocation):
+    model = _pruned(arch, allocation)
+    specs = json.loads(json.dumps(model.config.clover))
+    reference, count = model_output(model), _count(model)
+    config = CloverConfig(targets=OTHER_TARGETS[arch] if targets else None)
+    expected_trainable = trainable_count(model, config)
+    clover = CloverModel(model, config)
+    torch.testing.assert_close(model_output(clover), reference, atol=ATOL, rtol=0)
+    assert clover.get_nb_trainable_parameters()[0] == expected_trainable
+    _train(clover, steps=3)
+    trained = model_output(clover)
+    assert (trained - reference).abs().max() > 1e-3  # training changed the function
+    merged = clover.merge_and_unload()
+    assert _count(merged) == count and merged.config.clover == specs  # same pruned dims, same parameter count
+    torch.testing.assert_close(model_output(merged), trained, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert", "whisper"])
+def test_healed_model_saves_as_a_pruned_checkpoint_and_heals_again_after_reload(arch, tmp_path):
+    model = _pruned(arch)
+    kind = KIND.get(arch, "causal-lm")
+    save_pruned_model(LoadedModel(model, None, "tiny", kind), tmp_path / "pruned")
+    loaded = load_model(str(tmp_path / "pruned"))  # the checkpoint's own (trust_remote_code) classes
+    assert type(loaded.model).__name__.startswith("Clover")
+    clover = CloverModel(loaded.model)
+    _train(clover, steps=2)
+    merged = clover.merge_and_unload()
+    expected = model_output(merged)
+    (tmp_path / "healed").mkdir()
+    write_pruned_model(LoadedModel(merged, None, "tiny", kind), tmp_path / "healed")
+    healed = load_model(str(tmp_path / "healed")).model
+    torch.testing.assert_close(model_output(healed), expected, atol=0, rtol=0)
+    assert _count(healed) == _count(model) and healed.config.clover == model.config.clover
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_trainable_count_from_shapes_equals_the_wrapped_count(arch):
+    for targets in (None, OTHER_TARGETS[arch]):
+        model = build_tiny(arch)
+        config = CloverConfig(targets=targets)
+        assert trainable_count(model, config) == CloverModel(model, config).get_nb_trainable_parameters()[0]
+
+
+def test_ragged_global_allocation_is_refused_with_what_to_do():
+    model = build_tiny("gpt2")
+    prune_(model, PruneConfig(qk_ratio=0.5, vo_ratio=0.6, allocation="global"))
+    assert any(len(set(s["vo_dims"])) > 1 for s in model.config.clover["sites"].values())
+    reference = model_output(model)
+    with pytest.raises(CloverError, match="allocation uniform or layer.*--method lora"):
+        CloverModel(model)
+    torch.testing.assert_close(model_output(model), reference, atol=0, rtol=0)  # left untouched
+
+
+def test_wikitext_examples_are_full_chunks_scored_on_every_token_but_the_first():
+    tokenizer = byte_tokenizer()
+    examples = data.wikitext_examples(tokenizer, max_length=64, count=5, seed=0)
+    assert len(examples) == 5 and all(len(e.prompt_ids) == 1 and len(e.answer_ids) == 63 for e in examples)
+    assert examples != data.wikitext_examples(tokenizer, max_length=64, count=5, seed=1)  # the seed shuffles
+    batch = data.collate(examples, 64, pad_id=0)
+    assert int((batch["labels"] != data.IGNORE_INDEX).sum()) == 5 * 63
+
+
+@pytest.mark.parametrize("method", ["clover", "lora"])
+def test_cli_heals_a_pruned_checkpoint_on_plain_text(tmp_path, capsys, method):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(
+        vocab_size=257, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, eos_token_id=256, pad_token_id=256, bos_token_id=256,
+    )  # fmt: skip
+    model = tf.LlamaForCausalLM(config).eval()
+    prune_(model, PruneConfig(vo_ratio=0.5))
+    save_pruned_model(LoadedModel(model, byte_tokenizer(), "tiny", "causal-lm"), tmp_path / "pruned")
+    parser = argparse.ArgumentParser()
+    add_finetune_parser(parser.add_subparsers())
+    out = tmp_path / "healed"
+    args = parser.parse_args(["finetune", str(tmp_path / "pruned"), "--out", str(out), "--task", "wikitext",
+                              "--method", method, "--steps", "3", "--batch-size", "2", "--max-length", "64",
+                              "--lr", "1e-2", "--eval-base", "--json"])  # fmt: skip
+    assert cmd_finetune(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    before, after = report["base_heldout"]["wikitext2_test"], report["heldout"]["wikitext2_test"]
+    assert before["tokens"] == after["tokens"] > 0 and after["perplexity"] < before["perplexity"]
+    assert report["pruned"] and report["parameters_after"] == report["parameters_before"] == _count(model)
+    healed = load_model(str(out))
+    assert healed.model.config.clover == model.config.clover and _count(healed.model) == _count(model)
+    assert (out / "modeling_clover.py").is_file() and (out / "tokenizer.json").is_file()
+
+
+def test_cli_refuses_eval_tasks_for_plain_text(tmp_path):
+    parser = argparse.ArgumentParser()
+    add_finetune_parser(parser.add_subparsers())
+    args = parser.parse_args(["finetune", "x", "--out", str(tmp_path / "o"), "--task", "wikitext",
+                              "--eval-tasks", "piqa"])  # fmt: skip
+    with pytest.raises(CloverError, match="--eval-tasks applies to the commonsense tasks"):
+        cmd_finetune(args)
+    assert not (tmp_path / "o").exists()
