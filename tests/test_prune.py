@@ -35,11 +35,35 @@ def test_ratio_zero_is_exact(tiny_arch, method):
     torch.testing.assert_close(model_output(model), reference, atol=1e-4, rtol=0)
 
 
-def test_calibrated_ratio_zero_is_exact(tiny_arch):
+@pytest.mark.parametrize("method", ["calibrated", "vanilla-activation"])
+def test_calibrated_ratio_zero_is_exact(tiny_arch, method):
     model = build_tiny(tiny_arch)
     reference = model_output(model)
-    prune_(model, PruneConfig(method="calibrated"), calibrate=lambda m: model_output(m, seed=7))
+    prune_(model, PruneConfig(method=method), calibrate=lambda m: model_output(m, seed=7))
     torch.testing.assert_close(model_output(model), reference, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "whisper"])
+def test_activation_vanilla_on_isotropic_inputs_equals_weight_vanilla(arch):
+    """With E[xᵀx] = I and zero mean, the RMS of activation q_i is the norm of weight column i."""
+    from clover.prune import InputMoments
+
+    def isotropic(model):
+        stats = {}
+        for site in attention_sites(model):
+            d = site.k.read()[0].shape[0]
+            for side in ("q", "k"):
+                stats[f"{site.name}|{side}"] = [torch.eye(d, dtype=torch.float64), torch.zeros(d).double(), 1]
+        return InputMoments(stats)
+
+    qk = 0.0 if arch in ROTARY else 0.4
+    by_weights, by_activations = build_tiny(arch), build_tiny(arch)
+    prune_(by_weights, PruneConfig(qk_ratio=qk, vo_ratio=0.4, method="vanilla", allocation="global"))
+    moments = isotropic(by_activations)
+    prune_(by_activations, PruneConfig(qk_ratio=qk, vo_ratio=0.4, method="vanilla-activation", allocation="global"),
+           input_moments=moments)  # fmt: skip
+    assert by_activations.config.clover["sites"] == by_weights.config.clover["sites"]
+    torch.testing.assert_close(model_output(by_activations), model_output(by_weights), atol=1e-5, rtol=0)
 
 
 def _group_products(site_or_module, pair, num_heads, num_kv_heads, qk_dims, vo_dims, weights):
@@ -215,8 +239,9 @@ def test_rope_qk_pruning_is_refused_with_a_pointer_to_vo():
 
 def test_nan_weights_and_calibration_without_data_are_refused():
     model = build_tiny("whisper")
-    with pytest.raises(CloverError, match="calibration data"):
-        prune_(model, PruneConfig(vo_ratio=0.3, method="calibrated"))
+    for method in ("calibrated", "vanilla-activation"):
+        with pytest.raises(CloverError, match=f"'{method}' needs calibration data"):
+            prune_(model, PruneConfig(vo_ratio=0.3, method=method))
     with torch.no_grad():
         model.model.decoder.layers[0].encoder_attn.k_proj.weight[0, 0] = float("inf")
     with pytest.raises(CloverError, match="NaN or Inf"):

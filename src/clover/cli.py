@@ -127,7 +127,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .errors import CloverError
     from .io import check_output_dir, save_pruned_model
     from .models import load_model
-    from .prune import PruneConfig, prune_
+    from .prune import CALIBRATED, PruneConfig, prune_
     from .quality import calibration_callback
 
     qk_threshold = args.qk_threshold if args.qk_threshold is not None else args.threshold
@@ -142,7 +142,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     check_output_dir(args.out, overwrite=args.overwrite)
     loaded = load_model(args.model, dtype=_dtype(args.dtype))
     calibrate = None
-    if args.method == "calibrated":
+    if args.method in CALIBRATED:
         calibrate = calibration_callback(loaded, samples=args.calibration_samples, seq_len=args.calibration_length)
     start = time.perf_counter()
     report = prune_(loaded.model, config, calibrate=calibrate, progress=not args.quiet)
@@ -181,11 +181,33 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from .errors import CloverError
     from .models import load_model
     from .quality import measure
 
+    tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
+    if args.limit is not None and args.limit < 1:
+        raise CloverError(f"--limit {args.limit} must be at least 1 (omit it to score every row)")
+    if tasks:
+        from .finetune_data import COMMONSENSE
+
+        if unknown := [t for t in tasks if t not in COMMONSENSE]:
+            raise CloverError(f"unknown --tasks {unknown}: choose from {', '.join(COMMONSENSE)}")
     loaded = load_model(args.model, dtype=_dtype(args.dtype))
+    if tasks and loaded.kind != "causal-lm":
+        raise CloverError(f"--tasks scores causal LMs with lm-evaluation-harness; {args.model} is a {loaded.kind}")
     report = measure(loaded, tokens=args.tokens, window=args.window, sentences=args.sentences, progress=not args.quiet)
+    if tasks:
+        import os
+
+        from .evaluate import lm_eval_accuracy
+
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        scores = lm_eval_accuracy(loaded.model, loaded.tokenizer, tasks, limit=args.limit)
+        for task, entry in scores.items():
+            report[f"{task}_acc"], report[f"{task}_acc_norm"] = entry["acc"], entry.get("acc_norm")
+            report[f"{task}_n"] = entry["n"]
+        report["commonsense_avg_acc"] = sum(e["acc"] for e in scores.values()) / len(scores)
     if args.json:
         print(json.dumps(report))
         return 0
@@ -257,9 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--method",
         default="clover",
-        choices=["clover", "calibrated", "vanilla"],
+        choices=["clover", "calibrated", "vanilla", "vanilla-activation"],
         help="clover: SVD of the weights (default); calibrated: SVD after whitening with the inputs' second moment "
-        "on held-out data (minimises output error); vanilla: drop original head dims by ‖q_i‖·‖k_i‖ (baseline)",
+        "on held-out data (minimises output error); vanilla: drop original head dims by ‖q_i‖·‖k_i‖ of the "
+        "weights (baseline); vanilla-activation: the same by the RMS of the q_i, k_i, v_i activations on the "
+        "calibration data (the authors' other baseline)",
     )
     p.add_argument(
         "--allocation",
@@ -269,8 +293,15 @@ def build_parser() -> argparse.ArgumentParser:
         "global: one singular-value cut over the whole model (the paper's protocol)",
     )
     p.add_argument("--min-dims", type=int, default=1, help="dims every KV group keeps (0 lets a head be emptied)")
-    p.add_argument("--calibration-samples", type=int, default=128, help="calibrated: sequences of held-out text")
-    p.add_argument("--calibration-length", type=int, default=512, help="calibrated: tokens per sequence")
+    p.add_argument(
+        "--calibration-samples",
+        type=int,
+        default=128,
+        help="calibrated, vanilla-activation: sequences of held-out text",
+    )
+    p.add_argument(
+        "--calibration-length", type=int, default=512, help="calibrated, vanilla-activation: tokens per sequence"
+    )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--json", action="store_true", help="print a JSON report")
@@ -289,6 +320,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=4096, help="causal LM: tokens of WikiText-2 test scored")
     p.add_argument("--window", type=int, default=512, help="causal LM: window length")
     p.add_argument("--sentences", type=int, default=20, help="Whisper: number of spoken sentences (max 20)")
+    p.add_argument(
+        "--tasks",
+        help="causal LM: also zero-shot accuracy with lm-evaluation-harness on the offline copies, comma list of "
+        "boolq, piqa, social_iqa, hellaswag, winogrande, arc_easy, arc_challenge, openbookqa (validation splits)",
+    )
+    p.add_argument("--limit", type=int, help="--tasks: rows per task (default: all)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype")
     p.add_argument("--json", action="store_true", help="print a JSON report")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -27,6 +27,7 @@ __all__ = [
     "factorize_pair",
     "factorize_qk",
     "factorize_vo",
+    "whiten",
     "whitening_factor",
     "orthogonalize_heads",
     "product_singular_values",
@@ -51,7 +52,7 @@ def whitening_factor(second_moment: Tensor, *, ridge: float = 1e-6) -> Tensor:
     return torch.linalg.cholesky(c)
 
 
-def _whiten(factor: Tensor, whitening: Tensor | None, inverse: bool = False) -> Tensor:
+def whiten(factor: Tensor, whitening: Tensor | None, inverse: bool = False) -> Tensor:
     """Lᵀ F (or L⁻ᵀ F) on every block of rows of F; F may stack several blocks of L's size (GQA partners)."""
     if whitening is None:
         return factor
@@ -81,14 +82,14 @@ def factorize_pair(
     if left.shape[-1] != right.shape[-1] or left.shape[:-2] != right.shape[:-2]:
         raise ValueError(f"pair shapes do not match: {tuple(left.shape)} and {tuple(right.shape)}")
     head_dim = left.shape[-1]
-    left = _whiten(left.to(compute_dtype), left_whitening)
-    right = _whiten(right.to(compute_dtype), right_whitening)
+    left = whiten(left.to(compute_dtype), left_whitening)
+    right = whiten(right.to(compute_dtype), right_whitening)
     q_a, r_a = torch.linalg.qr(left)
     q_b, r_b = torch.linalg.qr(right)
     u, sigma, v_h = torch.linalg.svd(r_a @ r_b.mT, full_matrices=False)
     root = sigma.sqrt().unsqueeze(-2)
-    new_left = _whiten((q_a @ u) * root, left_whitening, inverse=True)
-    new_right = _whiten((q_b @ v_h.mT) * root, right_whitening, inverse=True)
+    new_left = whiten((q_a @ u) * root, left_whitening, inverse=True)
+    new_right = whiten((q_b @ v_h.mT) * root, right_whitening, inverse=True)
     rank = sigma.shape[-1]
     if rank < head_dim:  # fewer input rows than head dims: the extra dims carry nothing
         pad = head_dim - rank

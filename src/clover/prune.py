@@ -2,7 +2,9 @@
 
 Two passes, one attention site at a time, so the model is never held twice:
 1. score every (site, KV group, dim): singular values of the (whitened) factorization, or the vanilla
-   importance ‖q_i‖·‖k_i‖ / ‖v_i‖·‖o_i‖ of the original weights;
+   importance ‖q_i‖·‖k_i‖ / ‖v_i‖·‖o_i‖ of the original weights ("vanilla-activation": the RMS of the
+   q_i, k_i, v_i activations on the calibration inputs in place of the weight-column norms, the authors'
+   other baseline; O's input has no moments collected, so ‖o_i‖ stays a weight norm);
 2. allocate how many dims each KV group keeps (uniform, per layer, global, or by threshold), then rebuild each
    site with only its kept dims and swap in a pruned attention module whose cache holds only those dims.
 
@@ -26,10 +28,12 @@ from tqdm.auto import tqdm
 from .adapters import AttentionSite, adapter_for, attention_sites, pruned_projections
 from .decompose import check_finite
 from .errors import CloverError
-from .factorize import factorize_qk, factorize_vo, fold_value_bias, split_heads, whitening_factor
+from .factorize import factorize_qk, factorize_vo, fold_value_bias, split_heads, whiten, whitening_factor
 from .modeling_clover import CONFIG_KEY, install_pruned_attention
 
-METHODS = ("clover", "calibrated", "vanilla")
+METHODS = ("clover", "calibrated", "vanilla", "vanilla-activation")
+VANILLA = ("vanilla", "vanilla-activation")  # original weights, dims dropped without any rotation
+CALIBRATED = ("calibrated", "vanilla-activation")  # methods that read the inputs' second moments
 ALLOCATIONS = ("uniform", "layer", "global")
 
 
@@ -230,11 +234,15 @@ def _site_pair(
     heads = {"num_heads": site.num_heads, "num_kv_heads": site.num_kv_heads, "compute_dtype": compute_dtype}
     if pair == "qk":
         (w_q, b_q), (w_k, b_k) = site.q.read(), site.k.read()
-        if config.method == "vanilla":
+        if config.method in VANILLA:
             left = split_heads(w_k.to(compute_dtype), _opt(b_k, compute_dtype), site.num_kv_heads)
             right = split_heads(w_q.to(compute_dtype), _opt(b_q, compute_dtype), site.num_heads)
-            return _PairHeads(left, right, _vanilla_scores(left, right, site.num_kv_heads), b_k is not None,
-                              b_q is not None)  # fmt: skip
+            scored_left, scored_right = left, right
+            if config.method == "vanilla-activation":  # ‖L_kᵀ k_i‖ = RMS of activation k_i on the calibration inputs
+                scored_left = whiten(left, moments.whitening(site, "k", b_k is not None, config.ridge))
+                scored_right = whiten(right, moments.whitening(site, "q", b_q is not None, config.ridge))
+            scores = _vanilla_scores(scored_left, scored_right, site.num_kv_heads)
+            return _PairHeads(left, right, scores, b_k is not None, b_q is not None)
         whitening = {}
         if config.method == "calibrated":
             whitening = {
@@ -247,7 +255,7 @@ def _site_pair(
         return _PairHeads(left, right, f.singular_values, b_k is not None, b_q is not None)
     (w_v, b_v), (w_o, b_o) = site.v.read(), site.o.read()
     folded = b_v is not None and b_o is not None
-    if config.method == "vanilla":
+    if config.method in VANILLA:
         w_v, w_o = w_v.to(compute_dtype), w_o.to(compute_dtype)
         new_b_o = _opt(b_o, compute_dtype)
         if folded:
@@ -255,7 +263,10 @@ def _site_pair(
                                       num_kv_heads=site.num_kv_heads)  # fmt: skip
         left = split_heads(w_v, None if folded else _opt(b_v, compute_dtype), site.num_kv_heads)
         right = w_o.reshape(site.num_heads, site.head_dim, -1).mT
-        scores = _vanilla_scores(left, right, site.num_kv_heads)
+        scored_left = left
+        if config.method == "vanilla-activation":
+            scored_left = whiten(left, moments.whitening(site, "k", b_v is not None and not folded, config.ridge))
+        scores = _vanilla_scores(scored_left, right, site.num_kv_heads)
         return _PairHeads(left, right, scores, b_v is not None and not folded, False, {"b_o": new_b_o})
     whitening = {}
     if config.method == "calibrated":
@@ -334,13 +345,13 @@ def prune_(
         )
     for site in sites:
         check_finite(site)
-    if config.method == "calibrated" and calibrate is None and input_moments is None:
-        raise CloverError("method 'calibrated' needs calibration data (a calibrate(model) callback)")
+    if config.method in CALIBRATED and calibrate is None and input_moments is None:
+        raise CloverError(f"method {config.method!r} needs calibration data (a calibrate(model) callback)")
     params_before = sum(p.numel() for p in model.parameters())
     attention_before = sum(p.numel() for s in sites for p in _site_params(s))
 
     moments = None
-    if config.method == "calibrated":
+    if config.method in CALIBRATED:
         moments = input_moments or InputMoments.collect(model, calibrate)
 
     pairs = [p for p in ("qk", "vo") if config.prunes(p)]
