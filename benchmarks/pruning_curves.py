@@ -1,4 +1,4 @@
-"""Pruning curves on real models: CLOVER vs calibrated CLOVER vs vanilla, uniform vs layer vs global allocation.
+"""Pruning curves on real models: CLOVER, calibrated CLOVER, vanilla (weights / activations), by allocation.
 
     .venv/bin/python benchmarks/pruning_curves.py [--models smollm2-135m whisper-base minilm-l6] [--full]
 
@@ -7,7 +7,10 @@ non-overlapping 512-token windows, fp32); Whisper-base, encoder and decoder (sel
 Q-K and V-O separately: WER and decoder loss on espeak-ng speech of Harvard sentences; all-MiniLM-L6-v2:
 mean cosine similarity of sentence embeddings to the unpruned model on 256 SST-2 sentences. "ratio" is the
 share of the pair's dims removed (per KV group) in the pruned stack. The default grid fits a 2-core CPU in
-about half an hour; --full runs every ratio 0.1..0.9 for every method x allocation and pair (a GPU job).
+about half an hour; --full runs every ratio 0.1..0.9 for every method x allocation and pair (SmolLM2 and
+MiniLM: about 40 minutes on 2 cores; Whisper-base: hours, a GPU job). Calibration (calibrated and
+vanilla-activation) uses the same input moments for every run of a model: 128 x 512 tokens of WikiText-2
+validation, Harvard sentences 21-40, or SST-2 sentences 256-511.
 
 Also: the paper's headline protocol (global allocation, Q-K) on the MHA models (which vanilla ratio matches
 CLOVER at 70%?), and the paper's Whisper thresholds (σ_QK ≤ 5e-3, σ_VO ≤ 6e-3) applied to Whisper-base.
@@ -32,11 +35,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 METRIC = {"causal-lm": "wikitext2_test_ppl", "speech-seq2seq": "wer", "encoder": "similarity_to_original"}
 ALL_RATIOS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+METHODS = ("clover", "calibrated", "vanilla", "vanilla-activation")
 
 
 def grid(name: str, full: bool) -> list[dict]:
     """(stack, pair, method, allocation, ratios) runs for one model; --full is the complete grid."""
-    methods = ("clover", "calibrated", "vanilla")
+    methods = METHODS
     if full:
         pairs = {"smollm2-135m": ("vo",)}.get(name, ("qk", "vo"))
         stacks = [("encoder",), ("decoder", "cross")] if name == "whisper-base" else [None]
@@ -98,7 +102,7 @@ def run_model(name: str, full: bool, sentences: int) -> list[dict]:
             rows.append({"model": name, "stack": stack, "pair": run["pair"], "method": run["method"],
                          "allocation": run["allocation"], "ratio": ratio, "removed": round(removed, 4),
                          **metrics})  # fmt: skip
-            print(f"  {stack:14} {run['pair']} {run['method']:10} {run['allocation']:7} {ratio:.2f}: "
+            print(f"  {stack:14} {run['pair']} {run['method']:18} {run['allocation']:7} {ratio:.2f}: "
                   f"{METRIC[loaded.kind]} = {metrics[METRIC[loaded.kind]]:.4g}", flush=True)  # fmt: skip
     if name == "whisper-base":
         loaded = load_model(name)
@@ -115,6 +119,7 @@ def run_model(name: str, full: bool, sentences: int) -> list[dict]:
             f"  paper thresholds: {100 * qk_removed:.2f}% Q-K, {100 * vo_removed:.2f}% V-O removed, "
             f"WER {metrics['wer']:.3f}"
         )
+    print(f"{name}: {len(rows) - 1} pruned evaluations in {(time.perf_counter() - start) / 60:.1f} min", flush=True)
     return rows
 
 
@@ -157,7 +162,7 @@ def plot(rows: list[dict], model: str) -> None:
                      and r["allocation"] != "threshold"})  # fmt: skip
     base = next(r[metric] for r in rows if r["model"] == model and r["method"] == "none")
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4), squeeze=False)
-    styles = {"clover": "C0", "calibrated": "C2", "vanilla": "C3"}
+    styles = {"clover": "C0", "calibrated": "C2", "vanilla": "C3", "vanilla-activation": "C1"}
     dashes = {"uniform": "-", "layer": "--", "global": ":"}
     for ax, (stack, pair) in zip(axes[0], panels, strict=True):
         for method in styles:
@@ -211,7 +216,7 @@ def summarize() -> None:
             ratios = sorted({r["ratio"] for r in sel})
             print(f"\n| {stack} {pair} {allocation} | " + " | ".join(f"{x:.0%}" for x in ratios) + " |")
             print("|---|" + "---|" * len(ratios))
-            for method in ("clover", "calibrated", "vanilla"):
+            for method in METHODS:
                 values = {r["ratio"]: r[metric] for r in sel if r["method"] == method}
                 if values:
                     cells = [f"{values[x]:.4g}" if x in values else "" for x in ratios]
