@@ -136,3 +136,21 @@ def test_cli_refuses_eval_tasks_for_plain_text(tmp_path):
     with pytest.raises(CloverError, match="--eval-tasks applies to the commonsense tasks"):
         cmd_finetune(args)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("stacks", [("encoder",), ("decoder", "cross")])
+def test_partly_pruned_whisper_heals_every_attention(stacks):
+    model = build_tiny("whisper")
+    prune_(model, PruneConfig(qk_ratio=0.25, vo_ratio=0.5, stacks=stacks))
+    reference, count = model_output(model), _count(model)
+    expected_trainable = trainable_count(model)
+    clover = CloverModel(model)
+    torch.testing.assert_close(model_output(clover), reference, atol=ATOL, rtol=0)
+    assert clover.get_nb_trainable_parameters()[0] == expected_trainable
+    wrapped_sites = {name.rsplit(".", 1)[0] for name, m in clover.clover_modules().items() if m.blocks is not None}
+    assert len(wrapped_sites) == 6  # 2 encoder, 2 decoder self, 2 cross: pruned and untouched alike
+    _train(clover, steps=2)
+    trained = model_output(clover)
+    merged = clover.merge_and_unload()
+    assert _count(merged) == count
+    torch.testing.assert_close(model_output(merged), trained, atol=ATOL, rtol=0)

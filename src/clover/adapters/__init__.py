@@ -53,8 +53,11 @@ def attention_sites(model: nn.Module, *, allow_pruned: bool = False) -> list[Att
     or pruning again would need the original checkpoint).
     """
     if pruned_site_specs(model):
-        if allow_pruned:
-            return pruned_attention_sites(model)
+        if allow_pruned:  # pruned sites, and any the pruning left as they were (e.g. Whisper's decoder)
+            pruned = {site.name: site for site in pruned_attention_sites(model)}
+            untouched = {site.name: site for site in adapter_for(model).attention_sites(model)}
+            order = [name for name, _ in model.named_modules() if name in pruned or name in untouched]
+            return [pruned.get(name) or untouched[name] for name in order]
         raise UnsupportedModelError(
             "this model is already pruned by clover; decompose or prune its original checkpoint instead "
             "(fine-tuning, e.g. healing with `clover finetune DIR --task wikitext`, does accept it)"

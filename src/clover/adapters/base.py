@@ -85,6 +85,11 @@ class AttentionSite:
     rotary: bool = False  # RoPE (or QK-norm) acts between Q and K: no exact Q-K merge
 
 
+def is_pruned_attention(module: nn.Module) -> bool:
+    """A pruned attention installed by clover (``modeling_clover``, or its trust_remote_code copy)."""
+    return hasattr(module, "layout") and isinstance(getattr(module, "spec", None), dict)
+
+
 class ModelAdapter:
     """Base class: a family lists its ``model_types`` and finds its attention sites."""
 

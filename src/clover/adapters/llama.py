@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import AttentionSite, LinearProjection, ModelAdapter
+from .base import AttentionSite, LinearProjection, ModelAdapter, is_pruned_attention
 
 
 class LlamaAdapter(ModelAdapter):
@@ -16,7 +16,9 @@ class LlamaAdapter(ModelAdapter):
         config = model.config
         sites = []
         for name, module in model.named_modules():
-            if not all(hasattr(module, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")):
+            if is_pruned_attention(module) or not all(
+                hasattr(module, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")
+            ):
                 continue
             sites.append(
                 AttentionSite(

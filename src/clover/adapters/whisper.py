@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import AttentionSite, LinearProjection, ModelAdapter
+from .base import AttentionSite, LinearProjection, ModelAdapter, is_pruned_attention
 
 
 class WhisperAdapter(ModelAdapter):
@@ -18,7 +18,7 @@ class WhisperAdapter(ModelAdapter):
     def attention_sites(self, model: nn.Module) -> list[AttentionSite]:
         sites = []
         for name, module in model.named_modules():
-            if not hasattr(module, "out_proj") or not hasattr(module, "q_proj"):
+            if is_pruned_attention(module) or not hasattr(module, "out_proj") or not hasattr(module, "q_proj"):
                 continue
             parts = name.split(".")
             side = "encoder" if "encoder" in parts else "decoder"
