@@ -12,6 +12,7 @@ from test_finetune import OTHER_TARGETS, _train
 from test_finetune_cli import byte_tokenizer
 
 from clover import finetune_data as data
+from clover.adapters import attention_sites
 from clover.cli_finetune import add_finetune_parser, cmd_finetune
 from clover.errors import CloverError
 from clover.finetune import CloverConfig, CloverModel, trainable_count
@@ -26,8 +27,18 @@ KIND = {"bert": "encoder", "whisper": "speech-seq2seq"}
 
 def _pruned(arch: str, allocation: str = "uniform") -> torch.nn.Module:
     model = build_tiny(arch)
+    if allocation == "layer":  # make the first attention of every stack far stronger, so its layer keeps more dims
+        with torch.no_grad():
+            for site in attention_sites(model):
+                if site.layer_index == 0:
+                    for projection in (site.q, site.v):
+                        weight, bias = projection.read()
+                        projection.write(5 * weight, None if bias is None else 5 * bias)
     qk = 0.0 if arch in ROTARY else 0.25
     prune_(model, PruneConfig(qk_ratio=qk, vo_ratio=0.5, allocation=allocation))
+    if allocation == "layer":
+        widths = {(s["layer_idx"], s["vo_dims"][0]) for s in model.config.clover["sites"].values()}
+        assert len({w for _, w in widths}) > 1, "layers should keep different V-O dims"
     return model
 
 
@@ -86,7 +97,7 @@ def test_ragged_global_allocation_is_refused_with_what_to_do():
     prune_(model, PruneConfig(qk_ratio=0.5, vo_ratio=0.6, allocation="global"))
     assert any(len(set(s["vo_dims"])) > 1 for s in model.config.clover["sites"].values())
     reference = model_output(model)
-    with pytest.raises(CloverError, match="allocation uniform or layer.*--method lora"):
+    with pytest.raises(CloverError, match="allocation uniform or\n? layer.*--method lora"):
         CloverModel(model)
     torch.testing.assert_close(model_output(model), reference, atol=0, rtol=0)  # left untouched
 
@@ -126,6 +137,41 @@ def test_cli_heals_a_pruned_checkpoint_on_plain_text(tmp_path, capsys, method):
     healed = load_model(str(out))
     assert healed.model.config.clover == model.config.clover and _count(healed.model) == _count(model)
     assert (out / "modeling_clover.py").is_file() and (out / "tokenizer.json").is_file()
+    # the checkpoint holds the healed weights: its perplexity is the one reported after training
+    from clover.cli_finetune import _test_perplexity
+
+    assert _test_perplexity(healed.model, healed.tokenizer) == after
+
+
+def test_lora_heals_a_ragged_pruned_checkpoint_that_clover_refuses(tmp_path, capsys):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(
+        vocab_size=257, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, eos_token_id=256, pad_token_id=256, bos_token_id=256,
+    )  # fmt: skip
+    model = tf.LlamaForCausalLM(config).eval()
+    prune_(model, PruneConfig(vo_ratio=0.5, allocation="global"))
+    vo_dims = [d for s in model.config.clover["sites"].values() for d in s["vo_dims"]]
+    assert len(set(vo_dims)) > 1
+    save_pruned_model(LoadedModel(model, byte_tokenizer(), "tiny", "causal-lm"), tmp_path / "pruned")
+    parser = argparse.ArgumentParser()
+    add_finetune_parser(parser.add_subparsers())
+    common = ["--task", "wikitext", "--steps", "2", "--batch-size", "2", "--max-length", "64", "--no-eval", "--json"]
+    clover_args = parser.parse_args(["finetune", str(tmp_path / "pruned"), "--out", str(tmp_path / "c"), *common])
+    with pytest.raises(CloverError, match="--method lora"):
+        cmd_finetune(clover_args)
+    assert not (tmp_path / "c").exists()
+    lora_args = parser.parse_args(
+        ["finetune", str(tmp_path / "pruned"), "--out", str(tmp_path / "l"), "--method", "lora", *common]
+    )
+    assert cmd_finetune(lora_args) == 0
+    report = json.loads(capsys.readouterr().out)
+    # LoRA matched to what CLOVER would train here: q 4 heads x 8² + up 64 x 4, per layer, plus V's ragged blocks
+    expected = 2 * (4 * 64 + 64 * 4) + sum(d * d for d in vo_dims)
+    assert report["adapter"]["rank"] >= 1 and abs(report["adapter"]["trainable"] - expected) < 0.2 * expected
+    assert load_model(str(tmp_path / "l")).model.config.clover == model.config.clover
 
 
 def test_cli_refuses_eval_tasks_for_plain_text(tmp_path):
@@ -154,3 +200,47 @@ def test_partly_pruned_whisper_heals_every_attention(stacks):
     merged = clover.merge_and_unload()
     assert _count(merged) == count
     torch.testing.assert_close(model_output(merged), trained, atol=ATOL, rtol=0)
+
+
+def test_selection_rows_are_disjoint_from_the_reported_rows_and_checked(tmp_path):
+    import pyarrow as pa
+
+    from clover.cli_finetune import FinetuneOptions
+
+    def first_column(offset):
+        directory = tmp_path / f"o{offset}"
+        data.write_heldout_tasks(directory, ["arc_easy"], offset=offset)
+        table = pa.ipc.open_stream(pa.memory_map(str(directory / "arc_easy_heldout.arrow"))).read_all()
+        return table.column(0).to_pylist()
+
+    everything, after = first_column(0), first_column(40)
+    assert after == everything[40:] and len(everything) == data.heldout_rows("arc_easy") == 190
+    with pytest.raises(CloverError, match="arc_easy has only 190 held-out rows, none after row 190"):
+        data.write_heldout_tasks(tmp_path / "x", ["arc_easy"], offset=190)
+    with pytest.raises(CloverError, match="no --no-eval"):
+        FinetuneOptions(eval_limit=10, selection_rows=10, evaluate=False).validate()
+    with pytest.raises(CloverError, match="needs --eval-limit"):
+        FinetuneOptions(selection_rows=10).validate()
+
+
+def test_wikitext_chunks_longer_than_the_text_are_a_clear_error():
+    with pytest.raises(CloverError, match="fewer than --max-length"):
+        data.wikitext_examples(byte_tokenizer(), max_length=10**9, count=1)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "bert", "whisper", "llama"])
+def test_pruned_attention_keeps_the_original_dropout(arch):
+    model = build_tiny(arch)
+    expected = {site.name: (site.dropout, site.output_dropout) for site in attention_sites(model)}
+    prune_(model, PruneConfig(vo_ratio=0.5))
+    sites = model.config.clover["sites"]
+    assert {name: (s["dropout"], s["output_dropout"]) for name, s in sites.items()} == expected
+    if arch == "gpt2":
+        assert expected[next(iter(expected))] == (0.1, 0.1)  # transformers' GPT-2 defaults, both kept
+        model.train()
+        torch.manual_seed(0)
+        first = model_output(model)
+        torch.manual_seed(1)
+        assert (model_output(model) - first).abs().max() > 0  # dropout is active in training mode
+        model.eval()
+        torch.testing.assert_close(model_output(model), model_output(model), atol=0, rtol=0)

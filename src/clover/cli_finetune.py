@@ -91,9 +91,12 @@ class FinetuneOptions:
             raise CloverError(f"--eval-limit {self.eval_limit} must be at least 1 (omit it to score every row)")
         if self.selection_rows < 0:
             raise CloverError(f"--selection-rows {self.selection_rows} must be 0 (off) or more")
-        if self.selection_rows and (self.eval_limit is None or self.task in (data.SST2, data.WIKITEXT)):
+        if self.selection_rows and (
+            self.eval_limit is None or self.task in (data.SST2, data.WIKITEXT) or not self.evaluate
+        ):
             raise CloverError(
-                "--selection-rows needs --eval-limit (its rows follow the reported ones) and a commonsense task"
+                "--selection-rows needs --eval-limit (its rows follow the reported ones), a commonsense task and "
+                "the evaluation (no --no-eval)"
             )
         if self.warmup_steps is not None and not 0 <= self.warmup_steps <= self.steps:
             raise CloverError(f"--warmup-steps {self.warmup_steps} must be in [0, --steps]")
@@ -573,6 +576,13 @@ def run_finetune(
     report["pruned"] = bool(pruned_site_specs(model))
     eval_tasks = [] if sst2 or text else list(options.eval_tasks or data.commonsense_tasks(options.task))
     heldout_pairs = data.sst2_examples("heldout")[: options.eval_limit] if sst2 else []
+    # selection rows follow the reported ones: tasks with no held-out rows left after --eval-limit sit it out
+    selection_tasks = [t for t in eval_tasks if options.selection_rows and data.heldout_rows(t) > options.eval_limit]
+    if options.selection_rows and not selection_tasks:
+        raise CloverError(
+            f"no eval task has held-out rows beyond --eval-limit {options.eval_limit}; lower --eval-limit "
+            f"(held-out rows: {', '.join(f'{t} {data.heldout_rows(t)}' for t in eval_tasks)})"
+        )
     if options.eval_base:
         if sst2:
             report["base_heldout"] = None  # a fresh head is untrained: no meaningful zero-shot number
@@ -638,7 +648,7 @@ def run_finetune(
                     report["heldout_average_acc"] = round(_average(report["heldout"]), 4)
                 if options.selection_rows:
                     report["selection"] = data.heldout_accuracy(
-                        merged, tokenizer, eval_tasks, limit=options.selection_rows,
+                        merged, tokenizer, selection_tasks, limit=options.selection_rows,
                         batch_size=options.eval_batch_size, offset=options.eval_limit,
                     )  # fmt: skip
                     report["selection_average_acc"] = round(_average(report["selection"]), 4)
@@ -751,7 +761,7 @@ def add_finetune_parser(subparsers: Any) -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="also score this many held-out rows after the --eval-limit reported ones (disjoint): pick the "
-        "learning rate on these, report the others",
+        "learning rate on these, report the others (tasks with no rows left after --eval-limit sit it out)",
     )
     p.add_argument("--eval-batch-size", type=int, default=defaults.eval_batch_size, help="lm-eval batch size")
     p.add_argument("--eval-base", action="store_true", help="also score the untouched model first (reference)")

@@ -452,20 +452,31 @@ def resolve_targets(model: nn.Module, config: CloverConfig) -> tuple[str, ...]:
 
 
 def trainable_count(model: nn.Module, config: CloverConfig | None = None) -> int:
-    """Trainable parameters ``get_clover_model(model, config)`` would create, from shapes alone (no factorization)."""
+    """Trainable parameters ``get_clover_model(model, config)`` would create, from shapes alone (no factorization).
+
+    For a pruned layer whose heads keep different dims (which CLOVER refuses) it is the count CLOVER would have
+    with one square matrix per head block: the budget PEFT baselines are matched to.
+    """
     config = config or CloverConfig()
     targets = resolve_targets(model, config)
+    sites = attention_sites(model, allow_pruned=True)
     total = 0
-    for site in attention_sites(model, allow_pruned=True):
-        blocks = {"q": (site.q, site.num_heads), "k": (site.k, site.num_kv_heads), "v": (site.v, site.num_kv_heads),
-                  "qk": (site.k, site.num_kv_heads), "vo": (site.v, site.num_kv_heads)}  # fmt: skip
+    for site in sites:
+        counts = {"q": site.num_heads, "k": site.num_kv_heads, "v": site.num_kv_heads}
         for target in targets:
-            if target in blocks:
-                projection, count = blocks[target]
-                total += count * (projection.read()[0].shape[1] // count) ** 2
+            side = {"qk": "k", "vo": "v"}.get(target, target)
+            if side not in counts:
+                continue
+            if site.block_widths is not None:
+                total += sum(w * w for w in site.block_widths[side])
+            else:
+                width = getattr(site, side).read()[0].shape[1] // counts[side]
+                total += counts[side] * width**2
     if "up" in targets:
-        half = attention_sites(model, allow_pruned=True)[0].head_dim // 2
-        total += sum(up.out_features * half for up in _up_projections(model))
+        head_dim = sites[0].head_dim
+        if head_dim % 2:
+            raise CloverError(f"target 'up' cuts up_proj into blocks of d_h/2, and d_h = {head_dim} is odd")
+        total += sum(up.out_features * (head_dim // 2) for up in _up_projections(model))
     return total
 
 
@@ -481,7 +492,7 @@ class CloverModel(nn.Module):
         config = config or CloverConfig()
         targets = resolve_targets(model, config)
         self.clover_config = replace(config, targets=targets)
-        sites = attention_sites(model, allow_pruned=True)
+        sites = attention_sites(model, allow_pruned=True, uniform=True)
         head_dim = sites[0].head_dim
         if "up" in targets and head_dim % 2:
             raise CloverError(f"target 'up' cuts up_proj into blocks of d_h/2, and d_h = {head_dim} is odd")

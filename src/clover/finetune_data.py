@@ -52,6 +52,11 @@ MAX_HELDOUT = 500
 IGNORE_INDEX = -100
 
 
+def heldout_rows(task: str) -> int:
+    """Number of held-out rows of a commonsense task (or sst2)."""
+    return heldout_size(len(task_rows(task)))
+
+
 def heldout_size(rows: int) -> int:
     """Number of held-out rows of a task with ``rows`` rows: min(500, rows // 3)."""
     return min(MAX_HELDOUT, rows // 3)
@@ -225,6 +230,8 @@ def wikitext_examples(tokenizer: Any, max_length: int, count: int, seed: int = 0
     """``count`` chunks of ``max_length`` tokens of WikiText-2 validation, shuffled by ``seed`` (cycled if needed)."""
     ids = tokenizer(evaluate.wikitext2_text("validation"), return_attention_mask=False)["input_ids"]
     chunks = [tuple(ids[i : i + max_length]) for i in range(0, len(ids) - max_length + 1, max_length)]
+    if not chunks:
+        raise CloverError(f"WikiText-2 validation has {len(ids)} tokens, fewer than --max-length {max_length}")
     random.Random(seed).shuffle(chunks)
     return [Example(WIKITEXT, chunk[:1], chunk[1:]) for chunk in (chunks[i % len(chunks)] for i in range(count))]
 
@@ -272,9 +279,9 @@ def write_heldout_tasks(
         source = evaluate.task_arrow_path(name)
         table = pa.ipc.open_stream(pa.memory_map(str(source))).read_all()
         _, heldout = split_indices(name, table.num_rows, seed)
+        if offset >= len(heldout):
+            raise CloverError(f"{name} has only {len(heldout)} held-out rows, none after row {offset}")
         heldout = heldout[offset:]
-        if not heldout:
-            raise CloverError(f"{name} has only {offset} held-out rows; use a smaller offset")
         files[name] = out / f"{name}_heldout.arrow"
         with pa.OSFile(str(files[name]), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
             writer.write_table(table.take(heldout))

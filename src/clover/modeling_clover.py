@@ -159,7 +159,8 @@ class _PrunedAttentionBase(nn.Module):
         self.layer_idx = layer_idx
         self.scaling = float(spec["scaling"])
         self.is_causal = bool(spec["is_causal"])
-        self.dropout_p = float(spec.get("dropout", 0.0))
+        self.dropout_p = float(spec.get("dropout", 0.0))  # attention probabilities, training only
+        self.output_dropout = float(spec.get("output_dropout", 0.0))
         self.layout = HeadLayout(spec["num_heads"], spec["num_kv_heads"], spec["qk_dims"], spec["vo_dims"])
         d_q, d_kv, d_out = spec["d_q"], spec["d_kv"], spec["d_out"]
         self.q_proj = _linear(spec, "q", d_q, self.layout.q_width)
@@ -260,7 +261,7 @@ class CloverGPT2Attention(_PrunedAttentionBase):
             target = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
             k, v = target.update(k, v, self.layer_idx, kwargs=kwargs)
         out = self._attend(q, k, v, attention_mask)
-        return self.c_proj(out), None
+        return F.dropout(self.c_proj(out), self.output_dropout, self.training), None
 
 
 PRUNED_ATTENTION = {

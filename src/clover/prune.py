@@ -448,6 +448,8 @@ def _rebuild_site(
         "bias": {"q": new_b_q is not None, "k": new_b_k is not None, "v": new_b_v is not None, "o": b_o is not None},
         "scaling": site.scaling,
         "is_causal": site.is_causal,
+        "dropout": site.dropout,
+        "output_dropout": site.output_dropout,
     }
     install_pruned_attention(model, {site.name: spec})
     projections = pruned_projections(model.get_submodule(site.name), family)

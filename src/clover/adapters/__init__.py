@@ -46,15 +46,15 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
     )
 
 
-def attention_sites(model: nn.Module, *, allow_pruned: bool = False) -> list[AttentionSite]:
+def attention_sites(model: nn.Module, *, allow_pruned: bool = False, uniform: bool = False) -> list[AttentionSite]:
     """All attention sites of a model, in module order; raises if the model has none we recognise.
 
     A model pruned by clover is refused unless ``allow_pruned`` (fine-tuning heals pruned models; decomposing
-    or pruning again would need the original checkpoint).
+    or pruning again would need the original checkpoint); ``uniform`` then also refuses ragged pruned layers.
     """
     if pruned_site_specs(model):
         if allow_pruned:  # pruned sites, and any the pruning left as they were (e.g. Whisper's decoder)
-            pruned = {site.name: site for site in pruned_attention_sites(model)}
+            pruned = {site.name: site for site in pruned_attention_sites(model, uniform=uniform)}
             untouched = {site.name: site for site in adapter_for(model).attention_sites(model)}
             order = [name for name, _ in model.named_modules() if name in pruned or name in untouched]
             return [pruned.get(name) or untouched[name] for name in order]

@@ -83,6 +83,10 @@ class AttentionSite:
     scaling: float = 1.0  # the original softmax scale; pruning never recomputes it from the kept dims
     is_causal: bool = False
     rotary: bool = False  # RoPE (or QK-norm) acts between Q and K: no exact Q-K merge
+    dropout: float = 0.0  # attention-probability dropout (training only); pruned modules keep it
+    output_dropout: float = 0.0  # dropout the attention module itself applies to its output (GPT-2's resid_pdrop)
+    # pruned sites: the width of every block, {"q": per query head, "k": per KV group, "v": per KV group}
+    block_widths: dict[str, list[int]] | None = None
 
 
 def is_pruned_attention(module: nn.Module) -> bool:

@@ -29,6 +29,7 @@ class BertAdapter(ModelAdapter):
                     v=LinearProjection(inner.value),
                     o=LinearProjection(module.output.dense),
                     scaling=inner.scaling,
+                    dropout=float(inner.dropout.p),
                     is_causal=bool(inner.is_causal),
                     num_heads=inner.num_attention_heads,
                     num_kv_heads=inner.num_attention_heads,

@@ -29,6 +29,8 @@ class GPT2Adapter(ModelAdapter):
                     v=Conv1DSlice(module.c_attn, 2 * d, 3 * d),
                     o=Conv1DSlice(module.c_proj, 0, d),
                     scaling=module.scaling,
+                    dropout=float(module.attn_dropout.p),
+                    output_dropout=float(module.resid_dropout.p),
                     is_causal=True,
                     num_heads=module.num_heads,
                     num_kv_heads=module.num_heads,

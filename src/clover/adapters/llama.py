@@ -31,6 +31,7 @@ class LlamaAdapter(ModelAdapter):
                     v=LinearProjection(module.v_proj),
                     o=LinearProjection(module.o_proj),
                     scaling=module.scaling,
+                    dropout=float(module.attention_dropout),
                     is_causal=True,
                     num_heads=config.num_attention_heads,
                     num_kv_heads=config.num_key_value_heads,

@@ -35,19 +35,24 @@ def _stack(path: str) -> str:
     return "encoder" if "encoder" in path.split(".") or ".encoder." in f".{path}." else "decoder"
 
 
-def pruned_attention_sites(model: nn.Module) -> list[AttentionSite]:
-    """One AttentionSite per pruned attention; each layer must keep the same dims in every KV group."""
+def pruned_attention_sites(model: nn.Module, *, uniform: bool = False) -> list[AttentionSite]:
+    """One AttentionSite per pruned attention, with the width of every head block.
+
+    ``uniform``: refuse layers whose KV groups keep different dims (the CLOVER adapter trains one square
+    matrix per head of a layer) or keep none at all; PEFT methods, which only need the linears, accept both.
+    """
     sites = []
     for index, (path, spec) in enumerate(pruned_site_specs(model).items()):
-        qk, vo = set(spec["qk_dims"]), set(spec["vo_dims"])
-        if len(qk) > 1 or len(vo) > 1:
+        qk, vo = list(spec["qk_dims"]), list(spec["vo_dims"])
+        if uniform and (len(set(qk)) > 1 or len(set(vo)) > 1):
             raise CloverError(
-                f"{path} keeps different dims in different heads (global allocation), and the CLOVER adapter "
-                "trains one square matrix per head of a layer; prune with --allocation uniform or layer to heal "
-                "with CLOVER, or heal this checkpoint with a PEFT method (--method lora)"
+                f"{path} keeps different dims in different heads (global allocation or a threshold), and the "
+                "CLOVER adapter trains one square matrix per head of a layer; prune with --allocation uniform or "
+                "layer to heal with CLOVER, or heal this checkpoint with a PEFT method (--method lora)"
             )
-        if 0 in qk | vo:
-            raise CloverError(f"{path} has every Q-K or V-O dim pruned: nothing is left to train there")
+        if uniform and 0 in qk + vo:
+            raise CloverError(f"{path} has every Q-K or V-O dim of a head pruned: CLOVER has nothing to train there")
+        group = spec["num_heads"] // spec["num_kv_heads"]
         module = model.get_submodule(path)
         projections = {
             label: LinearProjection(linear) for label, linear in pruned_projections(module, spec["family"]).items()
@@ -64,6 +69,9 @@ def pruned_attention_sites(model: nn.Module) -> list[AttentionSite]:
                 scaling=spec["scaling"],
                 is_causal=spec["is_causal"],
                 rotary=spec["family"] == "llama",
+                dropout=spec.get("dropout", 0.0),
+                output_dropout=spec.get("output_dropout", 0.0),
+                block_widths={"q": [w for w in qk for _ in range(group)], "k": qk, "v": vo},
                 **projections,
             )
         )

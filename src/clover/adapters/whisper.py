@@ -34,6 +34,7 @@ class WhisperAdapter(ModelAdapter):
                     v=LinearProjection(module.v_proj),
                     o=LinearProjection(module.out_proj),
                     scaling=module.scaling,
+                    dropout=float(module.dropout),
                     is_causal=bool(module.is_causal),
                     num_heads=module.num_heads,
                     num_kv_heads=module.num_heads,
