@@ -78,7 +78,14 @@ class HeadLayout:
         if q_len == 1 and self.group > 1 and (mask is None or mask.shape[-2] == 1):
             # decoding: fold each group's query heads into the query axis, one K/V read per group (~20x on CPU)
             q = q.reshape(batch, groups, self.group, dq)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling)
+            if dq != dv and dropout == 0.0:
+                # unequal dims send SDPA to its slow math path; with a handful of queries two matmuls are faster
+                scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scaling)
+                if mask is not None:
+                    scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+                out = torch.matmul(scores.softmax(dim=-1, dtype=torch.float32).to(v.dtype), v)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling)
             return out.reshape(batch, heads, 1, dv)
         width = max(dq, dv)
         if dq != dv:  # unequal Q-K / V-O dims push SDPA onto its slow math path; zero columns change nothing
