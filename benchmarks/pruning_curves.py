@@ -36,16 +36,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 METRIC = {"causal-lm": "wikitext2_test_ppl", "speech-seq2seq": "wer", "encoder": "similarity_to_original"}
 ALL_RATIOS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 METHODS = ("clover", "calibrated", "vanilla", "vanilla-activation")
+ALLOCATIONS = ("uniform", "layer", "global")
 
 
-def grid(name: str, full: bool) -> list[dict]:
+def grid(name: str, full: bool, allocations: tuple[str, ...] = ALLOCATIONS) -> list[dict]:
     """(stack, pair, method, allocation, ratios) runs for one model; --full is the complete grid."""
     methods = METHODS
     if full:
         pairs = {"smollm2-135m": ("vo",)}.get(name, ("qk", "vo"))
         stacks = [("encoder",), ("decoder", "cross")] if name == "whisper-base" else [None]
         return [dict(stacks=st, pair=p, method=m, allocation=a, ratios=ALL_RATIOS)
-                for st in stacks for p in pairs for m in methods for a in ("uniform", "layer", "global")]  # fmt: skip
+                for st in stacks for p in pairs for m in methods for a in allocations]  # fmt: skip
     runs = []
     if name == "smollm2-135m":
         for method in methods:
@@ -76,7 +77,7 @@ def evaluate_model(loaded, sentences: int, reference) -> dict:
     return {k: v for k, v in report.items() if isinstance(v, int | float)}
 
 
-def run_model(name: str, full: bool, sentences: int) -> list[dict]:
+def run_model(name: str, full: bool, sentences: int, allocations: tuple[str, ...] = ALLOCATIONS) -> list[dict]:
     base = load_model(name)
     reference = None
     if base.kind == "encoder":
@@ -90,7 +91,7 @@ def run_model(name: str, full: bool, sentences: int) -> list[dict]:
     moments = InputMoments.collect(base.model, calibration_callback(base, samples=128, seq_len=512))
     rows = [{"model": name, "stack": "all", "pair": "-", "method": "none", "allocation": "-", "ratio": 0.0,
              "removed": 0.0, **baseline}]  # fmt: skip
-    for run in grid(name, full):
+    for run in grid(name, full, allocations):
         for ratio in run["ratios"]:
             loaded = load_model(name)
             options = PruneConfig(method=run["method"], allocation=run["allocation"], stacks=run["stacks"],
@@ -234,6 +235,9 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["smollm2-135m", "minilm-l6", "whisper-base"])
     parser.add_argument("--sentences", type=int, default=8, help="Whisper: spoken sentences per evaluation")
     parser.add_argument("--full", action="store_true", help="every ratio for every method x allocation")
+    parser.add_argument(
+        "--allocations", nargs="+", default=list(ALLOCATIONS), choices=ALLOCATIONS, help="--full: only these"
+    )
     parser.add_argument("--csv", default="pruning_curves.csv", help="file name under benchmarks/results/")
     parser.add_argument(
         "--summarize", action="store_true", help="no runs: plot and tabulate results/pruning_curves*.csv"
@@ -245,7 +249,7 @@ def main() -> None:
     header("CLOVER pruning curves")
     rows = []
     for name in args.models:
-        rows += run_model(name, args.full, args.sentences)
+        rows += run_model(name, args.full, args.sentences, tuple(args.allocations))
         write_csv(args.csv, rows)  # keep partial results if a later model fails
         plot(rows, name)
     print("\n".join(headline(rows)))
