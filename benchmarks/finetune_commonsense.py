@@ -82,7 +82,11 @@ def worker(spec: dict) -> None:
         started = time.perf_counter()
         loaded = load_model(MODEL)
         scores = data.heldout_accuracy(
-            loaded.model, loaded.tokenizer, options.eval_tasks, limit=options.eval_limit, batch_size=16
+            loaded.model.to(options.torch_device),
+            loaded.tokenizer,
+            options.eval_tasks,
+            limit=options.eval_limit,
+            batch_size=16,
         )
         report = {"heldout": scores, "eval_seconds": round(time.perf_counter() - started, 1)}
     else:

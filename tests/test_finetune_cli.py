@@ -226,3 +226,15 @@ def test_bad_task_lr_and_output_raise_clover_errors(tiny_checkpoint, tmp_path):
         cmd_finetune(_args(path, tmp_path / "full", "--task", "piqa", "--quiet"))
     with pytest.raises(CloverError, match="lr"):
         FinetuneOptions(lr=2.0).validate()
+
+
+def test_device_option_is_checked_and_used(tiny_checkpoint, tmp_path, capsys):
+    path, _ = tiny_checkpoint
+    with pytest.raises(CloverError, match="--device 'gpu0' is not a torch device"):
+        FinetuneOptions(device="gpu0").validate()
+    assert FinetuneOptions(device="cpu").torch_device == torch.device("cpu")
+    args = _args(path, tmp_path / "run", "--task", "piqa", "--steps", "1", "--batch-size", "2", "--max-length", "32",
+                 "--device", "cpu", "--no-eval", "--json")  # fmt: skip
+    assert cmd_finetune(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["options"]["device"] == "cpu" and "peak_cuda_mb" not in report["train"]

@@ -69,6 +69,7 @@ class FinetuneOptions:
     evaluate: bool = True
     grad_clip: float = 1.0
     threads: int | None = None  # torch CPU threads; None: torch's default
+    device: str | None = None  # "cpu", "cuda", "cuda:1", ...; None: cuda when available, else cpu
 
     def validate(self) -> None:
         """Raise CloverError for a value that cannot work, with what to use instead."""
@@ -112,6 +113,17 @@ class FinetuneOptions:
             for task in self.eval_tasks:
                 if task not in data.COMMONSENSE:
                     raise CloverError(f"unknown eval task {task!r}: use some of {', '.join(data.COMMONSENSE)}")
+
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError):
+                raise CloverError(f"--device {self.device!r} is not a torch device; use cpu, cuda or cuda:N") from None
+
+    @property
+    def torch_device(self) -> torch.device:
+        """The device the run uses."""
+        return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     @property
     def warmup(self) -> int:
@@ -365,6 +377,7 @@ def train_causal_lm(
     from tqdm.auto import tqdm
 
     lm = _inner_model(wrapped)
+    device = next(lm.parameters()).device
     result = TrainResult(peak_rss_scope="training" if _reset_peak_rss() else "process")
     params = [p for p in wrapped.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=0.0)
@@ -385,7 +398,7 @@ def train_causal_lm(
         start = time.perf_counter()
         chosen = [next(examples) for _ in range(per_step)]
         batches = [
-            data.collate(g, options.max_length, pad_id)
+            {key: value.to(device) for key, value in data.collate(g, options.max_length, pad_id).items()}
             for g in micro_batches(chosen, options.batch_size, options.max_length)
         ]
         answer_tokens = sum(int((b["labels"][:, 1:] != data.IGNORE_INDEX).sum()) for b in batches)
@@ -434,15 +447,16 @@ class MeanPoolClassifier(nn.Module):
 
 
 def _sst2_batches(
-    tokenizer: Any, pairs: list[tuple[str, int]], batch_size: int, max_length: int
+    tokenizer: Any, pairs: list[tuple[str, int]], batch_size: int, max_length: int, device: torch.device | None = None
 ) -> Iterator[dict[str, torch.Tensor]]:
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
         enc = tokenizer(
             [s for s, _ in chunk], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
         )
-        yield {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-               "labels": torch.tensor([y for _, y in chunk])}  # fmt: skip
+        batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                 "labels": torch.tensor([y for _, y in chunk])}  # fmt: skip
+        yield {key: value.to(device) for key, value in batch.items()}
 
 
 @torch.no_grad()
@@ -452,7 +466,7 @@ def sst2_accuracy(
     """Accuracy of the classifier on (sentence, label) pairs: {"acc", "n"}."""
     classifier.eval()
     correct = 0
-    for batch in _sst2_batches(tokenizer, pairs, 32, max_length):
+    for batch in _sst2_batches(tokenizer, pairs, 32, max_length, next(classifier.parameters()).device):
         logits = classifier(batch["input_ids"], batch["attention_mask"])
         correct += int((logits.argmax(-1) == batch["labels"]).sum())
     return {"acc": correct / len(pairs), "n": len(pairs)}
@@ -465,6 +479,7 @@ def train_sst2(
     from tqdm.auto import tqdm
 
     pairs = data.sst2_examples("train")
+    device = next(classifier.parameters()).device
     order = list(range(len(pairs)))
     generator = torch.Generator().manual_seed(options.seed)
     result = TrainResult(peak_rss_scope="training" if _reset_peak_rss() else "process")
@@ -485,7 +500,7 @@ def train_sst2(
             while len(stream) < options.batch_size:
                 stream += [order[i] for i in torch.randperm(len(order), generator=generator).tolist()]
             chunk, stream = [pairs[i] for i in stream[: options.batch_size]], stream[options.batch_size :]
-            batch = next(_sst2_batches(tokenizer, chunk, options.batch_size, options.max_length))
+            batch = next(_sst2_batches(tokenizer, chunk, options.batch_size, options.max_length, device))
             loss = F.cross_entropy(classifier(batch["input_ids"], batch["attention_mask"]), batch["labels"])
             (loss / options.grad_accum).backward()
             loss_sum += loss.item() / options.grad_accum
@@ -569,7 +584,7 @@ def run_finetune(
         )
     if loaded.tokenizer is None:
         raise CloverError(f"{model_name} has no tokenizer files; save the tokenizer beside the checkpoint")
-    model, tokenizer = loaded.model, loaded.tokenizer
+    model, tokenizer = loaded.model.to(options.torch_device), loaded.tokenizer
     params_before = count_trainable(model)[1]
     report: dict[str, Any] = {"model": model_name, "options": asdict(options), "out": None if out is None else str(out)}
     text = options.task == data.WIKITEXT
@@ -594,7 +609,7 @@ def run_finetune(
             )
     if sst2:
         torch.manual_seed(options.seed)
-        classifier = MeanPoolClassifier(model)
+        classifier = MeanPoolClassifier(model).to(options.torch_device)
         wrapped, info = wrap_model(model, options)
         classifier.encoder = wrapped
         info["trainable"] += sum(p.numel() for p in classifier.head.parameters())
@@ -611,6 +626,9 @@ def run_finetune(
         f"trainable params: {info['trainable']:,d} || all params: {info['all']:,d} || "
         f"trainable%: {100 * info['trainable'] / info['all']:.4f}"
     )
+    cuda = options.torch_device.type == "cuda"
+    if cuda:  # RSS says little on a GPU: also report the device's peak allocation over training
+        torch.cuda.reset_peak_memory_stats(options.torch_device)
     if sst2:
         result = train_sst2(classifier, tokenizer, options, progress=progress)
     else:
@@ -624,6 +642,8 @@ def run_finetune(
         "peak_rss_mb": round(result.peak_rss_mb, 1),
         "peak_rss_scope": result.peak_rss_scope,
     }
+    if cuda:
+        report["train"]["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(options.torch_device) / 2**20, 1)
     with torch.no_grad():
         with tempfile.TemporaryDirectory(prefix="clover-adapter-") as tmp:
             if out is not None:  # the adapter must be written before the merge spends it
@@ -767,6 +787,7 @@ def add_finetune_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--eval-base", action="store_true", help="also score the untouched model first (reference)")
     p.add_argument("--no-eval", dest="evaluate", action="store_false", help="skip the held-out evaluation")
     p.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest when other jobs share the cores)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--json", action="store_true", help="print a JSON report instead of text")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
