@@ -89,9 +89,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5], help="shares of V-O dims removed")
     parser.add_argument("--methods", nargs="+", default=["clover", "lora"], help="healing methods")
-    parser.add_argument("--steps", type=int, default=100, help="healing steps (default %(default)s)")
+    parser.add_argument("--steps", type=int, default=60, help="healing steps (default %(default)s)")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-length", type=int, default=256, help="tokens per WikiText chunk")
+    parser.add_argument("--max-length", type=int, default=128, help="tokens per WikiText chunk")
+    parser.add_argument(
+        "--work-dir", help="keep the pruned checkpoints here and reuse them on the next run (default: a temp dir)"
+    )
     parser.add_argument("--lr", type=float, default=5e-4, help="one lr for every method (no sweep)")
     parser.add_argument(
         "--dropout",
@@ -112,13 +115,16 @@ def main() -> None:
     rows, logs = [], {}
     unpruned = None
     with tempfile.TemporaryDirectory(prefix="clover-heal-") as tmp:
-        work = Path(tmp)
+        work = Path(args.work_dir or tmp)
         targets = [(0.0, MODEL)] if not args.no_control else []
         for ratio in args.ratios:
             out = work / f"pruned-{ratio:g}"
-            report = run(["prune", MODEL, "--vo-ratio", str(ratio), "--method", "calibrated", "--out", str(out),
-                          "--quiet"], args.threads)  # fmt: skip
-            print(f"# pruned {ratio:.0%} of V-O dims in {report['wall_seconds']} s", flush=True)
+            if (out / "config.json").is_file():
+                print(f"# reusing {out}", flush=True)
+            else:
+                report = run(["prune", MODEL, "--vo-ratio", str(ratio), "--method", "calibrated", "--out", str(out),
+                              "--quiet"], args.threads)  # fmt: skip
+                print(f"# pruned {ratio:.0%} of V-O dims in {report['wall_seconds']} s", flush=True)
             targets.append((ratio, str(out)))
         for ratio, source in targets:
             for method in args.methods if ratio else args.methods[:1]:
