@@ -39,9 +39,10 @@ METHODS = ("clover", "calibrated", "vanilla", "vanilla-activation")
 ALLOCATIONS = ("uniform", "layer", "global")
 
 
-def grid(name: str, full: bool, allocations: tuple[str, ...] = ALLOCATIONS) -> list[dict]:
+def grid(
+    name: str, full: bool, allocations: tuple[str, ...] = ALLOCATIONS, methods: tuple[str, ...] = METHODS
+) -> list[dict]:
     """(stack, pair, method, allocation, ratios) runs for one model; --full is the complete grid."""
-    methods = METHODS
     if full:
         pairs = {"smollm2-135m": ("vo",)}.get(name, ("qk", "vo"))
         stacks = [("encoder",), ("decoder", "cross")] if name == "whisper-base" else [None]
@@ -52,7 +53,7 @@ def grid(name: str, full: bool, allocations: tuple[str, ...] = ALLOCATIONS) -> l
         for method in methods:
             runs.append(dict(stacks=None, pair="vo", method=method, allocation="uniform",
                              ratios=[0.1, 0.25, 0.5, 0.75, 0.9]))  # fmt: skip
-        for method in ("clover", "calibrated"):
+        for method in [m for m in ("clover", "calibrated") if m in methods]:
             for allocation in ("layer", "global"):
                 runs.append(dict(stacks=None, pair="vo", method=method, allocation=allocation, ratios=[0.25, 0.5]))
     elif name == "whisper-base":
@@ -66,7 +67,7 @@ def grid(name: str, full: bool, allocations: tuple[str, ...] = ALLOCATIONS) -> l
             ratios = [0.05, 0.1, 0.3, 0.5, 0.7, 0.9] if pair == "qk" else [0.1, 0.3, 0.5, 0.7, 0.9]
             for method in methods:
                 runs.append(dict(stacks=None, pair=pair, method=method, allocation="global", ratios=ratios))
-            for method in ("clover", "calibrated"):
+            for method in [m for m in ("clover", "calibrated") if m in methods]:
                 for allocation in ("uniform", "layer"):
                     runs.append(dict(stacks=None, pair=pair, method=method, allocation=allocation, ratios=[0.3, 0.7]))
     return runs
@@ -77,7 +78,14 @@ def evaluate_model(loaded, sentences: int, reference) -> dict:
     return {k: v for k, v in report.items() if isinstance(v, int | float)}
 
 
-def run_model(name: str, full: bool, sentences: int, allocations: tuple[str, ...] = ALLOCATIONS) -> list[dict]:
+def run_model(
+    name: str,
+    full: bool,
+    sentences: int,
+    allocations: tuple[str, ...] = ALLOCATIONS,
+    methods: tuple[str, ...] = METHODS,
+    thresholds: bool = True,
+) -> list[dict]:
     base = load_model(name)
     reference = None
     if base.kind == "encoder":
@@ -91,7 +99,7 @@ def run_model(name: str, full: bool, sentences: int, allocations: tuple[str, ...
     moments = InputMoments.collect(base.model, calibration_callback(base, samples=128, seq_len=512))
     rows = [{"model": name, "stack": "all", "pair": "-", "method": "none", "allocation": "-", "ratio": 0.0,
              "removed": 0.0, **baseline}]  # fmt: skip
-    for run in grid(name, full, allocations):
+    for run in grid(name, full, allocations, methods):
         for ratio in run["ratios"]:
             loaded = load_model(name)
             options = PruneConfig(method=run["method"], allocation=run["allocation"], stacks=run["stacks"],
@@ -105,7 +113,7 @@ def run_model(name: str, full: bool, sentences: int, allocations: tuple[str, ...
                          **metrics})  # fmt: skip
             print(f"  {stack:14} {run['pair']} {run['method']:18} {run['allocation']:7} {ratio:.2f}: "
                   f"{METRIC[loaded.kind]} = {metrics[METRIC[loaded.kind]]:.4g}", flush=True)  # fmt: skip
-    if name == "whisper-base":
+    if name == "whisper-base" and thresholds:
         loaded = load_model(name)
         prune_(loaded.model, PruneConfig(qk_threshold=5e-3, vo_threshold=6e-3, allocation="global", min_dims=0))
         metrics = evaluate_model(loaded, sentences, reference)
@@ -238,6 +246,8 @@ def main() -> None:
     parser.add_argument(
         "--allocations", nargs="+", default=list(ALLOCATIONS), choices=ALLOCATIONS, help="--full: only these"
     )
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="only these methods")
+    parser.add_argument("--no-thresholds", action="store_true", help="skip the paper's Whisper thresholds")
     parser.add_argument("--csv", default="pruning_curves.csv", help="file name under benchmarks/results/")
     parser.add_argument(
         "--summarize", action="store_true", help="no runs: plot and tabulate results/pruning_curves*.csv"
@@ -249,7 +259,8 @@ def main() -> None:
     header("CLOVER pruning curves")
     rows = []
     for name in args.models:
-        rows += run_model(name, args.full, args.sentences, tuple(args.allocations))
+        rows += run_model(name, args.full, args.sentences, tuple(args.allocations), tuple(args.methods),
+                          not args.no_thresholds)  # fmt: skip
         write_csv(args.csv, rows)  # keep partial results if a later model fails
         plot(rows, name)
     print("\n".join(headline(rows)))
