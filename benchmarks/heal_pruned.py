@@ -104,6 +104,7 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (1: share the CPU)")
     parser.add_argument("--no-control", action="store_true", help="skip training the unpruned model")
+    parser.add_argument("--name", default="heal_pruned", help="results file stem under benchmarks/results/")
     args = parser.parse_args()
     header(f"healing {MODEL} after calibrated CLOVER V-O pruning: CLOVER vs LoRA, {args.steps} steps")
     started = time.perf_counter()
@@ -153,8 +154,8 @@ def main() -> None:
     unpruned = unpruned or float("nan")
     for row in rows:
         row["after_vs_unpruned"] = round(row["ppl_after"] / unpruned, 4)
-    csv_path = write_csv("heal_pruned.csv", rows)
-    png_path = RESULTS / "heal_pruned.png"
+    csv_path = write_csv(f"{args.name}.csv", rows)
+    png_path = RESULTS / f"{args.name}.png"
     plot([r for r in rows if r["vo_removed"]], logs, unpruned, png_path)
     lines = [
         f"# {MODEL}: healing after calibrated CLOVER V-O pruning (uniform), {args.steps} steps x batch "
@@ -179,7 +180,7 @@ def main() -> None:
     ]
     text = "\n".join(lines)
     print(text)
-    (RESULTS / "heal_pruned.txt").write_text(f"reproduce: python {' '.join(sys.argv)}\n\n{text}\n")
+    (RESULTS / f"{args.name}.txt").write_text(f"reproduce: python {' '.join(sys.argv)}\n\n{text}\n")
 
 
 if __name__ == "__main__":
