@@ -42,6 +42,18 @@ def _pruned(arch: str, allocation: str = "uniform") -> torch.nn.Module:
     return model
 
 
+def _byte_llama() -> torch.nn.Module:
+    """A random 2-layer Llama (GQA 4/2) over the 257 ids of ``byte_tokenizer``, for CLI runs on text."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(
+        vocab_size=257, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, eos_token_id=256, pad_token_id=256, bos_token_id=256,
+    )  # fmt: skip
+    return tf.LlamaForCausalLM(config).eval()
+
+
 def _count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -113,14 +125,7 @@ def test_wikitext_examples_are_full_chunks_scored_on_every_token_but_the_first()
 
 @pytest.mark.parametrize("method", ["clover", "lora"])
 def test_cli_heals_a_pruned_checkpoint_on_plain_text(tmp_path, capsys, method):
-    import transformers as tf
-
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(
-        vocab_size=257, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, eos_token_id=256, pad_token_id=256, bos_token_id=256,
-    )  # fmt: skip
-    model = tf.LlamaForCausalLM(config).eval()
+    model = _byte_llama()
     prune_(model, PruneConfig(vo_ratio=0.5))
     save_pruned_model(LoadedModel(model, byte_tokenizer(), "tiny", "causal-lm"), tmp_path / "pruned")
     parser = argparse.ArgumentParser()
@@ -144,14 +149,7 @@ def test_cli_heals_a_pruned_checkpoint_on_plain_text(tmp_path, capsys, method):
 
 
 def test_lora_heals_a_ragged_pruned_checkpoint_that_clover_refuses(tmp_path, capsys):
-    import transformers as tf
-
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(
-        vocab_size=257, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, eos_token_id=256, pad_token_id=256, bos_token_id=256,
-    )  # fmt: skip
-    model = tf.LlamaForCausalLM(config).eval()
+    model = _byte_llama()
     prune_(model, PruneConfig(vo_ratio=0.5, allocation="global"))
     vo_dims = [d for s in model.config.clover["sites"].values() for d in s["vo_dims"]]
     assert len(set(vo_dims)) > 1

@@ -577,24 +577,38 @@ def write_lm_eval_tasks(
 
 
 def lm_eval_accuracy(
-    model: torch.nn.Module, tokenizer: Any, tasks: Sequence[str], *, limit: int | None, batch_size: int = 16
+    model: torch.nn.Module,
+    tokenizer: Any,
+    tasks: Sequence[str],
+    *,
+    limit: int | None,
+    batch_size: int = 16,
+    data_files: dict[str, str | os.PathLike] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Zero-shot accuracy with lm-evaluation-harness on local copies: {task: {"acc", "acc_norm", ...stderr, "n"}}."""
+    """Zero-shot accuracy with lm-evaluation-harness on local copies: {task: {"acc", "acc_norm", ...stderr, "n"}}.
+
+    ``data_files`` points tasks at other arrow files of the same columns (e.g. held-out rows only).
+    """
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     names = {f"clover_{_short_task(t)}": t for t in tasks}
-    with tempfile.TemporaryDirectory(prefix="clover-lm-eval-") as tmp:
-        write_lm_eval_tasks(tmp, list(names))
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        results = simple_evaluate(
-            model=lm,
-            tasks=list(names),
-            limit=limit,
-            task_manager=TaskManager(include_path=tmp),
-            log_samples=False,
-        )
+    was_training = model.training
+    model.eval()
+    try:
+        with tempfile.TemporaryDirectory(prefix="clover-lm-eval-") as tmp:
+            write_lm_eval_tasks(tmp, list(names), data_files=data_files)
+            results = simple_evaluate(
+                model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size),
+                tasks=list(names),
+                limit=limit,
+                task_manager=TaskManager(include_path=tmp),
+                log_samples=False,
+                verbosity="ERROR",
+            )
+    finally:
+        model.train(was_training)
     report = {}
     for full, given in names.items():
         metrics = results["results"][full]

@@ -264,29 +264,34 @@ def collate(examples: Sequence[Example], max_length: int, pad_id: int) -> dict[s
 # ---------------------------------------------------------------- held-out evaluation with lm-eval
 
 
-def write_heldout_tasks(
+def write_heldout_arrows(
     directory: str | os.PathLike, tasks: Sequence[str], seed: int = SPLIT_SEED, offset: int = 0
-) -> pathlib.Path:
-    """Write lm-eval task YAMLs (clover_<task>) whose data is only the held-out rows from ``offset`` on, one arrow
-    file per task (an offset keeps a second, disjoint slice of held-out rows for learning-rate selection)."""
+) -> dict[str, pathlib.Path]:
+    """One arrow file per task holding only its held-out rows from ``offset`` on: {task: path} (an offset keeps a
+    second, disjoint slice of held-out rows for learning-rate selection)."""
     import pyarrow as pa
 
     out = pathlib.Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    names = [short_task_name(t) for t in tasks]
     files = {}
-    for name in names:
-        source = evaluate.task_arrow_path(name)
-        table = pa.ipc.open_stream(pa.memory_map(str(source))).read_all()
+    for name in (short_task_name(t) for t in tasks):
+        table = pa.ipc.open_stream(pa.memory_map(str(evaluate.task_arrow_path(name)))).read_all()
         _, heldout = split_indices(name, table.num_rows, seed)
         if offset >= len(heldout):
             raise CloverError(f"{name} has only {len(heldout)} held-out rows, none after row {offset}")
-        heldout = heldout[offset:]
         files[name] = out / f"{name}_heldout.arrow"
         with pa.OSFile(str(files[name]), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
-            writer.write_table(table.take(heldout))
-    evaluate.write_lm_eval_tasks(out, names, data_files=files)
-    return out
+            writer.write_table(table.take(heldout[offset:]))
+    return files
+
+
+def write_heldout_tasks(
+    directory: str | os.PathLike, tasks: Sequence[str], seed: int = SPLIT_SEED, offset: int = 0
+) -> pathlib.Path:
+    """Write lm-eval task YAMLs (clover_<task>) whose data is only the held-out rows from ``offset`` on."""
+    files = write_heldout_arrows(directory, tasks, seed, offset)
+    evaluate.write_lm_eval_tasks(directory, list(files), data_files=files)
+    return pathlib.Path(directory)
 
 
 def heldout_accuracy(
@@ -300,33 +305,11 @@ def heldout_accuracy(
     offset: int = 0,
 ) -> dict[str, dict[str, float]]:
     """Zero-shot lm-eval accuracy on held-out rows ``offset .. offset + limit``: {task: {"acc", ..., "n"}}."""
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
-
-    names = {f"clover_{short_task_name(t)}": short_task_name(t) for t in tasks}
-    was_training = model.training
-    model.eval()
-    try:
-        with tempfile.TemporaryDirectory(prefix="clover-heldout-") as tmp:
-            write_heldout_tasks(tmp, list(names.values()), seed, offset)
-            results = simple_evaluate(
-                model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size),
-                tasks=list(names),
-                limit=limit,
-                task_manager=TaskManager(include_path=tmp),
-                log_samples=False,
-                verbosity="ERROR",
-            )
-    finally:
-        model.train(was_training)
-    report = {}
-    for full, name in names.items():
-        metrics = results["results"][full]
-        entry = {k.split(",")[0]: float(v) for k, v in metrics.items() if "," in k and isinstance(v, int | float)}
-        entry["n"] = int(results["n-samples"][full]["effective"])
-        report[name] = entry
-    return report
+    with tempfile.TemporaryDirectory(prefix="clover-heldout-") as tmp:
+        files = write_heldout_arrows(tmp, tasks, seed, offset)
+        return evaluate.lm_eval_accuracy(
+            model, tokenizer, list(files), limit=limit, batch_size=batch_size, data_files=files
+        )
 
 
 # ---------------------------------------------------------------- SST-2 (encoder + linear head)
