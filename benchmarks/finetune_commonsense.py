@@ -156,15 +156,34 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="override the optimizer steps")
     parser.add_argument("--eval-limit", type=int, help="override the held-out rows per task")
     parser.add_argument("--budget-minutes", type=float, help="skip the optional runs that would not fit")
+    parser.add_argument("--methods", nargs="+", choices=ALL_METHODS, help="only these methods (no ablation)")
+    parser.add_argument(
+        "--eval-tasks", nargs="+", help=f"held-out tasks to score ('all' = {' '.join(FULL['eval_tasks'])})"
+    )
+    parser.add_argument("--seeds", type=int, help="seeds per method (0..N-1) for every selected method")
+    parser.add_argument("--lr", type=float, help="no sweep: train every method at this learning rate")
+    parser.add_argument("--threads", type=int, help="torch threads per run (default: 1 on the CPU config)")
+    parser.add_argument("--name", default="finetune_commonsense", help="results file stem under results/")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(json.loads(args.worker))
         return
     config = dict(FULL if args.full else SMALL)
-    for key in ("steps", "eval_limit", "budget_minutes"):
+    for key in ("steps", "eval_limit", "budget_minutes", "threads"):
         if getattr(args, key) is not None:
             config[key] = getattr(args, key)
+    if args.eval_tasks:
+        config["eval_tasks"] = FULL["eval_tasks"] if args.eval_tasks == ["all"] else args.eval_tasks
+    if args.methods:
+        config["sweep"] = {m: config["sweep"][m] for m in args.methods}
+        config["extra"] = []
+    if args.seeds:
+        config["seeds"] = {m: list(range(args.seeds)) for m in config["sweep"]}
+    if args.lr:
+        # a fixed learning rate (e.g. the one an earlier sweep selected): nothing is selected here
+        config["sweep"] = {m: [args.lr] for m in config["sweep"]}
+        config["selection_rows"] = 0
     header(f"fine-tuning {MODEL} on the commonsense mix: CLOVER vs PEFT baselines at matched trainable counts")
     started = time.perf_counter()
     common = {
@@ -208,6 +227,8 @@ def main() -> None:
 
     def selected_lr(label: str) -> float | None:
         """The swept lr with the best seed-0 accuracy on the selection rows (never the reported rows)."""
+        if not config["selection_rows"]:
+            return next((r["lr"] for r in runs if r["label"] == label), None)
         mine = [r for r in runs if r["label"] == label and "selection_average_acc" in r]
         return max(mine, key=lambda r: r["selection_average_acc"])["lr"] if mine else None
 
@@ -262,15 +283,20 @@ def main() -> None:
              "peak_rss_vs_lora": round(r["train"]["peak_rss_mb"] / lora_rss, 3),
              "train_eval_wall_s": r["wall_seconds"]}
         )  # fmt: skip
-    csv_path = write_csv("finetune_commonsense.csv", rows)
-    png_path = RESULTS / "finetune_loss.png"
+    csv_path = write_csv(f"{args.name}.csv", rows)
+    png_path = RESULTS / ("finetune_loss.png" if args.name == "finetune_commonsense" else f"{args.name}_loss.png")
     plot_losses([r for r in runs if r["lr"] == selected.get(r["label"]) and r["seed"] == 0], png_path)
 
     n = rows[0]["n_per_task"]
     lines = [
         f"# {MODEL}, commonsense mix, {config['steps']} steps x batch {config['batch_size'] * config['grad_accum']}, "
         f"max length {config['max_length']}; held-out accuracy (lm-eval, zero-shot, acc) on {n} reported held-out "
-        f"rows per task; each method's lr chosen on {config['selection_rows']} other held-out rows per task",
+        f"rows per task; "
+        + (
+            f"each method's lr chosen on {config['selection_rows']} other held-out rows per task"
+            if config["selection_rows"]
+            else f"learning rate fixed at {args.lr:g} (no sweep in this run)"
+        ),
         "",
         "Each method at its selected learning rate (mean ± std over seeds where there are several):",
         "",
@@ -300,20 +326,21 @@ def main() -> None:
             + f"| {cell([row['step_time_vs_lora'] for row in chosen])} "
             + f"| {cell([row['peak_rss_vs_lora'] for row in chosen])} |"
         )  # fmt: skip
-    lines += [
-        "",
-        "The learning-rate sweep (seed 0; selection rows decide, reported rows shown for reference):",
-        "",
-        "| method | lr | selection-rows avg | reported-rows avg | final loss |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for row in rows[1:]:
-        if row["seed"] == 0 and row["selection_avg_acc"] != "":
-            mark = " **(selected)**" if row["selected"] is True else ""
-            lines.append(
-                f"| {row['method']}{mark} | {row['lr']:g} | {row['selection_avg_acc']:.3f} | {row['avg_acc']:.3f} "
-                f"| {row['final_loss']} |"
-            )
+    if config["selection_rows"]:
+        lines += [
+            "",
+            "The learning-rate sweep (seed 0; selection rows decide, reported rows shown for reference):",
+            "",
+            "| method | lr | selection-rows avg | reported-rows avg | final loss |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for row in rows[1:]:
+            if row["seed"] == 0 and row["selection_avg_acc"] != "":
+                mark = " **(selected)**" if row["selected"] is True else ""
+                lines.append(
+                    f"| {row['method']}{mark} | {row['lr']:g} | {row['selection_avg_acc']:.3f} | {row['avg_acc']:.3f} "
+                    f"| {row['final_loss']} |"
+                )
     stderr_task = (0.25 / n) ** 0.5
     lines += [
         "",
@@ -326,7 +353,7 @@ def main() -> None:
     ]
     text = "\n".join(lines)
     print(text)
-    (RESULTS / "finetune_commonsense.txt").write_text(
+    (RESULTS / f"{args.name}.txt").write_text(
         f"reproduce: python {' '.join(sys.argv)}\n"
         + json.dumps({k: v for k, v in config.items()})
         + "\n\n"

@@ -85,7 +85,10 @@ def run_model(
     allocations: tuple[str, ...] = ALLOCATIONS,
     methods: tuple[str, ...] = METHODS,
     thresholds: bool = True,
+    checkpoint=lambda rows: None,
 ) -> list[dict]:
+    """Every run of the grid for one model; ``checkpoint(rows)`` is called after each, so a long run keeps its
+    partial results."""
     base = load_model(name)
     reference = None
     if base.kind == "encoder":
@@ -113,6 +116,7 @@ def run_model(
                          **metrics})  # fmt: skip
             print(f"  {stack:14} {run['pair']} {run['method']:18} {run['allocation']:7} {ratio:.2f}: "
                   f"{METRIC[loaded.kind]} = {metrics[METRIC[loaded.kind]]:.4g}", flush=True)  # fmt: skip
+            checkpoint(rows)
     if name == "whisper-base" and thresholds:
         loaded = load_model(name)
         prune_(loaded.model, PruneConfig(qk_threshold=5e-3, vo_threshold=6e-3, allocation="global", min_dims=0))
@@ -259,8 +263,9 @@ def main() -> None:
     header("CLOVER pruning curves")
     rows = []
     for name in args.models:
+        done = list(rows)
         rows += run_model(name, args.full, args.sentences, tuple(args.allocations), tuple(args.methods),
-                          not args.no_thresholds)  # fmt: skip
+                          not args.no_thresholds, lambda new, done=done: write_csv(args.csv, done + new))  # fmt: skip
         write_csv(args.csv, rows)  # keep partial results if a later model fails
         plot(rows, name)
     print("\n".join(headline(rows)))
