@@ -71,7 +71,7 @@ def test_prune_writes_a_smaller_checkpoint_and_reports_json(tiny_checkpoint, tmp
     path, model = tiny_checkpoint
     out = tmp_path / "pruned"
     code = main(["prune", str(path), "--qk-ratio", "0.5", "--vo-ratio", "0.25", "--allocation", "global",
-                 "--out", str(out), "--json", "--quiet"])  # fmt: skip
+                 "--device", "cpu", "--out", str(out), "--json", "--quiet"])  # fmt: skip
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     assert report["qk_removed"] == 0.5 and report["vo_removed"] == 0.25
@@ -86,6 +86,7 @@ def test_prune_writes_a_smaller_checkpoint_and_reports_json(tiny_checkpoint, tmp
         (["--qk-ratio", "-0.2"], "[0, 1)"),
         (["--threshold", "nan"], "finite"),
         ([], "nothing to prune"),
+        (["--vo-ratio", "0.5", "--device", "gpu0"], "--device 'gpu0' is not a torch device"),
     ],
 )
 def test_prune_user_mistakes_exit_2_and_write_nothing(tiny_checkpoint, tmp_path, capsys, arguments, message):
@@ -115,6 +116,17 @@ def test_eval_tasks_mistakes_are_one_line_errors(tiny_checkpoint, capsys):
     assert "--limit 0 must be at least 1" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_device_without_cuda_is_a_one_line_error(tiny_checkpoint, tmp_path, capsys):
+    path, _ = tiny_checkpoint
+    assert main(["eval", str(path), "--device", "cuda", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "0 CUDA device(s); use cpu" in err and err.count("\n") == 1
+    out = tmp_path / "never"
+    assert main(["prune", str(path), "--vo-ratio", "0.5", "--device", "cuda:1", "--out", str(out), "--quiet"]) == 2
+    assert "use cpu" in capsys.readouterr().err and not out.exists()
+
+
 @pytest.mark.real
 def test_eval_adds_lm_eval_accuracy_on_a_pruned_real_model(tmp_path, capsys):
     import importlib.util
@@ -124,7 +136,8 @@ def test_eval_adds_lm_eval_accuracy_on_a_pruned_real_model(tmp_path, capsys):
     out = tmp_path / "pruned"
     assert main(["prune", "smollm2-135m", "--vo-ratio", "0.25", "--out", str(out), "--quiet", "--json"]) == 0
     capsys.readouterr()
-    assert main(["eval", str(out), "--tokens", "512", "--tasks", "piqa,arc_easy", "--limit", "8", "--json"]) == 0
+    assert main(["eval", str(out), "--tokens", "512", "--tasks", "piqa,arc_easy", "--limit", "8", "--device", "cpu",
+                 "--json"]) == 0  # fmt: skip
     report = json.loads(capsys.readouterr().out)
     assert report["piqa_n"] == report["arc_easy_n"] == 8
     assert 0 <= report["piqa_acc"] <= 1 and 0 <= report["arc_easy_acc"] <= 1

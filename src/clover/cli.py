@@ -126,7 +126,7 @@ def cmd_spectrum(args: argparse.Namespace) -> int:
 def cmd_prune(args: argparse.Namespace) -> int:
     from .errors import CloverError
     from .io import check_output_dir, save_pruned_model
-    from .models import load_model
+    from .models import load_model, resolve_device
     from .prune import CALIBRATED, PruneConfig, prune_
     from .quality import calibration_callback
 
@@ -140,7 +140,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if not config.prunes("qk") and not config.prunes("vo"):
         raise CloverError("nothing to prune: give --qk-ratio and/or --vo-ratio in (0, 1), or --threshold")
     check_output_dir(args.out, overwrite=args.overwrite)
+    device = resolve_device(args.device)
     loaded = load_model(args.model, dtype=_dtype(args.dtype))
+    loaded.model.to(device)  # factorization, calibration and pruning all run where the weights are
     calibrate = None
     if args.method in CALIBRATED:
         calibrate = calibration_callback(loaded, samples=args.calibration_samples, seq_len=args.calibration_length)
@@ -148,6 +150,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     report = prune_(loaded.model, config, calibrate=calibrate, progress=not args.quiet)
     elapsed = time.perf_counter() - start
     loaded.model.config.clover["source"] = args.model
+    loaded.model.to("cpu")
     save_pruned_model(loaded, args.out, overwrite=args.overwrite)
     summary = {
         "model": args.model,
@@ -182,7 +185,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .errors import CloverError
-    from .models import load_model
+    from .models import load_model, resolve_device
     from .quality import measure
 
     tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
@@ -193,7 +196,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         if unknown := [t for t in tasks if t not in COMMONSENSE]:
             raise CloverError(f"unknown --tasks {unknown}: choose from {', '.join(COMMONSENSE)}")
+    device = resolve_device(args.device)
     loaded = load_model(args.model, dtype=_dtype(args.dtype))
+    loaded.model.to(device)
     if tasks and loaded.kind != "causal-lm":
         raise CloverError(f"--tasks scores causal LMs with lm-evaluation-harness; {args.model} is a {loaded.kind}")
     report = measure(loaded, tokens=args.tokens, window=args.window, sentences=args.sentences, progress=not args.quiet)
@@ -303,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--calibration-length", type=int, default=512, help="calibrated, vanilla-activation: tokens per sequence"
     )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype")
+    p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available, else cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--json", action="store_true", help="print a JSON report")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -327,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--limit", type=int, help="--tasks: rows per task (default: all)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype")
+    p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available, else cpu)")
     p.add_argument("--json", action="store_true", help="print a JSON report")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)

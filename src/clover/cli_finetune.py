@@ -114,16 +114,16 @@ class FinetuneOptions:
                 if task not in data.COMMONSENSE:
                     raise CloverError(f"unknown eval task {task!r}: use some of {', '.join(data.COMMONSENSE)}")
 
-        if self.device is not None:
-            try:
-                torch.device(self.device)
-            except (RuntimeError, TypeError):
-                raise CloverError(f"--device {self.device!r} is not a torch device; use cpu, cuda or cuda:N") from None
+        from clover.models import resolve_device
+
+        resolve_device(self.device)
 
     @property
     def torch_device(self) -> torch.device:
         """The device the run uses."""
-        return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        from clover.models import resolve_device
+
+        return resolve_device(self.device)
 
     @property
     def warmup(self) -> int:

@@ -376,6 +376,24 @@ def _convert_into_cache(short_name: str, spec: ModelSpec, target: pathlib.Path) 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def resolve_device(name: str | None) -> torch.device:
+    """The torch device a command runs on: ``name`` ("cpu", "cuda", "cuda:1", "mps"...) or, if None, cuda when
+    available, else cpu. Checked up front so a bad choice fails before any model is loaded."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise CloverError(f"--device {name!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= available:
+            raise CloverError(f"--device {name}: this machine has {available} CUDA device(s); use cpu")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise CloverError(f"--device {name}: MPS is not available here; use cpu")
+    return device
+
+
 def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load a short-named real model (converted once into the cache) or a local checkpoint directory."""
     spec = SHORT_NAMES.get(name_or_path)
