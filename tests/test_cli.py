@@ -143,3 +143,40 @@ def test_eval_adds_lm_eval_accuracy_on_a_pruned_real_model(tmp_path, capsys):
     assert 0 <= report["piqa_acc"] <= 1 and 0 <= report["arc_easy_acc"] <= 1
     assert report["commonsense_avg_acc"] == pytest.approx((report["piqa_acc"] + report["arc_easy_acc"]) / 2)
     assert report["kv_bytes_per_token"] == 30 * (3 * 64 + 3 * 48) * 4  # K intact, V keeps 48 of 64 dims, fp32
+
+
+def test_calibration_moments_are_cached_per_checkpoint_and_reused(tmp_path, capsys, monkeypatch):
+    from safetensors.torch import load_file
+    from test_finetune_cli import byte_tokenizer
+    from test_heal import _byte_llama
+
+    monkeypatch.setenv("CLOVER_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "llama"
+    model = _byte_llama()
+    model.save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+
+    def prune(out: str, *extra: str) -> dict:
+        calibration = ["--method", "calibrated", "--calibration-samples", "4", "--calibration-length", "64"]
+        arguments = ["prune", str(path), "--vo-ratio", "0.5", *calibration, "--out", str(tmp_path / out), "--json",
+                     "--quiet", *extra]  # fmt: skip
+        assert main(arguments) == 0
+        return json.loads(capsys.readouterr().out)
+
+    assert prune("first")["calibration_moments"] == "computed"
+    assert len(list((tmp_path / "cache" / "moments").glob("*.safetensors"))) == 1
+    assert prune("second")["calibration_moments"] == "cached"
+    first, second = (
+        load_file(tmp_path / "first" / "model.safetensors"),
+        load_file(tmp_path / "second" / "model.safetensors"),
+    )
+    assert first.keys() == second.keys()
+    for name in first:
+        torch.testing.assert_close(second[name], first[name], atol=0, rtol=0)  # the very same moments
+    assert prune("forced", "--recalibrate")["calibration_moments"] == "computed"
+    # other weights in the directory: other moments
+    with torch.no_grad():
+        model.model.layers[0].self_attn.v_proj.weight.mul_(2)
+    model.save_pretrained(path)
+    assert prune("changed")["calibration_moments"] == "computed"
+    assert len(list((tmp_path / "cache" / "moments").glob("*.safetensors"))) == 2

@@ -281,3 +281,23 @@ def test_calibrated_truncation_beats_weight_svd_on_its_calibration_inputs(arch):
         prune_(model, options, calibrate=lambda m: model_output(m))
         errors[method] = float((model_output(model) - reference).pow(2).mean())
     assert errors["calibrated"] < 0.6 * errors["clover"], errors
+
+
+@pytest.mark.parametrize("arch", ["llama", "whisper"])
+def test_input_moments_round_trip_through_safetensors(arch, tmp_path):
+    from clover.prune import InputMoments
+
+    model = build_tiny(arch)
+    moments = InputMoments.collect(model, lambda m: model_output(m, seed=3))
+    moments.save(tmp_path / "moments.safetensors")
+    loaded = InputMoments.load(tmp_path / "moments.safetensors")
+    assert loaded.stats.keys() == moments.stats.keys()
+    for name, (gram, total, count) in moments.stats.items():
+        assert loaded.stats[name][2] == count
+        torch.testing.assert_close(loaded.stats[name][0], gram, atol=0, rtol=0)
+        torch.testing.assert_close(loaded.stats[name][1], total, atol=0, rtol=0)
+    pruned = {}
+    for name, source in (("collected", moments), ("loaded", loaded)):
+        pruned[name] = build_tiny(arch)
+        prune_(pruned[name], PruneConfig(method="calibrated", vo_ratio=0.5), input_moments=source)
+    torch.testing.assert_close(model_output(pruned["loaded"]), model_output(pruned["collected"]), atol=0, rtol=0)

@@ -128,7 +128,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .io import check_output_dir, save_pruned_model
     from .models import load_model, resolve_device
     from .prune import CALIBRATED, PruneConfig, prune_
-    from .quality import calibration_callback
+    from .quality import calibration_moments
 
     qk_threshold = args.qk_threshold if args.qk_threshold is not None else args.threshold
     vo_threshold = args.vo_threshold if args.vo_threshold is not None else args.threshold
@@ -143,11 +143,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     loaded = load_model(args.model, dtype=_dtype(args.dtype))
     loaded.model.to(device)  # factorization, calibration and pruning all run where the weights are
-    calibrate = None
-    if args.method in CALIBRATED:
-        calibrate = calibration_callback(loaded, samples=args.calibration_samples, seq_len=args.calibration_length)
     start = time.perf_counter()
-    report = prune_(loaded.model, config, calibrate=calibrate, progress=not args.quiet)
+    moments, moments_cached = None, False
+    if args.method in CALIBRATED:
+        moments, moments_cached = calibration_moments(
+            loaded,
+            samples=args.calibration_samples,
+            seq_len=args.calibration_length,
+            refresh=args.recalibrate,
+            progress=not args.quiet,
+        )
+    report = prune_(loaded.model, config, input_moments=moments, progress=not args.quiet)
     elapsed = time.perf_counter() - start
     loaded.model.config.clover["source"] = args.model
     loaded.model.to("cpu")
@@ -156,6 +162,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         "model": args.model,
         "out": str(args.out),
         "seconds": round(elapsed, 2),
+        "calibration_moments": None if moments is None else ("cached" if moments_cached else "computed"),
         "qk_removed": round(report.qk_removed, 4),
         "vo_removed": round(report.vo_removed, 4),
         "parameters_before": report.params_before,
@@ -171,6 +178,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     print(
         f"pruned {args.model} ({args.method}, {args.allocation}) in {elapsed:.1f} s: "
         f"{100 * report.qk_removed:.1f}% of Q-K dims and {100 * report.vo_removed:.1f}% of V-O dims removed"
+        + (" (calibration moments from the cache)" if moments_cached else "")
     )
     attn_before, attn_after = report.attention_params_before, report.attention_params_after
     print(
@@ -306,6 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--calibration-length", type=int, default=512, help="calibrated, vanilla-activation: tokens per sequence"
+    )
+    p.add_argument(
+        "--recalibrate",
+        action="store_true",
+        help="recompute the calibration moments instead of reusing those cached for this unchanged checkpoint "
+        "(they are kept under $CLOVER_CACHE/moments, keyed by the weight files and the calibration settings)",
     )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available, else cpu)")

@@ -56,6 +56,7 @@ class LoadedModel:
     kind: str
     feature_extractor: Any = None
     decoder_prompt_ids: list[int] | None = None
+    source: pathlib.Path | None = None  # the checkpoint directory the weights were read from
 
 
 def model_cache_dir() -> pathlib.Path:
@@ -350,12 +351,13 @@ def _load_directory(path: pathlib.Path, dtype: torch.dtype, name: str) -> Loaded
             kind,
             feature_extractor=WhisperFeatureExtractor(feature_size=model.config.num_mel_bins),
             decoder_prompt_ids=_whisper_prompt(tokenizer, model.config) if tokenizer is not None else None,
+            source=path,
         )
     tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
     tokenizer = (
         AutoTokenizer.from_pretrained(path, **remote) if any((path / f).exists() for f in tokenizer_files) else None
     )
-    return LoadedModel(model, tokenizer, name, kind)
+    return LoadedModel(model, tokenizer, name, kind, source=path)
 
 
 def _convert_into_cache(short_name: str, spec: ModelSpec, target: pathlib.Path) -> None:

@@ -17,10 +17,14 @@ common currency when ranking dims across layers.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
+import safetensors
+import safetensors.torch
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -196,6 +200,35 @@ class InputMoments:
                 handle.remove()
         return cls({name: per_module[key] for name, key in keys.items()})
 
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the moments as safetensors (float64; an entry shared by Q and K/V is stored once)."""
+        tensors, aliases, seen = {}, {}, {}
+        for name, entry in self.stats.items():
+            if id(entry) in seen:
+                aliases[name] = seen[id(entry)]
+                continue
+            seen[id(entry)] = name
+            if entry[2]:
+                tensors[f"{name}|gram"] = entry[0].contiguous().cpu()
+                tensors[f"{name}|sum"] = entry[1].contiguous().cpu()
+            tensors[f"{name}|count"] = torch.tensor([entry[2]], dtype=torch.int64)
+        safetensors.torch.save_file(tensors, str(path), metadata={"aliases": json.dumps(aliases)})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> InputMoments:
+        """Read moments written by ``save`` onto ``device`` (the device of the weights they will whiten)."""
+        with safetensors.safe_open(str(path), framework="pt", device=str(device)) as f:
+            aliases = json.loads(f.metadata()["aliases"])
+            names = {key.rsplit("|", 1)[0] for key in f.keys()}
+            stats = {}
+            for name in names:
+                count = int(f.get_tensor(f"{name}|count")[0])
+                gram = f.get_tensor(f"{name}|gram") if count else None
+                total = f.get_tensor(f"{name}|sum") if count else None
+                stats[name] = [gram, total, count]
+        stats.update({name: stats[target] for name, target in aliases.items()})
+        return cls(stats)
+
     def whitening(self, site: AttentionSite, side: str, augmented: bool, ridge: float) -> Tensor:
         """Cholesky factor of the input second moment of Q's (side 'q') or K/V's (side 'k') projection."""
         gram, total, count = self.stats.get(f"{site.name}|{side}", (None, None, 0))
@@ -204,7 +237,13 @@ class InputMoments:
         moment = gram / count
         if augmented:  # input [x, 1]: the bias row sees the mean and a constant 1
             mean = (total / count).unsqueeze(0)
-            moment = torch.cat([torch.cat([moment, mean.T], 1), torch.cat([mean, torch.ones(1, 1).double()], 1)], 0)
+            moment = torch.cat(
+                [
+                    torch.cat([moment, mean.T], 1),
+                    torch.cat([mean, torch.ones(1, 1, dtype=moment.dtype, device=moment.device)], 1),
+                ],
+                0,
+            )
         return whitening_factor(moment, ridge=ridge)
 
 

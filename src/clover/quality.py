@@ -4,14 +4,19 @@ WikiText-2 test vs validation, SST-2 sentences [0, n) vs [n, 2n), Harvard senten
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from . import evaluate
 from .models import LoadedModel, load_model, model_cache_dir
+from .prune import InputMoments
 
 SPEECH_EVAL_SENTENCES = 20
 
@@ -79,21 +84,27 @@ def measure(
     return report
 
 
-def calibration_callback(loaded: LoadedModel, *, samples: int = 128, seq_len: int = 512) -> Callable[[nn.Module], None]:
+def calibration_callback(
+    loaded: LoadedModel, *, samples: int = 128, seq_len: int = 512, progress: bool = False
+) -> Callable[[nn.Module], None]:
     """A ``calibrate(model)`` for prune_: forward passes over held-out text / speech of the model's kind."""
+
+    def batches(items, size: int):
+        starts = range(0, len(items), size)
+        for start in tqdm(starts, desc="calibration", unit="batch", disable=not progress, leave=False):
+            yield start, items[start : start + size]
 
     def run(model: nn.Module) -> None:
         device = next(model.parameters()).device
         if loaded.kind == "causal-lm":
             ids = loaded.tokenizer(evaluate.wikitext2_text("validation"), return_tensors="pt").input_ids[0]
             windows = ids[: (len(ids) // seq_len) * seq_len].view(-1, seq_len)[:samples]
-            for batch in windows.split(8):
+            for _, batch in batches(windows, 8):
                 model(input_ids=batch.to(device), use_cache=False)
         elif loaded.kind == "speech-seq2seq":
             audios, texts = speech_set(SPEECH_EVAL_SENTENCES, min(samples, 20))
             prompt = list(loaded.decoder_prompt_ids)
-            for start in range(0, len(audios), 8):
-                clips = audios[start : start + 8]
+            for start, clips in batches(audios, 8):
                 feats = loaded.feature_extractor(clips, sampling_rate=16000, return_tensors="pt").input_features
                 rows = [
                     prompt + loaded.tokenizer(" " + t, add_special_tokens=False)["input_ids"]
@@ -104,9 +115,57 @@ def calibration_callback(loaded: LoadedModel, *, samples: int = 128, seq_len: in
                 model(input_features=feats.to(device, model.dtype), decoder_input_ids=decoder_ids.to(device))
         else:
             texts = evaluate.similarity_sentences(2 * samples)[samples:]
-            for start in range(0, len(texts), 32):
-                batch = loaded.tokenizer(texts[start : start + 32], padding=False, truncation=True, max_length=seq_len)
+            for _, chunk in batches(texts, 32):
+                batch = loaded.tokenizer(chunk, padding=False, truncation=True, max_length=seq_len)
                 for row in batch["input_ids"]:  # one sentence at a time: no padding in the statistics
                     model(input_ids=torch.tensor([row], device=device))
 
     return run
+
+
+# Bump when the calibration data or the statistics change, so stale cached moments are never reused.
+CALIBRATION_VERSION = 1
+
+
+def calibration_fingerprint(loaded: LoadedModel, *, samples: int, seq_len: int) -> str | None:
+    """A key for the moments of this checkpoint on this calibration set, or None if the weights have no file
+    to identify them (a model built in memory). Weight files are identified by name, size and mtime."""
+    if loaded.source is None:
+        return None
+    files = sorted(
+        p for p in loaded.source.iterdir() if p.suffix in (".safetensors", ".bin") or p.name == "config.json"
+    )
+    identity = {
+        "version": CALIBRATION_VERSION,
+        "source": str(loaded.source.resolve()),
+        "files": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files],
+        "kind": loaded.kind,
+        "dtype": str(loaded.model.dtype),
+        "samples": samples,
+        "seq_len": seq_len,
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def calibration_moments(
+    loaded: LoadedModel, *, samples: int = 128, seq_len: int = 512, refresh: bool = False, progress: bool = False
+) -> tuple[InputMoments, bool]:
+    """Input moments of every attention site on the calibration set, and whether they came from the cache.
+
+    Collecting them is the slow part of calibrated pruning (minutes on a CPU), and they depend only on the
+    checkpoint and the calibration set, not on the ratio: they are kept under ``$CLOVER_CACHE/moments`` and
+    reused by later prunes of the same, unchanged checkpoint (``refresh`` recomputes them)."""
+    key = calibration_fingerprint(loaded, samples=samples, seq_len=seq_len)
+    path = model_cache_dir() / "moments" / f"{key}.safetensors" if key else None
+    device = next(loaded.model.parameters()).device
+    if path is not None and path.is_file() and not refresh:
+        return InputMoments.load(path, device), True
+    moments = InputMoments.collect(
+        loaded.model, calibration_callback(loaded, samples=samples, seq_len=seq_len, progress=progress)
+    )
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        moments.save(staging)
+        os.replace(staging, path)  # atomic: a reader never sees half a file
+    return moments, False
