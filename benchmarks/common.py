@@ -30,9 +30,11 @@ def header(title: str) -> None:
 def write_csv(name: str, rows: list[dict]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / name
-    with path.open("w", newline="") as f:
+    staging = path.with_name(f".{path.name}.tmp")
+    with staging.open("w", newline="") as f:
         fields = list(dict.fromkeys(key for row in rows for key in row))
         writer = csv.DictWriter(f, fieldnames=fields, restval="")
         writer.writeheader()
         writer.writerows(rows)
+    staging.replace(path)  # a run killed mid-write keeps the previous complete file
     return path

@@ -158,7 +158,7 @@ def main() -> None:
     parser.add_argument("--budget-minutes", type=float, help="skip the optional runs that would not fit")
     parser.add_argument("--methods", nargs="+", choices=ALL_METHODS, help="only these methods (no ablation)")
     parser.add_argument(
-        "--eval-tasks", nargs="+", help=f"held-out tasks to score ('all' = {' '.join(FULL['eval_tasks'])})"
+        "--eval-tasks", nargs="+", choices=[*FULL["eval_tasks"], "all"], help="held-out tasks to score ('all': all 8)"
     )
     parser.add_argument("--seeds", type=int, help="seeds per method (0..N-1) for every selected method")
     parser.add_argument("--lr", type=float, help="no sweep: train every method at this learning rate")
@@ -174,13 +174,19 @@ def main() -> None:
         if getattr(args, key) is not None:
             config[key] = getattr(args, key)
     if args.eval_tasks:
-        config["eval_tasks"] = FULL["eval_tasks"] if args.eval_tasks == ["all"] else args.eval_tasks
+        config["eval_tasks"] = FULL["eval_tasks"] if "all" in args.eval_tasks else args.eval_tasks
     if args.methods:
+        if not {"clover", "lora"} <= set(args.methods):
+            parser.error("--methods must include clover and lora (counts are against CLOVER, costs against LoRA)")
         config["sweep"] = {m: config["sweep"][m] for m in args.methods}
         config["extra"] = []
-    if args.seeds:
+    if args.seeds is not None:
+        if args.seeds < 1:
+            parser.error("--seeds must be at least 1")
         config["seeds"] = {m: list(range(args.seeds)) for m in config["sweep"]}
-    if args.lr:
+    if args.lr is not None:
+        if not args.lr > 0:
+            parser.error("--lr must be positive")
         # a fixed learning rate (e.g. the one an earlier sweep selected): nothing is selected here
         config["sweep"] = {m: [args.lr] for m in config["sweep"]}
         config["selection_rows"] = 0

@@ -86,7 +86,7 @@ def test_prune_writes_a_smaller_checkpoint_and_reports_json(tiny_checkpoint, tmp
         (["--qk-ratio", "-0.2"], "[0, 1)"),
         (["--threshold", "nan"], "finite"),
         ([], "nothing to prune"),
-        (["--vo-ratio", "0.5", "--device", "gpu0"], "--device 'gpu0' is not a torch device"),
+        (["--vo-ratio", "0.5", "--device", "gpu0"], "--device 'gpu0' is not supported; use cpu, cuda"),
     ],
 )
 def test_prune_user_mistakes_exit_2_and_write_nothing(tiny_checkpoint, tmp_path, capsys, arguments, message):
@@ -116,15 +116,23 @@ def test_eval_tasks_mistakes_are_one_line_errors(tiny_checkpoint, capsys):
     assert "--limit 0 must be at least 1" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
-def test_device_without_cuda_is_a_one_line_error(tiny_checkpoint, tmp_path, capsys):
+@pytest.mark.parametrize(("devices", "request_", "message"), [
+    (0, "cuda", "0 CUDA device(s); use cpu"),
+    (1, "cuda:1", "1 CUDA device(s); use cuda:0..cuda:0 or cpu"),
+    (0, "meta", "--device 'meta' is not supported"),
+])  # fmt: skip
+def test_unusable_devices_are_one_line_errors(
+    tiny_checkpoint, tmp_path, capsys, monkeypatch, devices, request_, message
+):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: devices > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: devices)
     path, _ = tiny_checkpoint
-    assert main(["eval", str(path), "--device", "cuda", "--quiet"]) == 2
+    assert main(["eval", str(path), "--device", request_, "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert "0 CUDA device(s); use cpu" in err and err.count("\n") == 1
+    assert message in err and err.count("\n") == 1
     out = tmp_path / "never"
-    assert main(["prune", str(path), "--vo-ratio", "0.5", "--device", "cuda:1", "--out", str(out), "--quiet"]) == 2
-    assert "use cpu" in capsys.readouterr().err and not out.exists()
+    assert main(["prune", str(path), "--vo-ratio", "0.5", "--device", request_, "--out", str(out), "--quiet"]) == 2
+    assert message in capsys.readouterr().err and not out.exists()
 
 
 @pytest.mark.real
@@ -179,4 +187,31 @@ def test_calibration_moments_are_cached_per_checkpoint_and_reused(tmp_path, caps
         model.model.layers[0].self_attn.v_proj.weight.mul_(2)
     model.save_pretrained(path)
     assert prune("changed")["calibration_moments"] == "computed"
-    assert len(list((tmp_path / "cache" / "moments").glob("*.safetensors"))) == 2
+    assert prune("fewer-samples", "--calibration-samples", "3")["calibration_moments"] == "computed"
+    cached = sorted((tmp_path / "cache" / "moments").glob("*.safetensors"), key=lambda p: p.stat().st_mtime_ns)
+    assert len(cached) == 3
+    # a damaged cache file is recomputed (with a warning) and replaced, never a traceback
+    cached[-1].write_bytes(b"not safetensors")
+    with pytest.warns(UserWarning, match="unreadable cached calibration moments"):
+        assert prune("after-damage", "--calibration-samples", "3")["calibration_moments"] == "computed"
+    assert prune("repaired", "--calibration-samples", "3")["calibration_moments"] == "cached"
+    # the tokenizer decides the calibration tokens: a new one means new moments
+    (path / "tokenizer_config.json").write_text(
+        (path / "tokenizer_config.json").read_text().replace("}", ' , "x": 1}', 1)
+    )
+    assert prune("new-tokenizer")["calibration_moments"] == "computed"
+    assert not list((tmp_path / "cache" / "moments").glob(".*.tmp"))
+
+
+def test_refusals_come_before_calibration(tmp_path, capsys, monkeypatch):
+    import clover.quality
+
+    def fail(*args, **kwargs):
+        raise AssertionError("calibration must not run for a refused request")
+
+    monkeypatch.setattr(clover.quality, "calibration_moments", fail)
+    path = tmp_path / "llama"
+    build_tiny("llama").save_pretrained(path)
+    out = tmp_path / "never"
+    assert main(["prune", str(path), "--qk-ratio", "0.3", "--method", "calibrated", "--out", str(out), "--quiet"]) == 2
+    assert "--vo-ratio" in capsys.readouterr().err and not out.exists()

@@ -230,7 +230,7 @@ def test_bad_task_lr_and_output_raise_clover_errors(tiny_checkpoint, tmp_path):
 
 def test_device_option_is_checked_and_used(tiny_checkpoint, tmp_path, capsys):
     path, _ = tiny_checkpoint
-    with pytest.raises(CloverError, match="--device 'gpu0' is not a torch device"):
+    with pytest.raises(CloverError, match="--device 'gpu0' is not supported"):
         FinetuneOptions(device="gpu0").validate()
     assert FinetuneOptions(device="cpu").torch_device == torch.device("cpu")
     args = _args(path, tmp_path / "run", "--task", "piqa", "--steps", "1", "--batch-size", "2", "--max-length", "32",

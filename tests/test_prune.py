@@ -290,8 +290,11 @@ def test_input_moments_round_trip_through_safetensors(arch, tmp_path):
     model = build_tiny(arch)
     moments = InputMoments.collect(model, lambda m: model_output(m, seed=3))
     moments.save(tmp_path / "moments.safetensors")
-    loaded = InputMoments.load(tmp_path / "moments.safetensors")
+    loaded = InputMoments.load(tmp_path / "moments.safetensors", device="cpu")
     assert loaded.stats.keys() == moments.stats.keys()
+    for name in moments.stats:  # self-attention Q reads K/V's input: one shared entry, before and after
+        partner = name.replace("|q", "|k")
+        assert (loaded.stats[name] is loaded.stats[partner]) == (moments.stats[name] is moments.stats[partner])
     for name, (gram, total, count) in moments.stats.items():
         assert loaded.stats[name][2] == count
         torch.testing.assert_close(loaded.stats[name][0], gram, atol=0, rtol=0)

@@ -127,7 +127,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .errors import CloverError
     from .io import check_output_dir, save_pruned_model
     from .models import load_model, resolve_device
-    from .prune import CALIBRATED, PruneConfig, prune_
+    from .prune import CALIBRATED, PruneConfig, check_prunable, prune_
     from .quality import calibration_moments
 
     qk_threshold = args.qk_threshold if args.qk_threshold is not None else args.threshold
@@ -141,8 +141,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise CloverError("nothing to prune: give --qk-ratio and/or --vo-ratio in (0, 1), or --threshold")
     check_output_dir(args.out, overwrite=args.overwrite)
     device = resolve_device(args.device)
+    if device.type == "mps":
+        raise CloverError("--device mps: pruning computes in float64, which MPS lacks; prune on cpu or cuda")
     loaded = load_model(args.model, dtype=_dtype(args.dtype))
     loaded.model.to(device)  # factorization, calibration and pruning all run where the weights are
+    check_prunable(loaded.model, config)  # refusals come before minutes of calibration
     start = time.perf_counter()
     moments, moments_cached = None, False
     if args.method in CALIBRATED:

@@ -379,18 +379,21 @@ def _convert_into_cache(short_name: str, spec: ModelSpec, target: pathlib.Path) 
 
 
 def resolve_device(name: str | None) -> torch.device:
-    """The torch device a command runs on: ``name`` ("cpu", "cuda", "cuda:1", "mps"...) or, if None, cuda when
+    """The torch device a command runs on: ``name`` ("cpu", "cuda", "cuda:1", "mps") or, if None, cuda when
     available, else cpu. Checked up front so a bad choice fails before any model is loaded."""
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError):
-        raise CloverError(f"--device {name!r} is not a torch device; use cpu, cuda or cuda:N") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise CloverError(f"--device {name!r} is not supported; use cpu, cuda, cuda:N or mps")
     if device.type == "cuda":
         available = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if (device.index or 0) >= available:
-            raise CloverError(f"--device {name}: this machine has {available} CUDA device(s); use cpu")
+            choices = f"cuda:0..cuda:{available - 1} or cpu" if available else "cpu"
+            raise CloverError(f"--device {name}: this machine has {available} CUDA device(s); use {choices}")
     elif device.type == "mps" and not torch.backends.mps.is_available():
         raise CloverError(f"--device {name}: MPS is not available here; use cpu")
     return device

@@ -218,7 +218,10 @@ class InputMoments:
     def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> InputMoments:
         """Read moments written by ``save`` onto ``device`` (the device of the weights they will whiten)."""
         with safetensors.safe_open(str(path), framework="pt", device=str(device)) as f:
-            aliases = json.loads(f.metadata()["aliases"])
+            metadata = f.metadata() or {}
+            if "aliases" not in metadata:
+                raise ValueError(f"{path} was not written by InputMoments.save")
+            aliases = json.loads(metadata["aliases"])
             names = {key.rsplit("|", 1)[0] for key in f.keys()}
             stats = {}
             for name in names:
@@ -356,6 +359,24 @@ class PruneReport:
     sites: dict
 
 
+def check_prunable(model: nn.Module, config: PruneConfig) -> list[AttentionSite]:
+    """The sites ``config`` prunes; raises CloverError for bad options, RoPE Q-K requests, non-finite weights
+    or an already pruned model. Cheap: call it before collecting calibration data."""
+    config.validate()
+    adapter = adapter_for(model)
+    sites = [s for s in attention_sites(model) if config.stacks is None or s.stack in config.stacks]
+    if not sites:
+        raise CloverError(f"no attention blocks in stacks {config.stacks}; this model has encoder/decoder/cross")
+    if config.prunes("qk") and any(s.rotary for s in sites):
+        raise CloverError(
+            f"Q-K pruning is refused for {adapter.examples}: RoPE sits between Q and K, so there is no exact "
+            "Q-K product to truncate. V-O pruning works there: use --vo-ratio (or --vo-threshold) only."
+        )
+    for site in sites:
+        check_finite(site)
+    return sites
+
+
 def prune_(
     model: nn.Module,
     config: PruneConfig,
@@ -372,18 +393,8 @@ def prune_(
     Raises CloverError, before touching the model, for bad options, RoPE Q-K requests, non-finite weights
     or an already pruned model.
     """
-    config.validate()
+    sites = check_prunable(model, config)
     adapter = adapter_for(model)
-    sites = [s for s in attention_sites(model) if config.stacks is None or s.stack in config.stacks]
-    if not sites:
-        raise CloverError(f"no attention blocks in stacks {config.stacks}; this model has encoder/decoder/cross")
-    if config.prunes("qk") and any(s.rotary for s in sites):
-        raise CloverError(
-            f"Q-K pruning is refused for {adapter.examples}: RoPE sits between Q and K, so there is no exact "
-            "Q-K product to truncate. V-O pruning works there: use --vo-ratio (or --vo-threshold) only."
-        )
-    for site in sites:
-        check_finite(site)
     if config.method in CALIBRATED and calibrate is None and input_moments is None:
         raise CloverError(f"method {config.method!r} needs calibration data (a calibrate(model) callback)")
     params_before = sum(p.numel() for p in model.parameters())

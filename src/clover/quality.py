@@ -7,10 +7,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pathlib
+import tempfile
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
+import transformers
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -125,20 +129,30 @@ def calibration_callback(
 
 # Bump when the calibration data or the statistics change, so stale cached moments are never reused.
 CALIBRATION_VERSION = 1
+_SMALL_FILE_BYTES = 50_000_000  # tokenizers, configs, remote code: hashed by content; weights by file identity
 
 
 def calibration_fingerprint(loaded: LoadedModel, *, samples: int, seq_len: int) -> str | None:
     """A key for the moments of this checkpoint on this calibration set, or None if the weights have no file
-    to identify them (a model built in memory). Weight files are identified by name, size and mtime."""
+    to identify them (a model built in memory). Small files (config, tokenizer, remote code) are hashed by
+    content; weight files by name, size, inode, mtime and ctime (ctime changes whenever the file does, and
+    cannot be set back by copying tools)."""
     if loaded.source is None:
         return None
-    files = sorted(
-        p for p in loaded.source.iterdir() if p.suffix in (".safetensors", ".bin") or p.name == "config.json"
-    )
+    if loaded.kind == "speech-seq2seq":
+        samples = min(samples, SPEECH_EVAL_SENTENCES)  # what the callback really uses
+    files = []
+    for path in sorted(p for p in loaded.source.iterdir() if p.is_file()):
+        stat = path.stat()
+        if path.suffix in (".safetensors", ".bin") or stat.st_size > _SMALL_FILE_BYTES:
+            files.append((path.name, stat.st_size, stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns))
+        else:
+            files.append((path.name, hashlib.sha256(path.read_bytes()).hexdigest()))
     identity = {
         "version": CALIBRATION_VERSION,
+        "transformers": transformers.__version__,
         "source": str(loaded.source.resolve()),
-        "files": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files],
+        "files": files,
         "kind": loaded.kind,
         "dtype": str(loaded.model.dtype),
         "samples": samples,
@@ -154,18 +168,36 @@ def calibration_moments(
 
     Collecting them is the slow part of calibrated pruning (minutes on a CPU), and they depend only on the
     checkpoint and the calibration set, not on the ratio: they are kept under ``$CLOVER_CACHE/moments`` and
-    reused by later prunes of the same, unchanged checkpoint (``refresh`` recomputes them)."""
+    reused by later prunes of the same, unchanged checkpoint (``refresh`` recomputes them). A cache that
+    cannot be read or written is skipped with a warning: it never stops a prune."""
     key = calibration_fingerprint(loaded, samples=samples, seq_len=seq_len)
     path = model_cache_dir() / "moments" / f"{key}.safetensors" if key else None
     device = next(loaded.model.parameters()).device
     if path is not None and path.is_file() and not refresh:
-        return InputMoments.load(path, device), True
+        try:
+            return InputMoments.load(path, device), True
+        except Exception as error:  # a truncated or foreign file: recompute and replace it
+            warnings.warn(f"ignoring unreadable cached calibration moments {path}: {error}", stacklevel=2)
     moments = InputMoments.collect(
         loaded.model, calibration_callback(loaded, samples=samples, seq_len=seq_len, progress=progress)
     )
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        moments.save(staging)
-        os.replace(staging, path)  # atomic: a reader never sees half a file
+        _store(moments, path)
     return moments, False
+
+
+def _store(moments: InputMoments, path: pathlib.Path) -> None:
+    """Write atomically (a reader never sees half a file); on failure, warn and leave no temporary behind."""
+    staging = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+        os.close(handle)
+        moments.save(staging)
+        os.replace(staging, path)
+        staging = None
+    except OSError as error:
+        warnings.warn(f"calibration moments not cached ({error}); the next prune will recompute them", stacklevel=3)
+    finally:
+        if staging is not None:
+            pathlib.Path(staging).unlink(missing_ok=True)
