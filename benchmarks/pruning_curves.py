@@ -169,35 +169,40 @@ def headline(rows: list[dict]) -> list[str]:
 METRIC_BY_MODEL = {"smollm2-135m": "wikitext2_test_ppl", "whisper-base": "wer", "minilm-l6": "similarity_to_original"}
 
 
+EXTRA_METRICS = {"whisper-base": ("decoder_loss",)}  # plotted in a second row of panels
+
+
 def plot(rows: list[dict], model: str) -> None:
-    metric = METRIC_BY_MODEL[model]
+    metrics = (METRIC_BY_MODEL[model], *EXTRA_METRICS.get(model, ()))
     panels = sorted({(r["stack"], r["pair"]) for r in rows if r["model"] == model and r["method"] != "none"
                      and r["allocation"] != "threshold"})  # fmt: skip
-    base = next(r[metric] for r in rows if r["model"] == model and r["method"] == "none")
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4), squeeze=False)
+    fig, axes = plt.subplots(len(metrics), len(panels), figsize=(5.2 * len(panels), 4 * len(metrics)), squeeze=False)
     styles = {"clover": "C0", "calibrated": "C2", "vanilla": "C3", "vanilla-activation": "C1"}
     dashes = {"uniform": "-", "layer": "--", "global": ":"}
-    for ax, (stack, pair) in zip(axes[0], panels, strict=True):
-        for method in styles:
-            for allocation in dashes:
-                pts = sorted((r["removed"], r[metric]) for r in rows if r["model"] == model and r["stack"] == stack
-                             and r["pair"] == pair and r["method"] == method
-                             and r["allocation"] == allocation)  # fmt: skip
-                if pts:
-                    x, y = zip(*[(0.0, base), *pts], strict=True)
-                    ax.plot(x, y, dashes[allocation], color=styles[method], marker="o", ms=3,
-                            label=f"{method}, {allocation}")  # fmt: skip
-        ax.set_title(f"{model}: {stack} {pair.upper().replace('QK', 'Q-K').replace('VO', 'V-O')}")
-        ax.set_xlabel("share of dims removed")
-        ax.set_ylabel(metric)
-        if metric == "wikitext2_test_ppl":
-            ax.set_yscale("log")
-        if metric == "wer":
-            ax.set_ylim(0, 1.5)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    for row_axes, metric in zip(axes, metrics, strict=True):
+        base = next(r[metric] for r in rows if r["model"] == model and r["method"] == "none")
+        for ax, (stack, pair) in zip(row_axes, panels, strict=True):
+            for method in styles:
+                for allocation in dashes:
+                    pts = sorted((r["removed"], r[metric]) for r in rows if r["model"] == model
+                                 and r["stack"] == stack and r["pair"] == pair and r["method"] == method
+                                 and r["allocation"] == allocation and metric in r)  # fmt: skip
+                    if pts:
+                        x, y = zip(*[(0.0, base), *pts], strict=True)
+                        ax.plot(x, y, dashes[allocation], color=styles[method], marker="o", ms=3,
+                                label=f"{method}, {allocation}")  # fmt: skip
+            ax.axhline(base, color="k", lw=0.6, alpha=0.5)
+            ax.set_title(f"{model}: {stack} {pair.upper().replace('QK', 'Q-K').replace('VO', 'V-O')}")
+            ax.set_xlabel("share of dims removed")
+            ax.set_ylabel(metric)
+            if metric in ("wikitext2_test_ppl", "decoder_loss"):
+                ax.set_yscale("log")
+            if metric == "wer":
+                ax.set_ylim(0, 1.5)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(RESULTS / f"pruning_{model}.png", dpi=110)
+    fig.savefig(RESULTS / f"pruning_{model}.png", dpi=100)
     plt.close(fig)
 
 
