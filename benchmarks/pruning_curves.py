@@ -8,9 +8,11 @@ Q-K and V-O separately: WER and decoder loss on espeak-ng speech of Harvard sent
 mean cosine similarity of sentence embeddings to the unpruned model on 256 SST-2 sentences. "ratio" is the
 share of the pair's dims removed (per KV group) in the pruned stack. The default grid fits a 2-core CPU in
 about half an hour; --full runs every ratio 0.1..0.9 for every method x allocation and pair (SmolLM2 and
-MiniLM: about 40 minutes on 2 cores; Whisper-base: hours, a GPU job). Calibration (calibrated and
-vanilla-activation) uses the same input moments for every run of a model: 128 x 512 tokens of WikiText-2
-validation, Harvard sentences 21-40, or SST-2 sentences 256-511.
+MiniLM: about 40 minutes on 2 cores; Whisper-base with --sentences 16: 324 runs for 3 methods in 69 minutes,
+the measured results use ``--full --sentences 16 --methods clover calibrated vanilla`` and then
+``--full --sentences 16 --methods vanilla-activation --allocations global --no-thresholds``).
+Calibration (calibrated and vanilla-activation) uses the same input moments for every run of a model:
+128 x 512 tokens of WikiText-2 validation, Harvard sentences 21-40, or SST-2 sentences 256-511.
 
 Also: the paper's headline protocol (global allocation, Q-K) on the MHA models (which vanilla ratio matches
 CLOVER at 70%?), and the paper's Whisper thresholds (σ_QK ≤ 5e-3, σ_VO ≤ 6e-3) applied to Whisper-base.
@@ -139,10 +141,12 @@ def run_model(
 def headline(rows: list[dict]) -> list[str]:
     """Vanilla ratio whose quality equals CLOVER's at 70% of Q-K dims removed (global), by interpolation."""
     lines = []
-    for model, stack in {(r["model"], r["stack"]) for r in rows if r["pair"] == "qk" and r["allocation"] == "global"}:
+    cases = sorted({(r["model"], r["stack"], metric) for r in rows if r["pair"] == "qk" and r["allocation"] == "global"
+                    for metric in (METRIC_BY_MODEL[r["model"]], *EXTRA_METRICS.get(r["model"], ()))})  # fmt: skip
+    for model, stack, metric in cases:
 
-        def curve(method, model=model, stack=stack):
-            pts = sorted((r["ratio"], r[METRIC_BY_MODEL[model]]) for r in rows if r["model"] == model and
+        def curve(method, model=model, stack=stack, metric=metric):
+            pts = sorted((r["ratio"], r[metric]) for r in rows if r["model"] == model and
                          r["stack"] == stack and r["pair"] == "qk" and r["method"] == method
                          and r["allocation"] == "global")  # fmt: skip
             return np.array(pts)
@@ -152,7 +156,7 @@ def headline(rows: list[dict]) -> list[str]:
             continue
         target = clover[clover[:, 0] == 0.7][0, 1]
         values = vanilla[:, 1]
-        worse = (values >= target) if METRIC_BY_MODEL[model] != "similarity_to_original" else (values <= target)
+        worse = (values >= target) if metric != "similarity_to_original" else (values <= target)
         if not worse.any():
             match = "> 0.9"
         elif worse[0]:
@@ -161,7 +165,7 @@ def headline(rows: list[dict]) -> list[str]:
             i = int(np.argmax(worse))
             x0, x1, y0, y1 = vanilla[i - 1, 0], vanilla[i, 0], values[i - 1], values[i]
             match = f"{x0 + (target - y0) * (x1 - x0) / (y1 - y0):.3f}"
-        lines.append(f"| {model} {stack} | {METRIC_BY_MODEL[model]} | CLOVER at 70%: {target:.4g} | vanilla ratio with "
+        lines.append(f"| {model} {stack} | {metric} | CLOVER at 70%: {target:.4g} | vanilla ratio with "
                      f"the same quality: {match} | paper (GPT-2 XL): 70% ≈ 8% |")  # fmt: skip
     return lines
 
@@ -170,6 +174,44 @@ METRIC_BY_MODEL = {"smollm2-135m": "wikitext2_test_ppl", "whisper-base": "wer", 
 
 
 EXTRA_METRICS = {"whisper-base": ("decoder_loss",)}  # plotted in a second row of panels
+
+
+# "still fine": the quality budget for the largest-safe-ratio table
+SAFE = {
+    "wikitext2_test_ppl": ("perplexity within +50% of unpruned", lambda v, base: v <= 1.5 * base),
+    "decoder_loss": ("decoder loss within +10% of unpruned", lambda v, base: v <= 1.1 * base),
+    "similarity_to_original": ("similarity ≥ 0.99", lambda v, base: v >= 0.99),
+}
+
+
+def safe_ratios(rows: list[dict]) -> list[str]:
+    """Per model, stack, pair and allocation: the largest ratio up to which every tested ratio stays within the
+    quality budget (SAFE), for each method."""
+    lines = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        metric = next(m for m in (*EXTRA_METRICS.get(model, ()), METRIC_BY_MODEL[model]) if m in SAFE)
+        label, fine = SAFE[metric]
+        base = next(r[metric] for r in rows if r["model"] == model and r["method"] == "none")
+        methods = [m for m in METHODS if any(r["model"] == model and r["method"] == m for r in rows)]
+        lines += ["", f"{model}: largest share of dims removed with {label} ({metric} {base:.4g})", "",
+                  "| stack | pair | allocation | " + " | ".join(methods) + " |",
+                  "|---|---|---|" + "---:|" * len(methods)]  # fmt: skip
+        keys = sorted({(r["stack"], r["pair"], r["allocation"]) for r in rows if r["model"] == model
+                       and r["method"] != "none" and r["allocation"] != "threshold"})  # fmt: skip
+        for stack, pair, allocation in keys:
+            cells = []
+            for method in methods:
+                pts = sorted((r["ratio"], r[metric]) for r in rows if r["model"] == model and r["stack"] == stack
+                             and r["pair"] == pair and r["allocation"] == allocation and r["method"] == method
+                             and metric in r)  # fmt: skip
+                safe = 0.0
+                for ratio, value in pts:
+                    if not fine(value, base):
+                        break
+                    safe = ratio
+                cells.append(f"{safe:.0%}" if pts else "")
+            lines.append(f"| {stack} | {pair} | {allocation} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot(rows: list[dict], model: str) -> None:
@@ -223,28 +265,30 @@ def summarize() -> None:
             rows += [{k: _number(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
     for model in dict.fromkeys(r["model"] for r in rows):
         plot(rows, model)
-        metric = METRIC_BY_MODEL[model]
-        base = next(r[metric] for r in rows if r["model"] == model and r["method"] == "none")
-        print(f"\n{model}: {metric} (unpruned {base:.4g}); columns: share of the pair's dims removed")
         keys = sorted({(r["stack"], r["pair"], r["allocation"]) for r in rows if r["model"] == model
                        and r["method"] != "none" and r["allocation"] != "threshold"})  # fmt: skip
-        for stack, pair, allocation in keys:
-            sel = [r for r in rows if r["model"] == model and (r["stack"], r["pair"], r["allocation"]) ==
-                   (stack, pair, allocation) and r["method"] != "none"]  # fmt: skip
-            ratios = sorted({r["ratio"] for r in sel})
-            print(f"\n| {stack} {pair} {allocation} | " + " | ".join(f"{x:.0%}" for x in ratios) + " |")
-            print("|---|" + "---|" * len(ratios))
-            for method in METHODS:
-                values = {r["ratio"]: r[metric] for r in sel if r["method"] == method}
-                if values:
-                    cells = [f"{values[x]:.4g}" if x in values else "" for x in ratios]
-                    print(f"| {method} | " + " | ".join(cells) + " |")
+        for metric in (METRIC_BY_MODEL[model], *EXTRA_METRICS.get(model, ())):
+            base = next(r[metric] for r in rows if r["model"] == model and r["method"] == "none")
+            print(f"\n{model}: {metric} (unpruned {base:.4g}); columns: share of the pair's dims removed")
+            for stack, pair, allocation in keys:
+                sel = [r for r in rows if r["model"] == model and (r["stack"], r["pair"], r["allocation"]) ==
+                       (stack, pair, allocation) and r["method"] != "none"]  # fmt: skip
+                ratios = sorted({r["ratio"] for r in sel})
+                print(f"\n| {stack} {pair} {allocation} | " + " | ".join(f"{x:.0%}" for x in ratios) + " |")
+                print("|---|" + "---|" * len(ratios))
+                for method in METHODS:
+                    values = {r["ratio"]: r[metric] for r in sel if r["method"] == method}
+                    if values:
+                        cells = [f"{values[x]:.4g}" if x in values else "" for x in ratios]
+                        print(f"| {method} | " + " | ".join(cells) + " |")
+        base = next(r[METRIC_BY_MODEL[model]] for r in rows if r["model"] == model and r["method"] == "none")
         for r in rows:
             if r["model"] == model and r.get("allocation") == "threshold":
                 print(f"\npaper thresholds (σ_QK ≤ 5e-3, σ_VO ≤ 6e-3): {r['qk_removed']:.2%} of Q-K and "
                       f"{r['vo_removed']:.2%} of V-O dims removed, WER {r['wer']:.3f} "
                       f"(unpruned {base:.3f})")  # fmt: skip
     print("\n" + "\n".join(headline(rows)))
+    print("\n".join(safe_ratios(rows)))
 
 
 def main() -> None:
