@@ -215,3 +215,12 @@ def test_refusals_come_before_calibration(tmp_path, capsys, monkeypatch):
     out = tmp_path / "never"
     assert main(["prune", str(path), "--qk-ratio", "0.3", "--method", "calibrated", "--out", str(out), "--quiet"]) == 2
     assert "--vo-ratio" in capsys.readouterr().err and not out.exists()
+
+
+def test_quiet_silences_every_progress_bar(tiny_checkpoint, tmp_path, capsys):
+    from transformers.utils import logging as hf_logging
+
+    path, _ = tiny_checkpoint
+    assert main(["prune", str(path), "--vo-ratio", "0.5", "--out", str(tmp_path / "p"), "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
+    assert hf_logging.is_progress_bar_enabled()  # restored for whoever calls main() next

@@ -366,13 +366,21 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
     from .errors import CloverError
 
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    if getattr(args, "quiet", False):  # transformers' own bars too (loading weights, GGUF conversion)
+        hf_logging.disable_progress_bar()
     try:
         return args.func(args)
     except CloverError as error:
         print(f"clover: error: {error}", file=sys.stderr)
         return 2
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
 
 
 if __name__ == "__main__":
