@@ -10,6 +10,8 @@ import time
 
 PROBE_TEXT = "Singular value decomposition rewrites every attention head as orthogonal vectors."
 
+DEVICE_HELP = "cpu, cuda, cuda:N or mps (default: cuda when available, else cpu)"
+
 MODEL_HELP = (
     "a short name (smollm2-135m, minilm-l6, whisper-tiny.en, whisper-base: real weights shipped in pip packages, "
     "converted once and cached under $CLOVER_CACHE or ~/.cache/clover) or a local transformers checkpoint directory"
@@ -325,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(they are kept under $CLOVER_CACHE/moments, keyed by the weight files and the calibration settings)",
     )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype")
-    p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available, else cpu)")
+    p.add_argument("--device", help=DEVICE_HELP)
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--json", action="store_true", help="print a JSON report")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -350,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--limit", type=int, help="--tasks: rows per task (default: all)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype")
-    p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available, else cpu)")
+    p.add_argument("--device", help=DEVICE_HELP)
     p.add_argument("--json", action="store_true", help="print a JSON report")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)

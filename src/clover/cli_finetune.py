@@ -702,6 +702,8 @@ def _csv_list(text: str) -> tuple[str, ...]:
 
 def add_finetune_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``finetune`` subcommand (``set_defaults(func=cmd_finetune)``) to the CLI's subparsers."""
+    from clover.cli import DEVICE_HELP
+
     defaults = FinetuneOptions()
     p = subparsers.add_parser(
         "finetune",
@@ -787,7 +789,7 @@ def add_finetune_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--eval-base", action="store_true", help="also score the untouched model first (reference)")
     p.add_argument("--no-eval", dest="evaluate", action="store_false", help="skip the held-out evaluation")
     p.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest when other jobs share the cores)")
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    p.add_argument("--device", help=DEVICE_HELP)
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--json", action="store_true", help="print a JSON report instead of text")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

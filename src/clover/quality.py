@@ -23,6 +23,7 @@ from .models import LoadedModel, load_model, model_cache_dir
 from .prune import InputMoments
 
 SPEECH_EVAL_SENTENCES = 20
+SPEECH_CALIBRATION_SENTENCES = 20  # Harvard sentences 21-40: after the evaluation ones, never scored
 
 
 def parameter_count(model: nn.Module) -> int:
@@ -106,7 +107,7 @@ def calibration_callback(
             for _, batch in batches(windows, 8):
                 model(input_ids=batch.to(device), use_cache=False)
         elif loaded.kind == "speech-seq2seq":
-            audios, texts = speech_set(SPEECH_EVAL_SENTENCES, min(samples, 20))
+            audios, texts = speech_set(SPEECH_EVAL_SENTENCES, min(samples, SPEECH_CALIBRATION_SENTENCES))
             prompt = list(loaded.decoder_prompt_ids)
             for start, clips in batches(audios, 8):
                 feats = loaded.feature_extractor(clips, sampling_rate=16000, return_tensors="pt").input_features
@@ -140,7 +141,7 @@ def calibration_fingerprint(loaded: LoadedModel, *, samples: int, seq_len: int) 
     if loaded.source is None:
         return None
     if loaded.kind == "speech-seq2seq":
-        samples = min(samples, SPEECH_EVAL_SENTENCES)  # what the callback really uses
+        samples = min(samples, SPEECH_CALIBRATION_SENTENCES)  # what the callback really uses
     files = []
     for path in sorted(p for p in loaded.source.iterdir() if p.is_file()):
         stat = path.stat()
