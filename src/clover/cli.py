@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 
 PROBE_TEXT = "Singular value decomposition rewrites every attention head as orthogonal vectors."
+
+OVERWRITE_HELP = "replace --out if clover wrote it (its files and nothing else); other folders are never replaced"
 
 DEVICE_HELP = "cpu, cuda, cuda:N or mps (default: cuda when available, else cpu)"
 
@@ -18,9 +21,14 @@ MODEL_HELP = (
 )
 
 
-def _dtype(name: str):
+DTYPE_HELP = "weights dtype (default: the checkpoint's own, so a bf16 model is written back as bf16)"
+
+
+def _dtype(name: str | None):
     import torch
 
+    if name is None or name == "auto":
+        return None
     return {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}[
         name
     ]
@@ -48,7 +56,7 @@ def cmd_decompose(args: argparse.Namespace) -> int:
     from .io import atomic_directory, check_output_dir, save_loaded_model
     from .models import load_model
 
-    check_output_dir(args.out, overwrite=args.overwrite)
+    check_output_dir(args.out, overwrite=args.overwrite, inputs=[args.model])
     start = time.perf_counter()
     loaded = load_model(args.model, dtype=_dtype(args.dtype))
     loaded_at = time.perf_counter()
@@ -59,7 +67,7 @@ def cmd_decompose(args: argparse.Namespace) -> int:
     report = {"model": args.model, "out": str(args.out), "attention_sites": len(spectra)}
     if reference is not None:
         report["max_abs_output_change"] = float((probe_output(loaded) - reference).abs().max())
-    with atomic_directory(args.out, overwrite=args.overwrite) as staging:
+    with atomic_directory(args.out, overwrite=args.overwrite, inputs=[args.model]) as staging:
         save_loaded_model(loaded, staging)
     report.update(load_s=round(loaded_at - start, 2), factorize_s=round(factorized_at - loaded_at, 2))
     if args.json:
@@ -102,13 +110,14 @@ def cmd_spectrum(args: argparse.Namespace) -> int:
     from .decompose import spectrum
     from .models import load_model
 
+    plot_path = _plot_path(args.out) if args.out else None  # refused before minutes of work, not after
     loaded = load_model(args.model)
     spectra = spectrum(loaded.model, progress=not args.quiet)
     rows = _summary_rows(spectra)
-    if args.out:
+    if plot_path is not None:
         from .plots import plot_spectra
 
-        plot_spectra(spectra, args.out, title=f"CLOVER singular values: {args.model}")
+        args.out = str(plot_spectra(spectra, plot_path, title=f"CLOVER singular values: {args.model}"))
     if args.json:
         print(json.dumps({"model": args.model, "plot": args.out, "rows": rows}))
         return 0
@@ -123,6 +132,31 @@ def cmd_spectrum(args: argparse.Namespace) -> int:
     if args.out:
         print(f"plot written to {args.out}")
     return 0
+
+
+PLOT_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg")
+
+
+def _plot_path(out: str) -> os.PathLike:
+    """The file a plot goes to: --out as given, with .png added when it names no image format."""
+    from pathlib import Path
+
+    from .errors import CloverError
+
+    path = Path(out).expanduser()
+    if path.is_dir():
+        raise CloverError(f"--out {out} is a directory; give a file name such as {path / 'spectrum.png'}")
+    suffix = path.suffix.lower().lstrip(".")
+    if not suffix:
+        path = path.with_name(path.name + ".png")
+    elif suffix not in PLOT_FORMATS:
+        raise CloverError(f"--out {out}: unsupported image format .{suffix}; use one of .{', .'.join(PLOT_FORMATS)}")
+    for parent in path.resolve().parents:
+        if parent.exists():
+            if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+                raise CloverError(f"--out {out}: cannot write into {parent}; choose another path")
+            break
+    return path
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
@@ -141,7 +175,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     config.validate()
     if not config.prunes("qk") and not config.prunes("vo"):
         raise CloverError("nothing to prune: give --qk-ratio and/or --vo-ratio in (0, 1), or --threshold")
-    check_output_dir(args.out, overwrite=args.overwrite)
+    check_output_dir(args.out, overwrite=args.overwrite, inputs=[args.model])
     device = resolve_device(args.device)
     if device.type == "mps":
         raise CloverError("--device mps: pruning computes in float64, which MPS lacks; prune on cpu or cuda")
@@ -162,7 +196,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - start
     loaded.model.config.clover["source"] = args.model
     loaded.model.to("cpu")
-    save_pruned_model(loaded, args.out, overwrite=args.overwrite)
+    save_pruned_model(loaded, args.out, overwrite=args.overwrite, inputs=[args.model])
     summary = {
         "model": args.model,
         "out": str(args.out),
@@ -234,6 +268,45 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+CACHE_KINDS = {
+    "models": "short-named models converted from their pip packages",
+    "moments": "calibration moments (input second moments per checkpoint and calibration set)",
+    "speech": "synthesised Harvard-sentence audio for the Whisper evaluation",
+}
+
+
+def _tree_bytes(path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    import shutil
+
+    from .errors import CloverError
+    from .models import model_cache_dir
+
+    root = model_cache_dir()
+    chosen = list(CACHE_KINDS) if args.clear == "all" else [args.clear] if args.clear else list(CACHE_KINDS)
+    rows = []
+    for kind in chosen:
+        folder = root / kind
+        entries = sorted(folder.iterdir()) if folder.is_dir() else []
+        rows.append({"cache": kind, "path": str(folder), "entries": len(entries), "bytes": _tree_bytes(folder)})
+        if args.clear and folder.is_dir():
+            try:
+                shutil.rmtree(folder)  # clover's own subfolder of its cache: nothing else lives there
+            except OSError as error:
+                raise CloverError(f"could not clear {folder}: {error.strerror or error}") from None
+    if args.json:
+        print(json.dumps({"root": str(root), "cleared": bool(args.clear), "caches": rows}))
+        return 0
+    print(f"clover cache: {root} ($CLOVER_CACHE moves it)")
+    for row in rows:
+        action = "cleared" if args.clear else f"{row['entries']:>4} entries"
+        print(f"  {row['cache']:8} {row['bytes'] / 1e6:10.1f} MB  {action:13} {CACHE_KINDS[row['cache']]}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clover",
@@ -252,15 +325,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--out", required=True, help="directory to write (safetensors + config + tokenizer)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help=DTYPE_HELP)
     p.add_argument(
         "--compute-dtype",
         default="float64",
         choices=["float64", "float32"],
-        help="precision of the QR/SVD (results are written back in --dtype); default float64",
+        help="precision of the QR/SVD (results are written back in the weights' dtype); default float64",
     )
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the before/after output check")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--json", action="store_true", help="print a JSON report instead of text")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_decompose)
@@ -272,7 +345,11 @@ def build_parser() -> argparse.ArgumentParser:
         "per layer and pair (largest, median, smallest σ, and how many dims hold 90%% of the energy).",
     )
     p.add_argument("model", help=MODEL_HELP)
-    p.add_argument("--out", help="PNG file for the plot (one panel per stack and pair, one line per layer)")
+    p.add_argument(
+        "--out",
+        help="image file for the plot (.png, .pdf, .svg, .jpg; .png is added to a name without one): one panel per "
+        "stack and pair, one line per layer",
+    )
     p.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_spectrum)
@@ -326,9 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="recompute the calibration moments instead of reusing those cached for this unchanged checkpoint "
         "(they are kept under $CLOVER_CACHE/moments, keyed by the weight files and the calibration settings)",
     )
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help=DTYPE_HELP)
     p.add_argument("--device", help=DEVICE_HELP)
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--json", action="store_true", help="print a JSON report")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_prune)
@@ -351,11 +428,22 @@ def build_parser() -> argparse.ArgumentParser:
         "boolq, piqa, social_iqa, hellaswag, winogrande, arc_easy, arc_challenge, openbookqa (validation splits)",
     )
     p.add_argument("--limit", type=int, help="--tasks: rows per task (default: all)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help=DTYPE_HELP)
     p.add_argument("--device", help=DEVICE_HELP)
     p.add_argument("--json", action="store_true", help="print a JSON report")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "cache",
+        help="list clover's caches (converted models, calibration moments, speech) with their sizes, or clear them",
+        description="clover keeps converted models, calibration moments and synthesised speech under $CLOVER_CACHE "
+        "(default ~/.cache/clover). Without options: list each cache and its size. Everything there can be "
+        "recomputed: clearing only costs time on the next run.",
+    )
+    p.add_argument("--clear", choices=[*CACHE_KINDS, "all"], help="delete one cache, or all of them")
+    p.add_argument("--json", action="store_true", help="print a JSON report")
+    p.set_defaults(func=cmd_cache)
 
     from .cli_finetune import add_finetune_parser
 
@@ -368,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     args = build_parser().parse_args(argv)
+    from safetensors import SafetensorError
     from transformers.utils import logging as hf_logging
 
     from .errors import CloverError
@@ -375,14 +464,42 @@ def main(argv: list[str] | None = None) -> int:
     bars_were_on = hf_logging.is_progress_bar_enabled()
     if getattr(args, "quiet", False):  # transformers' own bars too (loading weights, GGUF conversion)
         hf_logging.disable_progress_bar()
+    previous_term = signal.signal(signal.SIGTERM, _terminate) if _main_thread() else None
     try:
         return args.func(args)
     except CloverError as error:
         print(f"clover: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # staging directories are removed on the way out (io.atomic_directory)
+        print("clover: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except Terminated:
+        print("clover: terminated; nothing was written", file=sys.stderr)
+        return 143
+    except (OSError, SafetensorError) as error:  # a full disk, a read-only folder: said in one line
+        where = f" ({error.filename})" if getattr(error, "filename", None) else ""
+        reason = getattr(error, "strerror", None) or error
+        print(f"clover: error: {reason}{where}; nothing was written", file=sys.stderr)
+        return 1
     finally:
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
         if bars_were_on:
             hf_logging.enable_progress_bar()
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised like Ctrl-C so that staging directories are cleaned up on the way out."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":

@@ -3,40 +3,137 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import glob
+import json
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from .errors import CloverError
 
+MARKER = ".clover-output.json"  # written last into every directory clover commits: the files it wrote
+# Files clover writes, for directories written before the marker existed (config.json must also carry "clover").
+_LEGACY_NAMES = re.compile(
+    r"(config|generation_config|preprocessor_config|tokenizer|tokenizer_config|special_tokens_map|added_tokens"
+    r"|vocab|merges|model\.safetensors\.index|adapter_config|clover_adapter)\.json|model(-\d+-of-\d+)?\.safetensors"
+    r"|adapter_model\.safetensors|modeling_clover\.py|vocab\.txt|merges\.txt|tokenizer\.model|chat_template\.jinja"
+    r"|train_log\.csv|report\.json|adapter"
+)
+_STAGING = re.compile(r"\.(?P<name>.+)\.(partial|old)-(?P<pid>\d+)-\w+")
 
-def check_output_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Refuse to clobber a non-empty directory unless asked; returns the resolved path."""
+
+def _written_by_clover(path: Path) -> bool:
+    """True if ``path`` holds exactly what a clover command committed there, and nothing the user added."""
+    entries = {entry.name for entry in path.iterdir()}
+    marker = path / MARKER
+    if marker.is_file():
+        try:
+            written = set(json.loads(marker.read_text())["entries"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        return entries - {MARKER} <= written
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "clover" in config and all(_LEGACY_NAMES.fullmatch(e) for e in entries)
+
+
+def check_output_dir(
+    out: str | os.PathLike, *, overwrite: bool = False, inputs: Sequence[str | os.PathLike] = ()
+) -> Path:
+    """Refuse an output path that would lose the user's files; returns the resolved path.
+
+    An existing non-empty directory is replaced only with ``overwrite`` and only if clover wrote it (its files and
+    nothing else), and never when it is one of ``inputs`` or holds one of them."""
     path = Path(out).expanduser().resolve()
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CloverError(f"--out {path}: {parent} is a file, not a directory; choose another path")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise CloverError(f"--out {path}: {parent} is not writable; choose another path")
+            break
     if path.exists() and not path.is_dir():
         raise CloverError(f"--out {path} exists and is a file; give a directory path")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise CloverError(f"--out {path} already exists and is not empty; pass --overwrite or choose another path")
+    for item in inputs:
+        source = Path(item).expanduser()
+        if source.exists() and (source.resolve() == path or path in source.resolve().parents):
+            raise CloverError(f"--out {path} is the input model {item} or holds it; choose another path")
+    if path.is_dir() and any(path.iterdir()):
+        if not overwrite:
+            raise CloverError(f"--out {path} already exists and is not empty; pass --overwrite or choose another path")
+        if not _written_by_clover(path):
+            raise CloverError(
+                f"--out {path} holds files clover did not write; --overwrite only replaces clover's own output "
+                "directories. Choose another path or move those files away"
+            )
     return path
 
 
+def process_alive(pid: int) -> bool:
+    """Whether a process of this pid exists (staging names carry the pid of the run that made them)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_staging(final: Path) -> None:
+    """Remove the staging and trash folders that a killed run on the same target left beside it."""
+    if not final.parent.is_dir():
+        return
+    for entry in final.parent.glob(f".{glob.escape(final.name)}.*-*"):
+        match = _STAGING.fullmatch(entry.name)
+        if match and match["name"] == final.name and not process_alive(int(match["pid"])):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
 @contextlib.contextmanager
-def atomic_directory(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces ``out`` in one rename, on error it vanishes."""
-    final = check_output_dir(out, overwrite=overwrite)
+def _directory_lock(directory: Path) -> Iterator[None]:
+    # flock on the parent directory itself: no lock file is left behind in the user's folder
+    handle = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(handle)
+
+
+@contextlib.contextmanager
+def atomic_directory(
+    out: str | os.PathLike, *, overwrite: bool = False, inputs: Sequence[str | os.PathLike] = ()
+) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it replaces ``out`` in one rename, on error it vanishes.
+
+    The commit holds a lock on the parent and checks the target again, so a directory that another run wrote
+    meanwhile is never replaced (unless ``overwrite``, and then only if clover wrote it)."""
+    final = check_output_dir(out, overwrite=overwrite, inputs=inputs)
     final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    remove_stale_staging(final)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-{os.getpid()}-", dir=final.parent))
     try:
         yield staging
-        if final.exists():
-            trash = final.with_name(f".{final.name}.old-{os.getpid()}")
-            final.rename(trash)
-            staging.rename(final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            staging.rename(final)
+        entries = sorted(entry.name for entry in staging.iterdir())
+        (staging / MARKER).write_text(json.dumps({"entries": entries}) + "\n")
+        with _directory_lock(final.parent):
+            if final.exists() and any(final.iterdir()):
+                if not overwrite:
+                    raise CloverError(f"--out {final} was written by another run meanwhile; nothing was replaced")
+                check_output_dir(final, overwrite=True, inputs=inputs)
+                trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-{os.getpid()}-", dir=final.parent))
+                final.rename(trash / final.name)
+                staging.rename(final)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                staging.rename(final)  # an empty directory at the target is replaced by the rename
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -58,13 +155,15 @@ AUTO_CLASS = {
 }
 
 
-def save_pruned_model(loaded, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
+def save_pruned_model(
+    loaded, out: str | os.PathLike, *, overwrite: bool = False, inputs: Sequence[str | os.PathLike] = ()
+) -> Path:
     """Write a pruned model atomically: safetensors, config with the per-head dims, and the modeling code.
 
     The directory loads with ``AutoModel*.from_pretrained(DIR, trust_remote_code=True)`` in a process that
     does not have clover installed: ``modeling_clover.py`` (torch + transformers only) is copied beside the weights.
     """
-    with atomic_directory(out, overwrite=overwrite) as staging:
+    with atomic_directory(out, overwrite=overwrite, inputs=inputs) as staging:
         write_pruned_model(loaded, staging)
     return Path(out)
 

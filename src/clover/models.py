@@ -327,7 +327,7 @@ def _whisper_prompt(tokenizer: Any, config: Any) -> list[int]:
 # ---------------------------------------------------------------- loading
 
 
-def _load_directory(path: pathlib.Path, dtype: torch.dtype, name: str) -> LoadedModel:
+def _load_directory(path: pathlib.Path, dtype: torch.dtype | None, name: str) -> LoadedModel:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise CloverError(f"{path} has no config.json: pass a directory written by save_pretrained.")
@@ -341,7 +341,8 @@ def _load_directory(path: pathlib.Path, dtype: torch.dtype, name: str) -> Loaded
         kind, cls = "speech-seq2seq", AutoModelForSpeechSeq2Seq if remote else WhisperForConditionalGeneration
     else:
         kind, cls = "encoder", AutoModel
-    model = cls.from_pretrained(path, dtype=torch.float32, **remote).to(dtype).eval()
+    # dtype None keeps the checkpoint's own (a bf16 checkpoint stays bf16 and is written back as bf16)
+    model = cls.from_pretrained(path, dtype=dtype or "auto", **remote).eval()
     if kind == "speech-seq2seq":
         tokenizer = _whisper_tokenizer(path) if (path / "tokenizer.json").exists() else None
         return LoadedModel(
@@ -399,8 +400,9 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
-def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a short-named real model (converted once into the cache) or a local checkpoint directory."""
+def load_model(name_or_path: str, *, dtype: torch.dtype | None = torch.float32) -> LoadedModel:
+    """Load a short-named real model (converted once into the cache) or a local checkpoint directory, in ``dtype``
+    (None: the dtype the checkpoint was saved in)."""
     spec = SHORT_NAMES.get(name_or_path)
     if spec is None:
         path = pathlib.Path(name_or_path).expanduser()

@@ -19,6 +19,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import evaluate
+from .errors import CloverError
+from .io import process_alive
 from .models import LoadedModel, load_model, model_cache_dir
 from .prune import InputMoments
 
@@ -66,6 +68,12 @@ def measure(
             )  # fmt: skip
             report["kv_bytes_per_token"] = evaluate.kv_cache_bytes_per_token(model, loaded.tokenizer)
         elif loaded.kind == "speech-seq2seq":
+            if sentences > SPEECH_EVAL_SENTENCES:  # sentences 21-40 calibrate; scoring them would overlap
+                raise CloverError(
+                    f"--sentences {sentences}: Whisper is scored on at most {SPEECH_EVAL_SENTENCES} sentences "
+                    f"(Harvard 1-{SPEECH_EVAL_SENTENCES}; the next {SPEECH_CALIBRATION_SENTENCES} are the "
+                    "calibration set, which evaluation never uses)"
+                )
             audios, texts = speech_set(0, sentences)
             quality = evaluate.whisper_quality(
                 model, loaded.feature_extractor, loaded.tokenizer, loaded.decoder_prompt_ids, audios, texts
@@ -188,17 +196,27 @@ def calibration_moments(
 
 
 def _store(moments: InputMoments, path: pathlib.Path) -> None:
-    """Write atomically (a reader never sees half a file); on failure, warn and leave no temporary behind."""
+    """Write atomically (a reader never sees half a file); on any failure (a full disk, a read-only cache, the
+    error types safetensors raises), warn and leave no temporary behind: a cache write never stops a prune."""
     staging = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+        remove_stale_temporaries(path.parent)
+        handle, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.{os.getpid()}-", suffix=".tmp")
         os.close(handle)
         moments.save(staging)
         os.replace(staging, path)
         staging = None
-    except OSError as error:
+    except Exception as error:
         warnings.warn(f"calibration moments not cached ({error}); the next prune will recompute them", stacklevel=3)
     finally:
         if staging is not None:
             pathlib.Path(staging).unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(directory: pathlib.Path) -> None:
+    """Delete the temporary files that killed runs left in a cache folder (their process is gone)."""
+    for entry in directory.glob(".*.tmp"):
+        pid = entry.name.split(".")[-2].split("-")[0]  # .<key>.<pid>-<random>.tmp
+        if pid.isdigit() and not process_alive(int(pid)):
+            entry.unlink(missing_ok=True)

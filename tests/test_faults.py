@@ -1,0 +1,320 @@
+"""Nothing of the user's is lost, and faults (full disk, read-only folders, Ctrl-C, kills, concurrent runs) end in
+one line: --overwrite only replaces clover's own output, staging never looks complete and is cleaned next time."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import build_tiny
+
+from clover.cli import main
+from clover.errors import CloverError
+from clover.io import MARKER, atomic_directory
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+@pytest.fixture
+def gpt2_dir(tmp_path) -> Path:
+    path = tmp_path / "models" / "tiny-gpt2"
+    build_tiny("gpt2").save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def llama_with_tokenizer(tmp_path) -> Path:
+    from test_finetune_cli import byte_tokenizer
+    from test_heal import _byte_llama
+
+    path = tmp_path / "llama"
+    _byte_llama().save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+def prune(model: Path, out: Path, *extra: str) -> list[str]:
+    return ["prune", str(model), "--vo-ratio", "0.5", "--out", str(out), "--quiet", *extra]
+
+
+def one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err, err
+    return err
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ---------------------------------------------------------------- --overwrite never loses the user's files
+
+
+def test_overwrite_refuses_a_folder_of_other_files_and_the_working_directory(gpt2_dir, tmp_path, capsys, monkeypatch):
+    user = tmp_path / "work"
+    (user / "notes").mkdir(parents=True)
+    (user / "notes" / "a.txt").write_text("mine")
+    (user / "config.json").write_text("{}")  # looks a bit like a checkpoint, but clover never wrote it
+    before = snapshot(user)
+    assert main(prune(gpt2_dir, user, "--overwrite")) == 2
+    assert "clover did not write" in one_line(capsys)
+    monkeypatch.chdir(user)
+    assert main(prune(gpt2_dir, Path("."), "--overwrite")) == 2
+    one_line(capsys)
+    assert snapshot(user) == before
+
+
+def test_overwrite_never_replaces_the_input_or_a_folder_holding_it(gpt2_dir, tmp_path, capsys):
+    sibling = gpt2_dir.parent / "other-model"
+    build_tiny("bert").save_pretrained(sibling)
+    capsys.readouterr()
+    before = snapshot(gpt2_dir.parent)
+    for out in (gpt2_dir, gpt2_dir.parent):
+        assert main(prune(gpt2_dir, out, "--overwrite")) == 2
+        assert "input model" in one_line(capsys)
+    # a pruned checkpoint is clover's own, but still never the input of the same run
+    pruned = tmp_path / "pruned"
+    assert main(prune(gpt2_dir, pruned)) == 0
+    assert main(prune(pruned, pruned, "--overwrite")) == 2
+    assert "input model" in one_line(capsys)
+    assert snapshot(gpt2_dir.parent) == before
+
+
+def test_overwrite_replaces_clovers_own_output_but_not_once_the_user_adds_a_file(gpt2_dir, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    assert main(prune(gpt2_dir, out)) == 0
+    written = json.loads((out / MARKER).read_text())["entries"]
+    assert "model.safetensors" in written and "config.json" in written
+    assert main(prune(gpt2_dir, out, "--overwrite", "--allocation", "layer")) == 0
+    assert json.loads((out / "config.json").read_text())["clover"]["allocation"] == "layer"
+    (out / "my-notes.txt").write_text("mine")
+    assert main(prune(gpt2_dir, out, "--overwrite")) == 2
+    assert "clover did not write" in one_line(capsys)
+    assert (out / "my-notes.txt").read_text() == "mine"
+
+
+def test_legacy_clover_output_without_marker_is_replaceable(gpt2_dir, tmp_path):
+    out = tmp_path / "old"
+    assert main(prune(gpt2_dir, out)) == 0
+    (out / MARKER).unlink()  # as written before the marker existed: recognised by config.clover and file names
+    assert main(prune(gpt2_dir, out, "--overwrite")) == 0
+
+
+# ---------------------------------------------------------------- concurrent writers
+
+
+def test_a_target_written_meanwhile_is_never_replaced(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(CloverError, match="another run meanwhile"):
+        with atomic_directory(out) as first_staging:
+            with atomic_directory(out) as second_staging:  # both checked the target before either wrote
+                (second_staging / "config.json").write_text('{"winner": "second"}')
+            (first_staging / "config.json").write_text('{"winner": "first"}')
+    assert json.loads((out / "config.json").read_text()) == {"winner": "second"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the loser's staging is gone
+
+
+def test_two_concurrent_prune_processes_one_wins_the_other_says_so(gpt2_dir, tmp_path):
+    out = tmp_path / "out"
+    driver = textwrap.dedent(
+        f"""
+        import sys, time, clover.io
+        real = clover.io.write_pruned_model
+        def slow(loaded, directory):
+            real(loaded, directory)
+            time.sleep(3)  # both runs are now past their start-time check, with staging written
+        clover.io.write_pruned_model = slow
+        from clover.cli import main
+        sys.exit(main(["prune", {str(gpt2_dir)!r}, "--vo-ratio", "0.5", "--out", {str(out)!r}, "--quiet"]))
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": SRC}
+    runs = [subprocess.Popen([sys.executable, "-c", driver], env=env, stderr=subprocess.PIPE, text=True)]
+    time.sleep(0.5)
+    runs.append(subprocess.Popen([sys.executable, "-c", driver], env=env, stderr=subprocess.PIPE, text=True))
+    results = [(run.wait(timeout=120), run.stderr.read()) for run in runs]
+    assert sorted(code for code, _ in results) == [0, 2], results
+    loser = next(err for code, err in results if code == 2)
+    assert "another run meanwhile" in loser and "Traceback" not in loser
+    assert (out / "model.safetensors").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["models", "out"]
+
+
+# ---------------------------------------------------------------- Ctrl-C, kills
+
+
+def _interruptible(model: Path, out: Path, marker: Path) -> str:
+    return textwrap.dedent(
+        f"""
+        import pathlib, sys, time, clover.io
+        real = clover.io.write_pruned_model
+        def slow(loaded, directory):
+            real(loaded, directory)
+            pathlib.Path({str(marker)!r}).write_text(str(directory))
+            time.sleep(60)  # mid-write: the staging directory holds a checkpoint
+        clover.io.write_pruned_model = slow
+        from clover.cli import main
+        sys.exit(main(["prune", {str(model)!r}, "--vo-ratio", "0.5", "--out", {str(out)!r}, "--quiet"]))
+        """
+    )
+
+
+def _start_and_wait(driver: str, marker: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": SRC}
+    run = subprocess.Popen([sys.executable, "-c", driver], env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not marker.exists() and time.time() < deadline and run.poll() is None:
+        time.sleep(0.1)
+    assert marker.exists(), run.stderr.read() if run.poll() is not None else "timed out"
+    return run
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_mid_write_is_one_line_and_leaves_nothing(gpt2_dir, tmp_path, sig, code):
+    out, marker = tmp_path / "out", tmp_path / "staging-written"
+    run = _start_and_wait(_interruptible(gpt2_dir, out, marker), marker)
+    run.send_signal(sig)
+    assert run.wait(timeout=60) == code
+    err = run.stderr.read().strip()
+    assert err.count("\n") == 0 and "nothing was written" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models", "staging-written"]
+
+
+def test_what_a_killed_run_leaves_is_cleaned_by_the_next_run(gpt2_dir, tmp_path):
+    out, marker = tmp_path / "out", tmp_path / "staging-written"
+    run = _start_and_wait(_interruptible(gpt2_dir, out, marker), marker)
+    run.kill()
+    run.wait(timeout=60)
+    left = Path(marker.read_text())
+    assert left.is_dir() and not out.exists()  # a hidden .out.partial-PID-* folder, never the target itself
+    assert main(prune(gpt2_dir, out)) == 0
+    assert not left.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["models", "out", "staging-written"]
+
+
+def test_a_killed_runs_temporary_in_the_moments_cache_is_cleaned(tmp_path):
+    from clover.quality import remove_stale_temporaries
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".abc.{dead.pid}-x1y2.tmp"
+    mine = tmp_path / f".abc.{os.getpid()}-x1y2.tmp"
+    stale.write_bytes(b"half"), mine.write_bytes(b"half")
+    remove_stale_temporaries(tmp_path)
+    assert not stale.exists() and mine.exists()
+
+
+# ---------------------------------------------------------------- full disk, read-only, odd --out
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 64 KiB tmpfs where the tests run as root (writes there really fail with ENOSPC), else skipped."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)]).returncode:
+        pytest.skip("a small tmpfs needs root")
+    filler = mount / ".filler"
+    try:  # fill it: later writes fail however small they are
+        with filler.open("wb") as f:
+            while True:
+                f.write(b"\0" * 4096)
+                f.flush()
+    except OSError:
+        pass
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)])
+
+
+def test_full_disk_under_out_is_one_line_and_leaves_nothing(gpt2_dir, full_disk, capsys):
+    assert main(prune(gpt2_dir, full_disk / "out")) == 1
+    err = one_line(capsys)
+    assert "No space left on device" in err and "nothing was written" in err
+    assert [p.name for p in full_disk.iterdir()] == [".filler"]
+
+
+def test_a_cache_that_cannot_be_written_never_stops_a_calibrated_prune(llama_with_tokenizer, tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    from clover.prune import InputMoments
+
+    def fail(self, path):
+        raise SafetensorError("Error while serializing: No space left on device (os error 28)")
+
+    monkeypatch.setenv("CLOVER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(InputMoments, "save", fail)
+    calibration = ["--method", "calibrated", "--calibration-samples", "2", "--calibration-length", "32"]
+    with pytest.warns(UserWarning, match="not cached"):
+        assert main(prune(llama_with_tokenizer, tmp_path / "out", *calibration)) == 0
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    assert list((tmp_path / "cache" / "moments").iterdir()) == []  # no temporary left behind
+
+
+def test_full_moments_cache_disk_never_stops_a_calibrated_prune(llama_with_tokenizer, full_disk, tmp_path, monkeypatch):
+    monkeypatch.setenv("CLOVER_CACHE", str(full_disk))
+    calibration = ["--method", "calibrated", "--calibration-samples", "2", "--calibration-length", "32"]
+    with pytest.warns(UserWarning, match="not cached"):
+        assert main(prune(llama_with_tokenizer, tmp_path / "out", *calibration)) == 0
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_out_below_a_file_or_in_a_read_only_folder_is_one_line(gpt2_dir, tmp_path, capsys, monkeypatch):
+    (tmp_path / "a-file").write_text("x")
+    assert main(prune(gpt2_dir, tmp_path / "a-file" / "out")) == 2
+    assert "is a file" in one_line(capsys)
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # root ignores permission bits
+    assert main(prune(gpt2_dir, tmp_path / "ro" / "out")) == 2
+    assert "not writable" in one_line(capsys)
+
+
+def test_spectrum_out_names_the_file_it_wrote_and_refuses_unknown_formats(gpt2_dir, tmp_path, capsys):
+    assert main(["spectrum", str(gpt2_dir), "--out", str(tmp_path / "plot"), "--quiet"]) == 0
+    assert f"plot written to {tmp_path / 'plot.png'}" in capsys.readouterr().out
+    assert (tmp_path / "plot.png").stat().st_size > 10_000
+    assert main(["spectrum", str(gpt2_dir), "--out", str(tmp_path / "plot.xyz"), "--quiet"]) == 2
+    assert "unsupported image format" in one_line(capsys)
+    assert main(["spectrum", str(gpt2_dir), "--out", str(tmp_path), "--quiet"]) == 2
+    assert "is a directory" in one_line(capsys)
+
+
+# ---------------------------------------------------------------- cache command, dtype
+
+
+def test_cache_lists_sizes_and_clears(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("CLOVER_CACHE", str(tmp_path))
+    (tmp_path / "moments").mkdir()
+    (tmp_path / "moments" / "k.safetensors").write_bytes(b"\0" * 1000)
+    (tmp_path / "unrelated.txt").write_text("not clover's")
+    assert main(["cache", "--json"]) == 0
+    sizes = {row["cache"]: row["bytes"] for row in json.loads(capsys.readouterr().out)["caches"]}
+    assert sizes == {"models": 0, "moments": 1000, "speech": 0}
+    assert main(["cache", "--clear", "all"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["unrelated.txt"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_input_dtype_is_kept_by_default(tmp_path, capsys, dtype):
+    from safetensors import safe_open
+
+    path = tmp_path / "half"
+    build_tiny("llama").to(dtype).save_pretrained(path)
+    out = tmp_path / "out"
+    assert main(prune(path, out)) == 0
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert {f.get_tensor(name).dtype for name in f.keys()} == {dtype}
+    float32_bytes = 4 * sum(p.numel() for p in build_tiny("llama").parameters())
+    assert (out / "model.safetensors").stat().st_size < 0.6 * float32_bytes
+
+
+def test_whisper_eval_never_scores_the_calibration_sentences(tmp_path, capsys):
+    path = tmp_path / "whisper"
+    build_tiny("whisper").save_pretrained(path)
+    capsys.readouterr()
+    assert main(["eval", str(path), "--sentences", "21", "--quiet"]) == 2
+    assert "calibration set" in one_line(capsys)
