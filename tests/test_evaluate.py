@@ -35,11 +35,18 @@ TEXT = "The quick brown fox jumps over the lazy dog. " * 8  # 360 characters
 # ---------------------------------------------------------------- no real weights
 
 
-def test_wikitext2_text_and_missing_dir(monkeypatch, tmp_path):
-    if not (ev.data_dir() / "wikitext-2-raw-v1" / "test.jsonl").exists():
-        pytest.skip("shared WikiText-2 data not present")
+def test_wikitext2_ships_inside_the_package_and_the_override_is_honoured(monkeypatch, tmp_path):
+    monkeypatch.delenv("CLOVER_DATA_DIR", raising=False)
+    assert ev.data_dir() == ev.PACKAGED_DATA
     text = ev.wikitext2_text("test")
     assert text.startswith("\n\n = Robert Boulter = \n") and len(text) == 1_294_336  # 4358 rows, "\n\n"-joined
+    assert len(ev.wikitext2_text("validation")) > 1_000_000
+    plain = tmp_path / "wikitext-2-raw-v1"
+    plain.mkdir()
+    (plain / "test.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n')
+    monkeypatch.setenv("CLOVER_DATA_DIR", str(tmp_path))
+    assert ev.wikitext2_text("test") == "a\n\nb"
+    (plain / "test.jsonl").unlink()
     monkeypatch.setenv("CLOVER_DATA_DIR", str(tmp_path))
     with pytest.raises(CloverError, match="CLOVER_DATA_DIR"):
         ev.wikitext2_text("test")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import importlib.resources
 import importlib.util
@@ -49,26 +50,33 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 # ---------------------------------------------------------------- WikiText-2 and perplexity
 
 
+PACKAGED_DATA = pathlib.Path(__file__).resolve().parent / "data"
+
+
 def data_dir() -> pathlib.Path:
-    """The shared data directory: $CLOVER_DATA_DIR, else <repo>/../shared/data, else /work/shared/data."""
+    """Where evaluation text is read from: $CLOVER_DATA_DIR if set, else the copy shipped inside the package."""
     env = os.environ.get("CLOVER_DATA_DIR")
-    if env:
-        return pathlib.Path(env).expanduser()
-    beside_repo = pathlib.Path(__file__).resolve().parents[3] / "shared" / "data"
-    # a clone elsewhere (CI, a temp dir) still finds the workspace's shared data
-    return beside_repo if beside_repo.is_dir() else pathlib.Path("/work/shared/data")
+    return pathlib.Path(env).expanduser() if env else PACKAGED_DATA
 
 
 def wikitext2_text(split: str = "test") -> str:
-    """WikiText-2 (raw v1) split as one string: the rows joined with blank lines (the standard protocol)."""
-    path = data_dir() / "wikitext-2-raw-v1" / f"{split}.jsonl"
-    if not path.is_file():
+    """WikiText-2 (raw v1) split as one string: the rows joined with blank lines (the standard protocol).
+
+    The test and validation splits ship gzipped inside the package (CC BY-SA 3.0, Merity et al. 2016; see
+    data/wikitext-2-raw-v1/README); a directory in $CLOVER_DATA_DIR may hold them plain or gzipped."""
+    folder = data_dir() / "wikitext-2-raw-v1"
+    plain, packed = folder / f"{split}.jsonl", folder / f"{split}.jsonl.gz"
+    if plain.is_file():
+        lines = plain.read_text(encoding="utf-8").splitlines()
+    elif packed.is_file():
+        lines = gzip.decompress(packed.read_bytes()).decode("utf-8").splitlines()
+    else:
         raise CloverError(
-            f"WikiText-2 split {split!r} not found at {path}. Set CLOVER_DATA_DIR to the directory holding "
-            "wikitext-2-raw-v1/{test,validation}.jsonl (one JSON object {'text': ...} per line)."
+            f"WikiText-2 split {split!r} not found in {folder}. Set CLOVER_DATA_DIR to a directory holding "
+            "wikitext-2-raw-v1/{test,validation}.jsonl[.gz] (one JSON object {'text': ...} per line), or unset it "
+            "to use the copy shipped with clover."
         )
-    with path.open(encoding="utf-8") as f:
-        return "\n\n".join(json.loads(line)["text"] for line in f if line.strip())
+    return "\n\n".join(json.loads(line)["text"] for line in lines if line.strip())
 
 
 @dataclass
