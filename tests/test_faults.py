@@ -318,3 +318,20 @@ def test_whisper_eval_never_scores_the_calibration_sentences(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", str(path), "--sentences", "21", "--quiet"]) == 2
     assert "calibration set" in one_line(capsys)
+
+
+def test_eval_reports_the_kv_bytes_of_the_models_own_dtype(llama_with_tokenizer, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    half = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(llama_with_tokenizer).to(torch.bfloat16).save_pretrained(half)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (llama_with_tokenizer / name).exists():
+            (half / name).write_bytes((llama_with_tokenizer / name).read_bytes())
+    reports = {}
+    for label, path in (("fp32", llama_with_tokenizer), ("bf16", half)):
+        capsys.readouterr()
+        assert main(["eval", str(path), "--tokens", "64", "--window", "32", "--json", "--quiet"]) == 0
+        reports[label] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert reports["bf16"]["dtype"] == "bfloat16"
+    assert reports["bf16"]["kv_bytes_per_token"] == pytest.approx(reports["fp32"]["kv_bytes_per_token"] / 2)
