@@ -600,7 +600,7 @@ class CloverModel(nn.Module):
             },
         }
         final = Path(save_directory)
-        with atomic_directory(final, overwrite=True) as staging:
+        with atomic_directory(final, overwrite=True, carries_existing=True) as staging:
             if final.is_dir():  # keep whatever else lives there (tokenizer, notes): hard links, no copying
                 for entry in final.iterdir():
                     if entry.name not in (CONFIG_NAME, WEIGHTS_NAME):

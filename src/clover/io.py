@@ -109,25 +109,34 @@ def _directory_lock(directory: Path) -> Iterator[None]:
 
 @contextlib.contextmanager
 def atomic_directory(
-    out: str | os.PathLike, *, overwrite: bool = False, inputs: Sequence[str | os.PathLike] = ()
+    out: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    inputs: Sequence[str | os.PathLike] = (),
+    carries_existing: bool = False,
 ) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces ``out`` in one rename, on error it vanishes.
 
     The commit holds a lock on the parent and checks the target again, so a directory that another run wrote
-    meanwhile is never replaced (unless ``overwrite``, and then only if clover wrote it)."""
-    final = check_output_dir(out, overwrite=overwrite, inputs=inputs)
+    meanwhile is never replaced (unless ``overwrite``, and then only if clover wrote it). ``carries_existing``:
+    the caller copies every file of an existing ``out`` into the staging directory (an adapter saved into a
+    user's folder), so nothing is lost and the folder need not be clover's own; no marker is written."""
+    final = Path(out).expanduser().resolve() if carries_existing else None
+    final = final or check_output_dir(out, overwrite=overwrite, inputs=inputs)
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(final)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-{os.getpid()}-", dir=final.parent))
     try:
         yield staging
-        entries = sorted(entry.name for entry in staging.iterdir())
-        (staging / MARKER).write_text(json.dumps({"entries": entries}) + "\n")
+        if not carries_existing:
+            entries = sorted(entry.name for entry in staging.iterdir())
+            (staging / MARKER).write_text(json.dumps({"entries": entries}) + "\n")
         with _directory_lock(final.parent):
             if final.exists() and any(final.iterdir()):
                 if not overwrite:
                     raise CloverError(f"--out {final} was written by another run meanwhile; nothing was replaced")
-                check_output_dir(final, overwrite=True, inputs=inputs)
+                if not carries_existing:
+                    check_output_dir(final, overwrite=True, inputs=inputs)
                 trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-{os.getpid()}-", dir=final.parent))
                 final.rename(trash / final.name)
                 staging.rename(final)
@@ -140,12 +149,34 @@ def atomic_directory(
 
 
 def save_loaded_model(loaded, directory: Path) -> None:
-    """Write a model with its tokenizer (and Whisper feature extractor) as a standard transformers checkpoint."""
+    """Write a model with its tokenizer (and Whisper feature extractor) as a standard transformers checkpoint.
+
+    A Whisper model always gets a preprocessor_config.json (transformers' ASR pipeline needs one), and the
+    tokenizer_config.json loses the loader arguments that ``from_pretrained`` recorded in the tokenizer
+    ("is_local", "local_files_only", ...): they describe how this process read the files, not the checkpoint."""
     loaded.model.save_pretrained(directory)
     if loaded.tokenizer is not None:
         loaded.tokenizer.save_pretrained(directory)
-    if loaded.feature_extractor is not None:
-        loaded.feature_extractor.save_pretrained(directory)
+    extractor = loaded.feature_extractor
+    if extractor is None and getattr(loaded.model.config, "model_type", None) == "whisper":
+        from transformers import WhisperFeatureExtractor
+
+        extractor = WhisperFeatureExtractor(feature_size=loaded.model.config.num_mel_bins)
+    if extractor is not None:
+        extractor.save_pretrained(directory)
+    loader_arguments = {
+        "is_local", "local_files_only", "trust_remote_code", "cache_dir", "_commit_hash", "force_download", "token",
+        "revision", "subfolder", "proxies", "use_auth_token", "resume_download", "user_agent", "_from_auto",
+        "_from_pipeline",
+    }  # fmt: skip
+    for name in ("tokenizer_config.json", "preprocessor_config.json"):
+        path = directory / name
+        if not path.is_file():
+            continue
+        settings = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(settings, dict) and loader_arguments & settings.keys():
+            kept = {key: value for key, value in settings.items() if key not in loader_arguments}
+            path.write_text(json.dumps(kept, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 AUTO_CLASS = {
