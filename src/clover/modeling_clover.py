@@ -9,6 +9,8 @@ head blocks of their own widths, concatenated. The KV cache holds exactly the ke
 KV group when every group keeps the same dims, else one cache "head" of width sum(qk_dims) for K, sum(vo_dims)
 for V. Heads with equal dims are computed together by torch's
 scaled_dot_product_attention; the softmax scale is the original model's, never recomputed from pruned dims.
+When the caller asks for ``output_attentions``, attention is computed explicitly instead and the per-head
+probabilities (B, num_heads, L, S) are returned, as transformers' eager attention returns them.
 """
 
 from __future__ import annotations
@@ -16,6 +18,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+try:  # transformers 5.x output capture (utils/output_capturing.py)
+    from transformers.utils.output_capturing import _active_collector as _output_collector
+except ImportError:  # transformers 4.x: attention probabilities are not recorded
+    _output_collector = None
 
 CONFIG_KEY = "clover"  # config.clover = {"method": ..., "sites": {module path: site spec}}
 
@@ -38,15 +45,18 @@ class HeadLayout:
         for j in range(num_kv_heads):
             buckets.setdefault((qk_dims[j], vo_dims[j]), []).append(j)
         self.buckets: list[tuple[int, int, int]] = []  # (dq, dv, number of KV groups)
-        out_positions = []
+        out_positions, bucket_heads = [], []
         for b, ((dq, dv), groups) in enumerate(buckets.items()):
             heads = [h for j in groups for h in range(j * self.group, (j + 1) * self.group)]
             self._index(f"q{b}", [i for h in heads for i in range(q_off[h], q_off[h] + dq)], self.q_width)
             self._index(f"k{b}", [i for j in groups for i in range(k_off[j], k_off[j] + dq)], self.k_width)
             self._index(f"v{b}", [i for j in groups for i in range(v_off[j], v_off[j] + dv)], self.v_width)
             out_positions += [i for h in heads for i in range(o_off[h], o_off[h] + dv)]
+            bucket_heads += heads
             self.buckets.append((dq, dv, len(groups)))
         self._index("out", sorted(range(len(out_positions)), key=out_positions.__getitem__), self.out_width)
+        # attention probabilities are computed bucket by bucket; this puts their heads back in the original order
+        self._head_order = sorted(range(num_heads), key=bucket_heads.__getitem__)
         # every KV group has the same dims: cache K/V per group, (B, G, T, d), the layout SDPA reads fastest
         self.uniform = len(self.buckets) == 1
 
@@ -152,6 +162,69 @@ class HeadLayout:
             return query.new_zeros(batch, q_len, 0)
         return self.take(torch.cat(outputs, dim=-1) if len(outputs) > 1 else outputs[0], "out")
 
+    def attend_eager(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        *,
+        scaling: float,
+        is_causal: bool,
+        dropout: float = 0.0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``attend`` written out as transformers' eager attention: softmax(q kᵀ · scale + mask) per head, each
+        with its own dims. Returns the output and the probabilities (B, num_heads, L, S), heads in the original
+        order (for ``output_attentions``; slower than ``attend``)."""
+        batch, q_len, _ = query.shape
+        kv_len = key.shape[2]
+        if attention_mask is not None and attention_mask.dim() == 4:
+            attention_mask = attention_mask[:, :, :, :kv_len]
+        causal = q_len > 1 and attention_mask is None and is_causal
+        if causal and kv_len > q_len:  # as in ``attend``: an unfilled static cache beyond the prompt
+            key, value, kv_len = key[:, :, :q_len], value[:, :, :q_len], q_len
+        if causal:
+            attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril()
+        if not self.uniform:
+            key, value = key[:, 0], value[:, 0]
+        outputs, probabilities = [], []
+        for b, (dq, dv, groups) in enumerate(self.buckets):
+            heads = groups * self.group
+            # a dims count of 0 gives empty matmuls: zero scores (uniform attention) or a zero-width output
+            q = self.take(query, f"q{b}").reshape(batch, q_len, heads, dq).transpose(1, 2)
+            if self.uniform:
+                k, v = key, value
+            else:
+                k = self.take(key, f"k{b}").reshape(batch, kv_len, groups, dq).transpose(1, 2)
+                v = self.take(value, f"v{b}").reshape(batch, kv_len, groups, dv).transpose(1, 2)
+            k, v = k.repeat_interleave(self.group, dim=1), v.repeat_interleave(self.group, dim=1)
+            scores = torch.matmul(q, k.transpose(-1, -2)) * scaling
+            if attention_mask is not None:
+                if attention_mask.dtype == torch.bool:  # the finite minimum, like the eager masks: no NaN rows
+                    scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+                else:
+                    scores = scores + attention_mask
+            weights = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+            if dropout > 0.0:
+                weights = F.dropout(weights, p=dropout, training=True)
+            probabilities.append(weights)
+            outputs.append(torch.matmul(weights, v).transpose(1, 2).reshape(batch, q_len, heads * dv))
+        out = self.take(torch.cat(outputs, dim=-1) if len(outputs) > 1 else outputs[0], "out")
+        weights = torch.cat(probabilities, dim=1) if len(probabilities) > 1 else probabilities[0]
+        if self._head_order != list(range(self.num_heads)):
+            weights = weights[:, self._head_order]
+        return out, weights
+
+
+def _recorded(key: str) -> list | None:
+    """Where transformers collects ``key`` ("attentions" / "cross_attentions") during this forward pass, or None
+    when nobody asked (``output_attentions`` unset). Its output-capture hooks attach only to its own attention
+    classes, so the pruned ones add their probabilities themselves."""
+    if _output_collector is None:
+        return None
+    collected = _output_collector.get()
+    return collected.get(key) if collected else None
+
 
 def _linear(spec: dict, name: str, d_in: int, d_out: int) -> nn.Linear:
     return nn.Linear(d_in, d_out, bias=spec["bias"][name])
@@ -176,11 +249,19 @@ class _PrunedAttentionBase(nn.Module):
         if with_o:
             setattr(self, o_name, _linear(spec, "o", self.layout.out_width, d_out))
 
-    def _attend(self, query, key, value, attention_mask, scaling=None):
-        return self.layout.attend(
-            query, key, value, attention_mask, scaling=self.scaling if scaling is None else scaling,
-            is_causal=self.is_causal, dropout=self.dropout_p if self.training else 0.0,
-        )  # fmt: skip
+    def _attend(self, query, key, value, attention_mask, scaling=None, record: str = "attentions"):
+        """(output, attention probabilities or None); the probabilities only when the caller asked for them."""
+        options = {
+            "scaling": self.scaling if scaling is None else scaling,
+            "is_causal": self.is_causal,
+            "dropout": self.dropout_p if self.training else 0.0,
+        }
+        recorder = _recorded(record)
+        if recorder is None:
+            return self.layout.attend(query, key, value, attention_mask, **options), None
+        out, weights = self.layout.attend_eager(query, key, value, attention_mask, **options)
+        recorder.append(weights)
+        return out, weights
 
 
 class CloverLlamaAttention(_PrunedAttentionBase):
@@ -201,8 +282,8 @@ class CloverLlamaAttention(_PrunedAttentionBase):
         v = self.layout.cache_entry(self.v_proj(hidden_states), "v")
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
-        out = self._attend(q, k, v, attention_mask)
-        return self.o_proj(out), None
+        out, weights = self._attend(q, k, v, attention_mask)
+        return self.o_proj(out), weights
 
 
 class CloverWhisperAttention(_PrunedAttentionBase):
@@ -217,6 +298,7 @@ class CloverWhisperAttention(_PrunedAttentionBase):
         cache = cache if cache is not None else kwargs.pop("past_key_values", None)
         kwargs.pop("output_attentions", None)
         is_cross = key_value_states is not None
+        record = "cross_attentions" if is_cross else "attentions"  # WhisperDecoder's names for them
         # Whisper scales q before the product (as the original does) and attends with scale 1
         query = self.q_proj(hidden_states) * self.scaling
         is_updated = False
@@ -234,8 +316,8 @@ class CloverWhisperAttention(_PrunedAttentionBase):
             k, v = self.layout.cache_entry(self.k_proj(source), "k"), self.layout.cache_entry(self.v_proj(source), "v")
             if cache is not None:
                 k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
-        out = self._attend(query, k, v, attention_mask, scaling=1.0)
-        return self.out_proj(out), None
+        out, weights = self._attend(query, k, v, attention_mask, scaling=1.0, record=record)
+        return self.out_proj(out), weights
 
 
 class CloverBertSelfAttention(_PrunedAttentionBase):
@@ -248,7 +330,7 @@ class CloverBertSelfAttention(_PrunedAttentionBase):
         q = self.q_proj(hidden_states)
         k = self.layout.cache_entry(self.k_proj(hidden_states), "k")
         v = self.layout.cache_entry(self.v_proj(hidden_states), "v")
-        return self._attend(q, k, v, attention_mask), None
+        return self._attend(q, k, v, attention_mask)
 
 
 class CloverGPT2Attention(_PrunedAttentionBase):
@@ -267,8 +349,8 @@ class CloverGPT2Attention(_PrunedAttentionBase):
 
             target = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
             k, v = target.update(k, v, self.layer_idx, kwargs=kwargs)
-        out = self._attend(q, k, v, attention_mask)
-        return F.dropout(self.c_proj(out), self.output_dropout, self.training), None
+        out, weights = self._attend(q, k, v, attention_mask)
+        return F.dropout(self.c_proj(out), self.output_dropout, self.training), weights
 
 
 PRUNED_ATTENTION = {
@@ -318,6 +400,22 @@ def _define_classes() -> None:
         "WhisperForConditionalGeneration",
     ):
         globals()[f"Clover{base_name}"] = _pruned_class(getattr(transformers, base_name))
+        _register_task_names(f"Clover{base_name}", base_name)
+
+
+def _register_task_names(name: str, base_name: str) -> None:
+    """List a pruned class beside its base in the auto-class name tables that check a model by class *name*.
+
+    transformers' text-generation pipeline (``Pipeline.check_model_type``) logs an error listing every causal LM
+    for a class name that MODEL_FOR_CAUSAL_LM_MAPPING_NAMES lacks, and Trainer shifts causal-LM labels for label
+    smoothing only for names listed there. The key is no model_type, so the lazy auto mappings, which join these
+    tables with the config table by model_type, never see it."""
+    from transformers.models.auto import modeling_auto
+
+    for table in ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES"):
+        names = getattr(modeling_auto, table, None)
+        if names is not None and base_name in names.values():
+            names.setdefault(f"clover:{name}", name)
 
 
 _define_classes()
