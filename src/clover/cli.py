@@ -9,8 +9,6 @@ import signal
 import sys
 import time
 
-PROBE_TEXT = "Singular value decomposition rewrites every attention head as orthogonal vectors."
-
 OVERWRITE_HELP = "replace --out if clover wrote it (its files and nothing else); other folders are never replaced"
 
 DEVICE_HELP = "cpu, cuda, cuda:N or mps (default: cuda when available, else cpu)"
@@ -35,19 +33,25 @@ def _dtype(name: str | None):
 
 
 def probe_output(loaded):
-    """A fixed, cheap forward pass used to check that a rewrite kept the model's function."""
+    """A fixed, cheap forward pass used to check that a rewrite kept the model's function.
+
+    Its input is seeded random token ids within the vocabulary (and random log-mel features for Whisper), so it
+    needs no tokenizer, and at most 16 tokens, so it fits any model's context."""
     import torch
 
+    from .evaluate import context_length
+
     model = loaded.model
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(0)
+    tokens = min(16, context_length(model) or 16)
+    ids = torch.randint(0, int(model.config.vocab_size), (1, tokens), generator=generator).to(device)
     with torch.no_grad():
         if loaded.kind == "speech-seq2seq":
-            generator = torch.Generator().manual_seed(0)
             frames = 2 * model.config.max_source_positions
-            features = torch.randn(1, model.config.num_mel_bins, frames, generator=generator).to(model.dtype)
-            prompt = torch.tensor([loaded.decoder_prompt_ids or [model.config.decoder_start_token_id]])
-            return model(input_features=features, decoder_input_ids=prompt).logits.double()
-        batch = loaded.tokenizer(PROBE_TEXT, return_tensors="pt")
-        output = model(**batch)
+            features = torch.randn(1, model.config.num_mel_bins, frames, generator=generator)
+            return model(input_features=features.to(device, model.dtype), decoder_input_ids=ids).logits.double()
+        output = model(input_ids=ids, attention_mask=torch.ones_like(ids))
         return (output.logits if hasattr(output, "logits") else output.last_hidden_state).double()
 
 
@@ -164,7 +168,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .io import check_output_dir, save_pruned_model
     from .models import load_model, resolve_device
     from .prune import CALIBRATED, PruneConfig, check_prunable, prune_
-    from .quality import calibration_moments
+    from .quality import calibration_length, calibration_moments, check_calibration_settings
 
     qk_threshold = args.qk_threshold if args.qk_threshold is not None else args.threshold
     vo_threshold = args.vo_threshold if args.vo_threshold is not None else args.threshold
@@ -175,20 +179,34 @@ def cmd_prune(args: argparse.Namespace) -> int:
     config.validate()
     if not config.prunes("qk") and not config.prunes("vo"):
         raise CloverError("nothing to prune: give --qk-ratio and/or --vo-ratio in (0, 1), or --threshold")
+    check_calibration_settings(args.calibration_samples, args.calibration_length)
     check_output_dir(args.out, overwrite=args.overwrite, inputs=[args.model])
     device = resolve_device(args.device)
     if device.type == "mps":
         raise CloverError("--device mps: pruning computes in float64, which MPS lacks; prune on cpu or cuda")
-    loaded = load_model(args.model, dtype=_dtype(args.dtype))
+    loaded = load_model(args.model, dtype=_dtype(args.dtype), tokenizer=args.tokenizer)
     loaded.model.to(device)  # factorization, calibration and pruning all run where the weights are
-    check_prunable(loaded.model, config)  # refusals come before minutes of calibration
+    sites = check_prunable(loaded.model, config)  # refusals come before minutes of calibration
+    head_dim = min(site.head_dim for site in sites)
+    if args.min_dims >= head_dim:  # every dim would be kept: a run that prunes nothing, silently
+        raise CloverError(
+            f"--min-dims {args.min_dims} keeps every dim of {args.model}'s heads (head_dim {head_dim}); "
+            f"choose 0..{head_dim - 1}"
+        )
     start = time.perf_counter()
-    moments, moments_cached = None, False
+    moments, moments_cached, seq_len = None, False, None
     if args.method in CALIBRATED:
+        seq_len = calibration_length(loaded, args.calibration_length)  # raises first if there is no tokenizer
+        if seq_len < args.calibration_length:
+            print(
+                f"clover: note: --calibration-length {args.calibration_length} is longer than the model's context; "
+                f"calibrating on sequences of {seq_len} tokens",
+                file=sys.stderr,
+            )
         moments, moments_cached = calibration_moments(
             loaded,
             samples=args.calibration_samples,
-            seq_len=args.calibration_length,
+            seq_len=seq_len,
             refresh=args.recalibrate,
             progress=not args.quiet,
         )
@@ -202,6 +220,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         "out": str(args.out),
         "seconds": round(elapsed, 2),
         "calibration_moments": None if moments is None else ("cached" if moments_cached else "computed"),
+        "calibration_length": seq_len,
         "qk_removed": round(report.qk_removed, 4),
         "vo_removed": round(report.vo_removed, 4),
         "parameters_before": report.params_before,
@@ -236,6 +255,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .quality import measure
 
     tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
+    # numbers are checked before minutes of loading; each message gives the valid range
+    if args.tokens < 2:
+        raise CloverError(f"--tokens {args.tokens} must be at least 2 (WikiText-2 tokens scored; default 4096)")
+    if args.window < 2:
+        raise CloverError(f"--window {args.window} must be at least 2 (tokens per scored window; default 512)")
+    if args.sentences < 1:
+        raise CloverError(f"--sentences {args.sentences} must be in 1..20 (Whisper: spoken sentences scored)")
     if args.limit is not None and args.limit < 1:
         raise CloverError(f"--limit {args.limit} must be at least 1 (omit it to score every row)")
     if tasks:
@@ -244,11 +270,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if unknown := [t for t in tasks if t not in COMMONSENSE]:
             raise CloverError(f"unknown --tasks {unknown}: choose from {', '.join(COMMONSENSE)}")
     device = resolve_device(args.device)
-    loaded = load_model(args.model, dtype=_dtype(args.dtype))
+    loaded = load_model(args.model, dtype=_dtype(args.dtype), tokenizer=args.tokenizer)
     loaded.model.to(device)
     if tasks and loaded.kind != "causal-lm":
         raise CloverError(f"--tasks scores causal LMs with lm-evaluation-harness; {args.model} is a {loaded.kind}")
+    if tasks and loaded.tokenizer is None:
+        raise CloverError(f"--tasks needs a tokenizer and {args.model} has none; pass --tokenizer DIR")
     report = measure(loaded, tokens=args.tokens, window=args.window, sentences=args.sentences, progress=not args.quiet)
+    if report.get("ppl_window", args.window) < args.window:
+        print(
+            f"clover: note: --window {args.window} is longer than the model's context; scored in windows of "
+            f"{report['ppl_window']} tokens",
+            file=sys.stderr,
+        )
     if tasks:
         import os
 
@@ -387,21 +421,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="uniform: same count in every head (default); layer: one count per layer from the spectra; "
         "global: one singular-value cut over the whole model (the paper's protocol)",
     )
-    p.add_argument("--min-dims", type=int, default=1, help="dims every KV group keeps (0 lets a head be emptied)")
+    p.add_argument(
+        "--min-dims",
+        type=int,
+        default=1,
+        help="dims every KV group keeps, 0..head_dim-1 (0 lets a head be emptied)",
+    )
     p.add_argument(
         "--calibration-samples",
         type=int,
         default=128,
-        help="calibrated, vanilla-activation: sequences of held-out text",
+        help="calibrated, vanilla-activation: sequences of held-out text (at least 1)",
     )
     p.add_argument(
-        "--calibration-length", type=int, default=512, help="calibrated, vanilla-activation: tokens per sequence"
+        "--calibration-length",
+        type=int,
+        default=512,
+        help="calibrated, vanilla-activation: tokens per sequence (at least 2; cut to the model's context)",
     )
     p.add_argument(
         "--recalibrate",
         action="store_true",
         help="recompute the calibration moments instead of reusing those cached for this unchanged checkpoint "
         "(they are kept under $CLOVER_CACHE/moments, keyed by the weight files and the calibration settings)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        metavar="DIR",
+        help="read the tokenizer (and Whisper's decoder prompt) from DIR, e.g. the original model's directory, "
+        "for weights saved without one",
     )
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help=DTYPE_HELP)
     p.add_argument("--device", help=DEVICE_HELP)
@@ -419,8 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
         "from the cache object.",
     )
     p.add_argument("model", help=MODEL_HELP + ", including pruned ones")
-    p.add_argument("--tokens", type=int, default=4096, help="causal LM: tokens of WikiText-2 test scored")
-    p.add_argument("--window", type=int, default=512, help="causal LM: window length")
+    p.add_argument("--tokens", type=int, default=4096, help="causal LM: tokens of WikiText-2 test scored (≥ 2)")
+    p.add_argument("--window", type=int, default=512, help="causal LM: window length (≥ 2; cut to the model's context)")
     p.add_argument("--sentences", type=int, default=20, help="Whisper: number of spoken sentences (max 20)")
     p.add_argument(
         "--tasks",
@@ -428,6 +476,12 @@ def build_parser() -> argparse.ArgumentParser:
         "boolq, piqa, social_iqa, hellaswag, winogrande, arc_easy, arc_challenge, openbookqa (validation splits)",
     )
     p.add_argument("--limit", type=int, help="--tasks: rows per task (default: all)")
+    p.add_argument(
+        "--tokenizer",
+        metavar="DIR",
+        help="read the tokenizer (and Whisper's decoder prompt) from DIR, e.g. the original model's directory, "
+        "for weights saved without one",
+    )
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help=DTYPE_HELP)
     p.add_argument("--device", help=DEVICE_HELP)
     p.add_argument("--json", action="store_true", help="print a JSON report")

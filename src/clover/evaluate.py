@@ -90,6 +90,28 @@ class PerplexityResult:
     dtype: str
 
 
+_CONTEXT_ATTRIBUTES = ("max_target_positions", "n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length")
+
+
+def context_length(model: torch.nn.Module) -> int | None:
+    """The most tokens one sequence may hold (an encoder-decoder's decoder side), from the config, or None."""
+    config = getattr(model, "config", None)
+    for name in _CONTEXT_ATTRIBUTES:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def fitting_window(model: torch.nn.Module, tokenizer: Any, window: int) -> int:
+    """``window`` cut so that a perplexity window (with the BOS token perplexity may prepend) fits the model's
+    context: past it, learned position tables raise IndexError and RoPE models silently extrapolate."""
+    limit = context_length(model)
+    if limit is None:
+        return window
+    return max(2, min(window, limit - _adds_bos(tokenizer)))
+
+
 def _adds_bos(tokenizer: Any) -> bool:
     bos = getattr(tokenizer, "bos_token_id", None)
     ids = tokenizer("a")["input_ids"]
@@ -111,8 +133,13 @@ def perplexity(
     """Perplexity of a causal LM on the first max_tokens tokens of text, scored in non-overlapping windows.
 
     `bos=None` prepends the BOS token to every window iff the tokenizer adds one by default (Gemma needs it);
-    then every text token is scored, otherwise the first token of each window is context only.
+    then every text token is scored, otherwise the first token of each window is context only. The window is
+    used as given (a RoPE model may be scored past its context on purpose); `fitting_window` gives one that fits.
     """
+    if window < 2:
+        raise CloverError(f"window {window}: a window needs at least 2 tokens (one predicts the next)")
+    if max_tokens is not None and max_tokens < 2:
+        raise CloverError(f"max_tokens {max_tokens}: score at least 2 tokens (or None for the whole text)")
     ids = torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
     ids = ids[:max_tokens] if max_tokens is not None else ids
     bos_id = tokenizer.bos_token_id if (_adds_bos(tokenizer) if bos is None else bos) else None
@@ -228,7 +255,14 @@ def encoder_decoder_cache_bytes(
 
 @torch.inference_mode()
 def kv_cache_bytes_per_token(model: torch.nn.Module, tokenizer_or_input_ids: Any = None, *, tokens: int = 16) -> float:
-    """Bytes the returned KV cache holds per token and sequence (encoder-decoder: decoder self-attention only)."""
+    """Bytes the returned KV cache holds per token and sequence (encoder-decoder: decoder self-attention only).
+
+    ``tokenizer_or_input_ids``: a tokenizer, input ids, or None (fixed ids within the vocabulary: no tokenizer
+    needed). At most the model's context is used."""
+    limit = context_length(model)
+    tokens = min(tokens, limit) if limit is not None else tokens
+    if isinstance(tokenizer_or_input_ids, torch.Tensor) and limit is not None:
+        tokenizer_or_input_ids = tokenizer_or_input_ids[..., :limit]
     if getattr(model.config, "is_encoder_decoder", False):
         return encoder_decoder_cache_bytes(model, tokenizer_or_input_ids, tokens=tokens).self_attention_per_token
     ids = _probe_ids(model, tokenizer_or_input_ids, tokens).to(_model_device(model))

@@ -9,6 +9,7 @@ import pathlib
 import re
 import shutil
 import struct
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,16 +24,17 @@ from transformers import (
     AutoModelForSpeechSeq2Seq,
     AutoTokenizer,
     GenerationConfig,
-    PreTrainedTokenizerFast,
     WhisperConfig,
     WhisperFeatureExtractor,
     WhisperForConditionalGeneration,
+    WhisperTokenizer,
 )
 
 from clover.errors import CloverError, MissingModelPackageError
 
 # Bump when a converter changes: cached copies written by an older converter are then ignored.
-FORMAT_VERSION = "v2"  # v2: whisper-base tokenizer with its lost first merge restored
+FORMAT_VERSION = "v3"  # v2: whisper-base tokenizer with its lost first merge restored; v3: WhisperTokenizer class,
+# preprocessor_config.json, no loader arguments in tokenizer_config.json
 _WHISPER_MULTILINGUAL_VOCAB = 51865
 
 
@@ -57,6 +59,7 @@ class LoadedModel:
     feature_extractor: Any = None
     decoder_prompt_ids: list[int] | None = None
     source: pathlib.Path | None = None  # the checkpoint directory the weights were read from
+    tokenizer_source: pathlib.Path | None = None  # where the tokenizer came from, when not `source` (--tokenizer)
 
 
 def model_cache_dir() -> pathlib.Path:
@@ -292,9 +295,18 @@ def _whisper_from_ct2(data: bytes, asset_dir: pathlib.Path) -> tuple[WhisperForC
     return model, tokenizer
 
 
-def _whisper_tokenizer(directory: pathlib.Path) -> PreTrainedTokenizerFast:
-    if (directory / "tokenizer_config.json").exists():
-        return PreTrainedTokenizerFast.from_pretrained(directory)
+def _whisper_tokenizer(directory: pathlib.Path) -> WhisperTokenizer:
+    """Whisper's own tokenizer class over ``directory``'s tokenizer.json (with the whisper-base repair below).
+
+    Not a generic tokenizer: transformers' ASR pipeline decodes through WhisperTokenizer's ``_decode_asr``, which
+    also needs every <|...|> token listed as special (language detection, timestamps start after the last one).
+    Directories written before FORMAT_VERSION v3 name ``TokenizersBackend``; they are rebuilt from their
+    tokenizer.json the same way."""
+    config_file = directory / "tokenizer_config.json"
+    if config_file.exists():
+        named = json.loads(config_file.read_text(encoding="utf-8")).get("tokenizer_class")
+        if named in ("WhisperTokenizer", "WhisperTokenizerFast"):
+            return WhisperTokenizer.from_pretrained(directory)
     from tokenizers import Tokenizer
 
     spec = json.loads((directory / "tokenizer.json").read_text(encoding="utf-8"))
@@ -304,13 +316,16 @@ def _whisper_tokenizer(directory: pathlib.Path) -> PreTrainedTokenizerFast:
     first = merges[0] if merges else None
     if first not in ("Ġ t", ["Ġ", "t"]) and len(merges) == 49_999:
         merges.insert(0, "Ġ t" if isinstance(first, str) else ["Ġ", "t"])
+    backend = Tokenizer.from_str(json.dumps(spec))
+    special = [t.content for _, t in sorted(backend.get_added_tokens_decoder().items()) if t.special]
     eot = "<|endoftext|>"
-    return PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+    return WhisperTokenizer(
+        tokenizer_object=backend,
         bos_token=eot,
         eos_token=eot,
         pad_token=eot,
         unk_token=eot,
+        extra_special_tokens=special,  # in id order, as upstream's: <|notimestamps|> is the last one
     )
 
 
@@ -327,12 +342,120 @@ def _whisper_prompt(tokenizer: Any, config: Any) -> list[int]:
 # ---------------------------------------------------------------- loading
 
 
-def _load_directory(path: pathlib.Path, dtype: torch.dtype | None, name: str) -> LoadedModel:
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
+
+
+def _read_config(path: pathlib.Path) -> dict[str, Any]:
+    """config.json as a dict, or a one-line CloverError saying what is wrong with it."""
     config_file = path / "config.json"
     if not config_file.is_file():
         raise CloverError(f"{path} has no config.json: pass a directory written by save_pretrained.")
-    config = json.loads(config_file.read_text())
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CloverError(
+            f"{config_file} is not valid JSON ({error}): the file is damaged or truncated; restore it, or save the "
+            "model again with save_pretrained"
+        ) from None
+    if not isinstance(config, dict):
+        raise CloverError(f"{config_file} holds a JSON {type(config).__name__}, not an object of settings; restore it")
+    model_type = config.get("model_type")
+    if not config.get("auto_map"):  # remote code may register a model_type transformers does not know
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        from .adapters import supported_families
+
+        if not isinstance(model_type, str) or not model_type:
+            raise CloverError(f"{config_file} has no model_type entry; add the family's: {supported_families()}")
+        if model_type not in CONFIG_MAPPING:
+            raise CloverError(
+                f"{config_file}: model_type {model_type!r} is not a family clover supports. "
+                f"Supported: {supported_families()}"
+            )
+    if not any(any(path.glob(pattern)) for pattern in ("*.safetensors", "*.safetensors.index.json", "*.bin")):
+        raise CloverError(
+            f"{path} has no weights (model.safetensors, sharded *.safetensors with their index, or "
+            "pytorch_model.bin): copy them beside config.json, or save the model again with save_pretrained"
+        )
+    return config
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip()).rstrip(".")
+    text = text or type(error).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _from_pretrained(cls: Any, path: pathlib.Path, dtype: torch.dtype | None, remote: dict) -> Any:
+    """from_pretrained whose failures on a damaged checkpoint are one CloverError line, not a traceback or a
+    logged load report."""
+    from huggingface_hub.errors import StrictDataclassError  # a config field that fails its validator
+    from safetensors import SafetensorError
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the multi-line load report is replaced by the one-line messages below
+    try:
+        # dtype None keeps the checkpoint's own (a bf16 checkpoint stays bf16 and is written back as bf16)
+        loaded = cls.from_pretrained(
+            path, dtype=dtype or "auto", ignore_mismatched_sizes=True, output_loading_info=True, **remote
+        )
+    except (
+        OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError, SafetensorError, StrictDataclassError
+    ) as error:  # fmt: skip
+        raise CloverError(
+            f"cannot load the checkpoint in {path}: {_one_line(error)}. Check config.json against the weights, "
+            "or save the model again with save_pretrained"
+        ) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    model, info = loaded if isinstance(loaded, tuple) else (loaded, {})
+    if info.get("mismatched_keys"):
+        name, stored, expected = sorted(info["mismatched_keys"])[0]
+        raise CloverError(
+            f"{path}: tensor {name} has shape {list(stored)} in the weights but config.json implies {list(expected)} "
+            f"({len(info['mismatched_keys'])} tensor(s) differ); the config does not belong to these weights"
+        )
+    if info.get("missing_keys"):
+        missing = sorted(info["missing_keys"])
+        print(
+            f"clover: warning: {len(missing)} weight(s) missing from {path} were initialised at random "
+            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})",
+            file=sys.stderr,
+        )
+    return model.eval()
+
+
+def _load_tokenizer(directory: pathlib.Path, kind: str, config: Any, remote: dict) -> tuple[Any, list[int] | None]:
+    """The tokenizer in ``directory`` (and Whisper's decoder prompt), or (None, None) when it holds none."""
+    if not any((directory / f).exists() for f in _TOKENIZER_FILES):
+        return None, None
+    try:
+        if kind == "speech-seq2seq":
+            tokenizer = _whisper_tokenizer(directory)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(directory, **remote)
+    except Exception as error:  # tokenizers raises plain Exception for a damaged tokenizer.json
+        raise CloverError(
+            f"cannot read the tokenizer in {directory}: {_one_line(error)}. Restore its tokenizer files, or pass "
+            "--tokenizer DIR with a directory holding a working copy (e.g. the original model's)"
+        ) from None
+    vocab = getattr(config, "vocab_size", None)
+    if isinstance(vocab, int) and len(tokenizer) > vocab:  # its ids would index past the embedding table
+        raise CloverError(
+            f"the tokenizer in {directory} has {len(tokenizer)} tokens but the model's vocab_size is {vocab}: it is "
+            "not this model's tokenizer; pass --tokenizer DIR with the one it was trained with"
+        )
+    prompt = _whisper_prompt(tokenizer, config) if kind == "speech-seq2seq" else None
+    return tokenizer, prompt
+
+
+def _load_directory(
+    path: pathlib.Path, dtype: torch.dtype | None, name: str, tokenizer_dir: pathlib.Path | None = None
+) -> LoadedModel:
+    config = _read_config(path)
     arch = (config.get("architectures") or [""])[0]
+    arch = arch if isinstance(arch, str) else ""
     auto_map = config.get("auto_map") or {}
     remote = {"trust_remote_code": True} if auto_map else {}
     if "AutoModelForCausalLM" in auto_map or arch.endswith(("ForCausalLM", "LMHeadModel")):
@@ -341,24 +464,19 @@ def _load_directory(path: pathlib.Path, dtype: torch.dtype | None, name: str) ->
         kind, cls = "speech-seq2seq", AutoModelForSpeechSeq2Seq if remote else WhisperForConditionalGeneration
     else:
         kind, cls = "encoder", AutoModel
-    # dtype None keeps the checkpoint's own (a bf16 checkpoint stays bf16 and is written back as bf16)
-    model = cls.from_pretrained(path, dtype=dtype or "auto", **remote).eval()
+    model = _from_pretrained(cls, path, dtype, remote)
+    tokenizer, prompt = _load_tokenizer(tokenizer_dir or path, kind, model.config, remote)
     if kind == "speech-seq2seq":
-        tokenizer = _whisper_tokenizer(path) if (path / "tokenizer.json").exists() else None
+        feature_extractor = WhisperFeatureExtractor(feature_size=model.config.num_mel_bins)
+        # Pad / cut audio to the frames this encoder takes (3000 for every released Whisper; a model with
+        # other max_source_positions refuses any other length).
+        feature_extractor.n_samples = 2 * model.config.max_source_positions * feature_extractor.hop_length
+        feature_extractor.nb_max_frames = 2 * model.config.max_source_positions
         return LoadedModel(
-            model,
-            tokenizer,
-            name,
-            kind,
-            feature_extractor=WhisperFeatureExtractor(feature_size=model.config.num_mel_bins),
-            decoder_prompt_ids=_whisper_prompt(tokenizer, model.config) if tokenizer is not None else None,
-            source=path,
-        )
-    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
-    tokenizer = (
-        AutoTokenizer.from_pretrained(path, **remote) if any((path / f).exists() for f in tokenizer_files) else None
-    )
-    return LoadedModel(model, tokenizer, name, kind, source=path)
+            model, tokenizer, name, kind, feature_extractor=feature_extractor, decoder_prompt_ids=prompt, source=path,
+            tokenizer_source=tokenizer_dir,
+        )  # fmt: skip
+    return LoadedModel(model, tokenizer, name, kind, source=path, tokenizer_source=tokenizer_dir)
 
 
 def _convert_into_cache(short_name: str, spec: ModelSpec, target: pathlib.Path) -> None:
@@ -367,9 +485,10 @@ def _convert_into_cache(short_name: str, spec: ModelSpec, target: pathlib.Path) 
     # Write beside the target and rename into place, so an interrupted write never looks complete.
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        from clover.io import save_loaded_model
+
+        # as every checkpoint clover writes: for Whisper with preprocessor_config.json, so pipelines can load it
+        save_loaded_model(LoadedModel(model, tokenizer, short_name, spec.kind), tmp)
         try:
             os.replace(tmp, target)
         except OSError:
@@ -400,9 +519,20 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
-def load_model(name_or_path: str, *, dtype: torch.dtype | None = torch.float32) -> LoadedModel:
+def load_model(
+    name_or_path: str, *, dtype: torch.dtype | None = torch.float32, tokenizer: str | os.PathLike | None = None
+) -> LoadedModel:
     """Load a short-named real model (converted once into the cache) or a local checkpoint directory, in ``dtype``
-    (None: the dtype the checkpoint was saved in)."""
+    (None: the dtype the checkpoint was saved in). ``tokenizer``: a directory to read the tokenizer (and, for
+    Whisper, the decoder prompt) from instead of the checkpoint's own, e.g. for weights saved without one."""
+    tokenizer_dir = None
+    if tokenizer is not None:
+        tokenizer_dir = pathlib.Path(tokenizer).expanduser()
+        if not tokenizer_dir.is_dir() or not any((tokenizer_dir / f).exists() for f in _TOKENIZER_FILES):
+            raise CloverError(
+                f"--tokenizer {tokenizer}: no tokenizer there (none of {', '.join(_TOKENIZER_FILES)}); give a "
+                "directory that tokenizer.save_pretrained wrote, e.g. the original model's"
+            )
     spec = SHORT_NAMES.get(name_or_path)
     if spec is None:
         path = pathlib.Path(name_or_path).expanduser()
@@ -411,8 +541,8 @@ def load_model(name_or_path: str, *, dtype: torch.dtype | None = torch.float32) 
                 f"Unknown model {name_or_path!r}: use one of {', '.join(SHORT_NAMES)}, "
                 "or the path of a local checkpoint directory (with config.json)."
             )
-        return _load_directory(path, dtype, str(name_or_path))
+        return _load_directory(path, dtype, str(name_or_path), tokenizer_dir)
     target = cached_model_path(name_or_path)
     if not (target / "config.json").exists():
         _convert_into_cache(name_or_path, spec, target)
-    return _load_directory(target, dtype, name_or_path)
+    return _load_directory(target, dtype, name_or_path, tokenizer_dir)

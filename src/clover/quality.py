@@ -44,6 +44,10 @@ def speech_set(first: int, count: int) -> tuple[list, list[str]]:
     return evaluate.synthesize_speech(sentences, model_cache_dir() / "speech"), sentences
 
 
+def _no_tokenizer(loaded: LoadedModel) -> str:
+    return f"no tokenizer in {loaded.source or loaded.name}; pass --tokenizer DIR (e.g. the original model's directory)"
+
+
 def measure(
     loaded: LoadedModel,
     *,
@@ -53,19 +57,26 @@ def measure(
     reference_embeddings: torch.Tensor | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Quality metric(s), parameter count and KV-cache bytes per token for any supported model kind."""
+    """Quality metric(s), parameter count and KV-cache bytes per token for any supported model kind.
+
+    Without a tokenizer the text metric is left out and ``report["skipped"]`` says why; the parameter count and
+    KV bytes (measured on fixed token ids) are still reported. Windows are cut to the model's context
+    (``ppl_window`` is the one used)."""
     model = loaded.model
     report: dict[str, Any] = {"model": loaded.name, "kind": loaded.kind, "parameters": parameter_count(model)}
+    limit = evaluate.context_length(model)
     with torch.inference_mode():
         if loaded.kind == "causal-lm":
-            result = evaluate.perplexity(
-                model, loaded.tokenizer, evaluate.wikitext2_text("test"), window=window, max_tokens=tokens,
-                progress=progress,
-            )  # fmt: skip
-            report.update(
-                wikitext2_test_ppl=result.ppl, ppl_tokens=result.tokens_scored, ppl_window=window,
-                dtype=str(model.dtype).removeprefix("torch."),
-            )  # fmt: skip
+            if loaded.tokenizer is None:
+                report["skipped"] = f"wikitext2_test_ppl: {_no_tokenizer(loaded)}"
+            else:
+                result = evaluate.perplexity(
+                    model, loaded.tokenizer, evaluate.wikitext2_text("test"),
+                    window=evaluate.fitting_window(model, loaded.tokenizer, window), max_tokens=tokens,
+                    progress=progress,
+                )  # fmt: skip
+                report.update(wikitext2_test_ppl=result.ppl, ppl_tokens=result.tokens_scored, ppl_window=result.window)
+            report["dtype"] = str(model.dtype).removeprefix("torch.")
             report["kv_bytes_per_token"] = evaluate.kv_cache_bytes_per_token(model, loaded.tokenizer)
         elif loaded.kind == "speech-seq2seq":
             if sentences > SPEECH_EVAL_SENTENCES:  # sentences 21-40 calibrate; scoring them would overlap
@@ -74,33 +85,79 @@ def measure(
                     f"(Harvard 1-{SPEECH_EVAL_SENTENCES}; the next {SPEECH_CALIBRATION_SENTENCES} are the "
                     "calibration set, which evaluation never uses)"
                 )
-            audios, texts = speech_set(0, sentences)
-            quality = evaluate.whisper_quality(
-                model, loaded.feature_extractor, loaded.tokenizer, loaded.decoder_prompt_ids, audios, texts
-            )
-            cache = evaluate.encoder_decoder_cache_bytes(model)
+            if loaded.tokenizer is None or loaded.decoder_prompt_ids is None:
+                report["skipped"] = f"wer, decoder_loss: {_no_tokenizer(loaded)}"
+            else:
+                texts = evaluate.harvard_sentences()[:sentences]
+                prompt = list(loaded.decoder_prompt_ids)
+                # teacher forcing feeds prompt + " " + reference + <|endoftext|>: it must fit the decoder
+                longest = max(len(loaded.tokenizer(" " + t, add_special_tokens=False)["input_ids"]) for t in texts)
+                if limit is not None and len(prompt) + longest + 1 > limit:
+                    raise CloverError(
+                        f"{loaded.name}: the decoder holds {limit} tokens but a reference transcript needs "
+                        f"{len(prompt) + longest + 1} with its prompt; this model cannot be scored on them"
+                    )
+                audios, texts = speech_set(0, sentences)
+                quality = evaluate.whisper_quality(
+                    model, loaded.feature_extractor, loaded.tokenizer, prompt, audios, texts,
+                    max_new_tokens=64 if limit is None else max(1, min(64, limit - len(prompt))),
+                )  # fmt: skip
+                report.update(
+                    wer=quality.wer, decoder_loss=quality.decoder_loss, sentences=len(texts),
+                    example_transcript=quality.transcripts[0],
+                )  # fmt: skip
+            cache = evaluate.encoder_decoder_cache_bytes(model, tokens=min(16, limit or 16))
             report.update(
-                wer=quality.wer, decoder_loss=quality.decoder_loss, sentences=len(texts),
                 kv_bytes_per_token=cache.self_attention_per_token,
                 cross_kv_bytes_per_frame=cache.cross_attention_per_frame,
-                example_transcript=quality.transcripts[0],
-            )  # fmt: skip
+            )
+        elif loaded.tokenizer is None:
+            report["skipped"] = f"similarity_to_original: {_no_tokenizer(loaded)}"
         else:
             texts = evaluate.similarity_sentences(256)
-            embeddings = evaluate.sentence_embeddings(model, loaded.tokenizer, texts)
+            max_length = min(256, limit or 256)  # longer sentences would index past BERT's position table
+            embeddings = evaluate.sentence_embeddings(model, loaded.tokenizer, texts, max_length=max_length)
             if reference_embeddings is None and source_name(loaded):
-                original = load_model(source_name(loaded))
-                reference_embeddings = evaluate.sentence_embeddings(original.model, original.tokenizer, texts)
+                try:
+                    original = load_model(source_name(loaded))
+                except CloverError as error:  # moved or deleted since: still report what needs no original
+                    report["skipped"] = f"similarity_to_original: the original model cannot be loaded ({error})"
+                else:
+                    reference_embeddings = evaluate.sentence_embeddings(
+                        original.model, original.tokenizer or loaded.tokenizer, texts, max_length=max_length
+                    )
             if reference_embeddings is not None:
                 report["similarity_to_original"] = evaluate.embedding_similarity(reference_embeddings, embeddings)
             report["sentences"] = len(texts)
     return report
 
 
+def check_calibration_settings(samples: int, seq_len: int) -> None:
+    """Refuse calibration sizes that cannot work (checked before any model is loaded)."""
+    if samples < 1:
+        raise CloverError(f"--calibration-samples {samples} must be at least 1 (held-out sequences; default 128)")
+    if seq_len < 2:
+        raise CloverError(f"--calibration-length {seq_len} must be at least 2 (tokens per sequence; default 512)")
+
+
+def calibration_length(loaded: LoadedModel, seq_len: int) -> int:
+    """Tokens per calibration sequence of text: ``seq_len`` cut to the model's context (Whisper's calibration is
+    whole transcripts: ``seq_len`` as given, unused). Raises the one-line CloverError of a checkpoint without a
+    tokenizer, since calibration turns text into tokens."""
+    if loaded.tokenizer is None or (loaded.kind == "speech-seq2seq" and loaded.decoder_prompt_ids is None):
+        raise CloverError(f"calibration needs a tokenizer: {_no_tokenizer(loaded)}")
+    limit = evaluate.context_length(loaded.model) if loaded.kind != "speech-seq2seq" else None
+    return min(seq_len, limit) if limit is not None else seq_len
+
+
 def calibration_callback(
     loaded: LoadedModel, *, samples: int = 128, seq_len: int = 512, progress: bool = False
 ) -> Callable[[nn.Module], None]:
-    """A ``calibrate(model)`` for prune_: forward passes over held-out text / speech of the model's kind."""
+    """A ``calibrate(model)`` for prune_: forward passes over held-out text / speech of the model's kind.
+
+    Sequences are cut to the model's context (see calibration_length); a model without a tokenizer is refused."""
+    check_calibration_settings(samples, seq_len)
+    seq_len = calibration_length(loaded, seq_len)
 
     def batches(items, size: int):
         starts = range(0, len(items), size)
@@ -123,7 +180,8 @@ def calibration_callback(
                     prompt + loaded.tokenizer(" " + t, add_special_tokens=False)["input_ids"]
                     for t in texts[start : start + 8]
                 ]
-                width = min(len(r) for r in rows)  # equal lengths: no padding tokens in the statistics
+                # equal lengths: no padding tokens in the statistics; at most the decoder's context
+                width = min(evaluate.context_length(model) or 10**9, *(len(r) for r in rows))
                 decoder_ids = torch.tensor([r[:width] for r in rows])
                 model(input_features=feats.to(device, model.dtype), decoder_input_ids=decoder_ids.to(device))
         else:
@@ -157,6 +215,10 @@ def calibration_fingerprint(loaded: LoadedModel, *, samples: int, seq_len: int) 
             files.append((path.name, stat.st_size, stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns))
         else:
             files.append((path.name, hashlib.sha256(path.read_bytes()).hexdigest()))
+    if loaded.tokenizer_source is not None:  # a tokenizer from elsewhere (--tokenizer) decides the tokens too
+        for path in sorted(p for p in loaded.tokenizer_source.iterdir() if p.is_file()):
+            if path.suffix not in (".safetensors", ".bin") and path.stat().st_size <= _SMALL_FILE_BYTES:
+                files.append((f"tokenizer/{path.name}", hashlib.sha256(path.read_bytes()).hexdigest()))
     identity = {
         "version": CALIBRATION_VERSION,
         "transformers": transformers.__version__,

