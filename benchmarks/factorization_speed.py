@@ -16,8 +16,8 @@ import time
 
 from common import header, write_csv
 
-from clover.adapters import attention_sites
 from clover.factorize import factorize_qk, factorize_vo, product_singular_values, split_heads
+from clover.families import attention_sites
 from clover.models import load_model
 
 

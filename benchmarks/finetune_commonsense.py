@@ -71,7 +71,8 @@ def worker(spec: dict) -> None:
     import torch
 
     from clover import finetune_data as data
-    from clover.cli_finetune import FinetuneOptions, _peak_rss_kb, run_finetune
+    from clover.finetune_run import FinetuneOptions, run_finetune
+    from clover.training import peak_rss_kb
 
     options = FinetuneOptions(**spec["options"])
     if options.threads:
@@ -91,7 +92,7 @@ def worker(spec: dict) -> None:
         report = {"heldout": scores, "eval_seconds": round(time.perf_counter() - started, 1)}
     else:
         report = run_finetune(MODEL, options, None, progress=False, log=lambda *_: None)
-    report["process_peak_rss_mb"] = round(_peak_rss_kb() / 1024, 1)
+    report["process_peak_rss_mb"] = round(peak_rss_kb() / 1024, 1)
     print("RESULT " + json.dumps(report), flush=True)
 
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_tiny, model_output
+from conftest import auto_class, build_tiny, model_output
 
-from clover.adapters import attention_sites
 from clover.decompose import decompose_, spectrum
 from clover.errors import CloverError, UnsupportedModelError
 from clover.factorize import product_singular_values, split_heads
+from clover.families import attention_sites
 
 # float32 model, factorized in float64 and written back in float32
 OUTPUT_ATOL = 1e-4
@@ -21,6 +21,16 @@ def test_factorized_model_computes_the_same_function(tiny_arch):
     spectra = decompose_(model)
     assert len(spectra) == len(attention_sites(model))
     torch.testing.assert_close(model_output(model), reference, atol=OUTPUT_ATOL, rtol=0)
+
+
+def test_decomposed_checkpoint_reloads_with_stock_transformers(tiny_arch, tmp_path):
+    model = build_tiny(tiny_arch)
+    decompose_(model)
+    expected = model_output(model)
+    model.save_pretrained(tmp_path)
+    reloaded = auto_class(tiny_arch).from_pretrained(tmp_path).eval()  # no trust_remote_code: same classes, shapes
+    assert type(reloaded) is type(model)
+    torch.testing.assert_close(model_output(reloaded), expected, atol=1e-5, rtol=0)
 
 
 def test_spectrum_leaves_the_model_untouched_and_matches_decompose(tiny_arch):
@@ -93,9 +103,9 @@ def test_bfloat16_model_is_factorized_in_float64_and_written_back_in_bfloat16():
 def test_unsupported_model_names_the_supported_families():
     import transformers as tf
 
-    config = tf.OPTConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, ffn_dim=32)
-    with pytest.raises(UnsupportedModelError, match=r"'opt'.*GPT-2.*Whisper"):
-        decompose_(tf.OPTForCausalLM(config))
+    config = tf.BloomConfig(vocab_size=32, hidden_size=16, n_layer=1, n_head=2)
+    with pytest.raises(UnsupportedModelError, match=r"'bloom'.*GPT-2.*Whisper"):
+        decompose_(tf.BloomForCausalLM(config))
 
 
 def test_non_finite_weights_are_refused():

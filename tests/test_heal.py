@@ -7,22 +7,20 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_ARCHS, build_tiny, model_output
+from conftest import FAMILY_TABLE, TINY_ARCHS, build_tiny, model_output, qk_ratio
 from test_finetune import OTHER_TARGETS, _train
 from test_finetune_cli import byte_tokenizer
 
 from clover import finetune_data as data
-from clover.adapters import attention_sites
 from clover.cli_finetune import add_finetune_parser, cmd_finetune
 from clover.errors import CloverError
+from clover.families import attention_sites
 from clover.finetune import CloverConfig, CloverModel, trainable_count
 from clover.io import save_pruned_model, write_pruned_model
 from clover.models import LoadedModel, load_model
 from clover.prune import PruneConfig, prune_
 
 ATOL = 1e-5  # float32 model, factors built in float64
-ROTARY = {"llama", "llama-mha", "mistral", "qwen2"}
-KIND = {"bert": "encoder", "whisper": "speech-seq2seq"}
 
 
 def _pruned(arch: str, allocation: str = "uniform") -> torch.nn.Module:
@@ -34,8 +32,7 @@ def _pruned(arch: str, allocation: str = "uniform") -> torch.nn.Module:
                     for projection in (site.q, site.v):
                         weight, bias = projection.read()
                         projection.write(5 * weight, None if bias is None else 5 * bias)
-    qk = 0.0 if arch in ROTARY else 0.25
-    prune_(model, PruneConfig(qk_ratio=qk, vo_ratio=0.5, allocation=allocation))
+    prune_(model, PruneConfig(qk_ratio=qk_ratio(arch, 0.25), vo_ratio=0.5, allocation=allocation))
     if allocation == "layer":
         widths = {(s["layer_idx"], s["vo_dims"][0]) for s in model.config.clover["sites"].values()}
         assert len({w for _, w in widths}) > 1, "layers should keep different V-O dims"
@@ -78,10 +75,10 @@ def test_adapter_on_a_pruned_model_is_exact_trains_and_merges_into_the_pruned_la
     torch.testing.assert_close(model_output(merged), trained, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert", "whisper"])
+@pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_healed_model_saves_as_a_pruned_checkpoint_and_heals_again_after_reload(arch, tmp_path):
     model = _pruned(arch)
-    kind = KIND.get(arch, "causal-lm")
+    kind = FAMILY_TABLE[arch].kind
     save_pruned_model(LoadedModel(model, None, "tiny", kind), tmp_path / "pruned")
     loaded = load_model(str(tmp_path / "pruned"))  # the checkpoint's own (trust_remote_code) classes
     assert type(loaded.model).__name__.startswith("Clover")
@@ -143,9 +140,9 @@ def test_cli_heals_a_pruned_checkpoint_on_plain_text(tmp_path, capsys, method):
     assert healed.model.config.clover == model.config.clover and _count(healed.model) == _count(model)
     assert (out / "modeling_clover.py").is_file() and (out / "tokenizer.json").is_file()
     # the checkpoint holds the healed weights: its perplexity is the one reported after training
-    from clover.cli_finetune import _test_perplexity
+    from clover.finetune_run import wikitext2_test_perplexity
 
-    assert _test_perplexity(healed.model, healed.tokenizer) == after
+    assert wikitext2_test_perplexity(healed.model, healed.tokenizer) == after
 
 
 def test_lora_heals_a_ragged_pruned_checkpoint_that_clover_refuses(tmp_path, capsys):
@@ -203,7 +200,7 @@ def test_partly_pruned_whisper_heals_every_attention(stacks):
 def test_selection_rows_are_disjoint_from_the_reported_rows_and_checked(tmp_path):
     import pyarrow as pa
 
-    from clover.cli_finetune import FinetuneOptions
+    from clover.finetune_run import FinetuneOptions
 
     def first_column(offset):
         directory = tmp_path / f"o{offset}"
@@ -226,7 +223,7 @@ def test_wikitext_chunks_longer_than_the_text_are_a_clear_error():
         data.wikitext_examples(byte_tokenizer(), max_length=10**9, count=1)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "bert", "whisper", "llama"])
+@pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_pruned_attention_keeps_the_original_dropout(arch):
     model = build_tiny(arch)
     expected = {site.name: (site.dropout, site.output_dropout) for site in attention_sites(model)}

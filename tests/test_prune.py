@@ -8,23 +8,24 @@ import sys
 
 import pytest
 import torch
-import transformers as tf
-from conftest import TINY_ARCHS, VOCAB, build_tiny, model_output
+from conftest import (
+    FAMILY_TABLE,
+    GENERATIVE,
+    QK_EXACT,
+    TINY_ARCHS,
+    VOCAB,
+    auto_class,
+    build_tiny,
+    model_output,
+    qk_ratio,
+)
 
-from clover.adapters import attention_sites
 from clover.errors import CloverError
 from clover.factorize import split_heads
+from clover.families import attention_sites, pruned_projections
 from clover.io import save_pruned_model
 from clover.models import LoadedModel, load_model
 from clover.prune import PruneConfig, allocate_dims, prune_
-
-ROTARY = {"llama", "llama-mha", "mistral", "qwen2"}
-KIND = {"bert": "encoder", "whisper": "speech-seq2seq"}
-AUTO = {"bert": tf.AutoModel, "whisper": tf.AutoModelForSpeechSeq2Seq}
-
-
-def _qk_ratio(arch: str, ratio: float) -> float:
-    return 0.0 if arch in ROTARY else ratio
 
 
 @pytest.mark.parametrize("method", ["clover", "vanilla"])
@@ -43,7 +44,7 @@ def test_calibrated_ratio_zero_is_exact(tiny_arch, method):
     torch.testing.assert_close(model_output(model), reference, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "whisper"])
+@pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_activation_vanilla_on_isotropic_inputs_equals_weight_vanilla(arch):
     """With E[xᵀx] = I and zero mean, the RMS of activation q_i is the norm of weight column i."""
     from clover.prune import InputMoments
@@ -56,7 +57,7 @@ def test_activation_vanilla_on_isotropic_inputs_equals_weight_vanilla(arch):
                 stats[f"{site.name}|{side}"] = [torch.eye(d, dtype=torch.float64), torch.zeros(d).double(), 1]
         return InputMoments(stats)
 
-    qk = 0.0 if arch in ROTARY else 0.4
+    qk = qk_ratio(arch, 0.4)
     by_weights, by_activations = build_tiny(arch), build_tiny(arch)
     prune_(by_weights, PruneConfig(qk_ratio=qk, vo_ratio=0.4, method="vanilla", allocation="global"))
     moments = isotropic(by_activations)
@@ -83,33 +84,34 @@ def _group_products(site_or_module, pair, num_heads, num_kv_heads, qk_dims, vo_d
     return products
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama-mha", "llama", "whisper"])
+@pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_keeping_top_r_equals_rank_r_truncation(arch):
     model = build_tiny(arch).double()
     sites = attention_sites(model)
     ratio = 0.5
     originals = {}
     for s in sites:
-        (w_q, b_q), (w_k, b_k), (w_v, _), (w_o, _) = s.q.read(), s.k.read(), s.v.read(), s.o.read()
+        (w_q, b_q), (w_k, b_k), (w_v, b_v), (w_o, b_o) = s.q.read(), s.k.read(), s.v.read(), s.o.read()
         g = s.num_heads // s.num_kv_heads
         k = split_heads(w_k.clone(), None if b_k is None else b_k.clone(), s.num_kv_heads)
         q = split_heads(w_q.clone(), None if b_q is None else b_q.clone(), s.num_heads)
-        v = split_heads(w_v.clone(), None, s.num_kv_heads)
+        riding = None if b_v is None or b_o is not None else b_v.clone()  # V's bias folds into O's where O has one
+        v = split_heads(w_v.clone(), riding, s.num_kv_heads)
         o = w_o.clone().reshape(s.num_heads, s.head_dim, -1).mT
         originals[s.name] = {
             "qk": [k[j] @ q[j * g : (j + 1) * g].reshape(-1, s.head_dim).T for j in range(s.num_kv_heads)],
             "vo": [v[j] @ o[j * g : (j + 1) * g].reshape(-1, s.head_dim).T for j in range(s.num_kv_heads)],
         }
-    report = prune_(model, PruneConfig(qk_ratio=_qk_ratio(arch, ratio), vo_ratio=ratio))
+    report = prune_(model, PruneConfig(qk_ratio=qk_ratio(arch, ratio), vo_ratio=ratio))
     for s in sites:
         module = model.get_submodule(s.name)
         spec = model.config.clover["sites"][s.name]
-        o_linear = getattr(module, "out_proj", None) or getattr(module, "c_proj", None) or module.o_proj
+        linears = pruned_projections(module, spec)
         packed = {
-            "qk": (_with_bias(module.k_proj), _with_bias(module.q_proj)),
-            "vo": (module.v_proj.weight.T, o_linear.weight),  # O rows by head: (Σ widths, d_out) -> stacked ᵀ
+            "qk": (_with_bias(linears["k"]), _with_bias(linears["q"])),
+            "vo": (_with_bias(linears["v"]), linears["o"].weight),  # O rows by head: (Σ widths, d_out) -> stacked ᵀ
         }
-        for pair in ("qk", "vo") if arch not in ROTARY else ("vo",):
+        for pair in ("qk", "vo") if FAMILY_TABLE[arch].qk_exact else ("vo",):
             got = _group_products(module, pair, s.num_heads, s.num_kv_heads, spec["qk_dims"], spec["vo_dims"],
                                   packed[pair])  # fmt: skip
             for j, product in enumerate(originals[s.name][pair]):
@@ -144,7 +146,7 @@ def test_global_allocation_respects_floor_and_total():
 def _greedy(model, arch, use_cache):
     generator = torch.Generator().manual_seed(3)
     kwargs = {"max_new_tokens": 6, "do_sample": False, "use_cache": use_cache, "pad_token_id": 0}
-    if arch == "whisper":
+    if FAMILY_TABLE[arch].kind == "speech-seq2seq":
         mels = torch.randn(1, model.config.num_mel_bins, 2 * model.config.max_source_positions, generator=generator)
         return model.generate(input_features=mels, decoder_input_ids=torch.tensor([[1, 5]]), **kwargs)
     ids = torch.randint(3, VOCAB, (1, 5), generator=generator)
@@ -152,37 +154,40 @@ def _greedy(model, arch, use_cache):
 
 
 @pytest.mark.parametrize("allocation", ["global", "uniform"])
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2", "whisper"])
+@pytest.mark.parametrize("arch", GENERATIVE)
 def test_generation_with_cache_equals_without_and_cache_holds_only_kept_dims(arch, allocation):
     model = build_tiny(arch)
-    prune_(model, PruneConfig(qk_ratio=_qk_ratio(arch, 0.4), vo_ratio=0.5, allocation=allocation))
+    prune_(model, PruneConfig(qk_ratio=qk_ratio(arch, 0.4), vo_ratio=0.5, allocation=allocation))
     assert torch.equal(_greedy(model, arch, True), _greedy(model, arch, False))
     ids = torch.tensor([[5, 6, 7, 8]])
-    if arch == "whisper":
+    if FAMILY_TABLE[arch].kind == "speech-seq2seq":
         mels = torch.zeros(1, model.config.num_mel_bins, 2 * model.config.max_source_positions)
         cache = model(input_features=mels, decoder_input_ids=ids, use_cache=True).past_key_values
-        cache = cache.self_attention_cache
-        names = [n for n in model.config.clover["sites"] if n.endswith("self_attn") and ".decoder." in n]
+    elif model.config.is_encoder_decoder:
+        cache = model(input_ids=ids, decoder_input_ids=ids, use_cache=True).past_key_values
     else:
         cache = model(input_ids=ids, use_cache=True).past_key_values
-        names = list(model.config.clover["sites"])
+    cache = getattr(cache, "self_attention_cache", cache)
+    names = [name for name, spec in model.config.clover["sites"].items() if spec["stack"] == "decoder"]
     for layer, name in zip(cache.layers, names, strict=True):
         spec = model.config.clover["sites"][name]
-        # exactly the kept dims for each of the 4 tokens, whatever the layout (per group, or packed if ragged)
-        assert layer.keys.shape[-2] == 4 and layer.keys.numel() == 4 * sum(spec["qk_dims"])
-        assert layer.values.shape[-2] == 4 and layer.values.numel() == 4 * sum(spec["vo_dims"])
+        # exactly the kept dims for each cached token, whatever the layout (per group, or packed if ragged);
+        # a sliding-window layer keeps window - 1 of the 4 tokens
+        tokens = layer.keys.shape[-2]
+        assert 0 < tokens <= 4 and layer.keys.numel() == tokens * sum(spec["qk_dims"])
+        assert layer.values.shape[-2] == tokens and layer.values.numel() == tokens * sum(spec["vo_dims"])
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert", "whisper"])
+@pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_checkpoint_loads_with_trust_remote_code_in_a_fresh_process(arch, tmp_path):
     model = build_tiny(arch)
-    prune_(model, PruneConfig(qk_ratio=_qk_ratio(arch, 0.3), vo_ratio=0.4, allocation="global"))
+    prune_(model, PruneConfig(qk_ratio=qk_ratio(arch, 0.3), vo_ratio=0.4, allocation="global"))
     expected = model_output(model)
     out = tmp_path / "pruned"
-    save_pruned_model(LoadedModel(model, None, "tiny", KIND.get(arch, "causal-lm")), out)
+    save_pruned_model(LoadedModel(model, None, "tiny", FAMILY_TABLE[arch].kind), out)
     config = json.loads((out / "config.json").read_text())
     assert config["clover"]["sites"] and "auto_map" in config and (out / "modeling_clover.py").exists()
-    auto = AUTO.get(arch, tf.AutoModelForCausalLM).__name__
+    auto = auto_class(arch).__name__
     script = (
         "import sys, torch, transformers as tf; sys.path.insert(0, 'tests'); from conftest import model_output\n"
         f"m = tf.{auto}.from_pretrained({str(out)!r}, trust_remote_code=True).eval()\n"
@@ -192,8 +197,9 @@ def test_checkpoint_loads_with_trust_remote_code_in_a_fresh_process(arch, tmp_pa
     env = {"HF_HUB_OFFLINE": "1", "PATH": "", "HF_MODULES_CACHE": str(tmp_path / "modules")}
     subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=str(_repo_root()))
     reloaded = torch.load(tmp_path / "out.pt", weights_only=True)
-    torch.testing.assert_close(reloaded, expected, atol=0, rtol=0)
-    on_disk = sum(p.numel() for p in AUTO.get(arch, tf.AutoModelForCausalLM).from_pretrained(
+    # identical weights; a reloaded MoE may pick another expert kernel (seen: 9e-7 on Mixtral), so float32 rounding
+    torch.testing.assert_close(reloaded, expected, atol=1e-5, rtol=0)
+    on_disk = sum(p.numel() for p in auto_class(arch).from_pretrained(
         out, trust_remote_code=True).parameters())  # fmt: skip
     assert on_disk == sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in build_tiny(arch).parameters())
 
@@ -255,7 +261,7 @@ def test_already_pruned_model_is_refused():
         prune_(model, PruneConfig(vo_ratio=0.3))
 
 
-@pytest.mark.parametrize("arch", sorted(set(TINY_ARCHS) - ROTARY - {"llama-mha"}))
+@pytest.mark.parametrize("arch", QK_EXACT)
 def test_uniform_pruning_reduces_parameters_by_two_d_per_dim(arch):
     model = build_tiny(arch)
     sites = attention_sites(model)
@@ -277,7 +283,7 @@ def test_calibrated_truncation_beats_weight_svd_on_its_calibration_inputs(arch):
     for method in ("clover", "calibrated"):
         model = build_tiny(arch)
         reference = model_output(model)
-        options = PruneConfig(qk_ratio=_qk_ratio(arch, 0.5), vo_ratio=0.5, method=method)
+        options = PruneConfig(qk_ratio=qk_ratio(arch, 0.5), vo_ratio=0.5, method=method)
         prune_(model, options, calibrate=lambda m: model_output(m))
         errors[method] = float((model_output(model) - reference).pow(2).mean())
     assert errors["calibrated"] < 0.6 * errors["clover"], errors

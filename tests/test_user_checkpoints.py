@@ -16,8 +16,8 @@ import transformers as tf
 from conftest import _randomize_biases, build_tiny
 from test_finetune_cli import byte_tokenizer
 
-from clover.adapters import supported_families
 from clover.cli import main
+from clover.families import supported_families
 
 VOCAB = 260  # the byte tokenizer's 257 ids + Whisper's two prompt tokens, rounded up
 SPEECH_TOKENS = ["<|startoftranscript|>", "<|notimestamps|>"]

@@ -9,17 +9,7 @@ import signal
 import sys
 import time
 
-OVERWRITE_HELP = "replace --out if clover wrote it (its files and nothing else); other folders are never replaced"
-
-DEVICE_HELP = "cpu, cuda, cuda:N or mps (default: cuda when available, else cpu)"
-
-MODEL_HELP = (
-    "a short name (smollm2-135m, minilm-l6, whisper-tiny.en, whisper-base: real weights shipped in pip packages, "
-    "converted once and cached under $CLOVER_CACHE or ~/.cache/clover) or a local transformers checkpoint directory"
-)
-
-
-DTYPE_HELP = "weights dtype (default: the checkpoint's own, so a bf16 model is written back as bf16)"
+from .cli_common import DEVICE_HELP, DTYPE_HELP, MODEL_HELP, OVERWRITE_HELP
 
 
 def _dtype(name: str | None):

@@ -8,8 +8,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .adapters import AttentionSite, attention_sites
 from .factorize import factorize_qk, factorize_vo, orthogonalize_heads, split_heads
+from .families import AttentionSite, attention_sites
 
 
 @dataclass

@@ -34,9 +34,9 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from . import __version__
-from .adapters import AttentionSite, Conv1DSlice, LinearProjection, Projection, attention_sites
 from .errors import CloverError
 from .factorize import merge_heads, orthogonalize_heads, split_heads
+from .families import AttentionSite, Conv1DSlice, LinearProjection, Projection, attention_sites
 from .io import atomic_directory
 
 __all__ = [
@@ -438,10 +438,11 @@ def resolve_targets(model: nn.Module, config: CloverConfig) -> tuple[str, ...]:
         gqa = any(site.num_kv_heads < site.num_heads for site in sites)
         return ("q", "v" if gqa else "vo") + (("up",) if has_up else ())
     if "qk" in config.targets and rotary:
+        blocker = next(site.qk_blocker for site in sites if site.qk_blocker)
         raise CloverError(
-            f"target 'qk' needs Q and K to act through one fixed product, but {_model_type(model)} applies RoPE "
-            "between them, which blocks the Q-K merge; train them separately with targets 'q' and/or 'k' "
-            "(per-head QR, exact under RoPE)"
+            f"target 'qk' needs Q and K to act through one fixed product, but in {_model_type(model)} {blocker}, "
+            "which blocks the Q-K merge; train them separately with targets 'q' and/or 'k' "
+            "(per-head QR, exact whatever sits between them)"
         )
     if "up" in config.targets and not has_up:
         raise CloverError(

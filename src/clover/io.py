@@ -158,7 +158,7 @@ def save_loaded_model(loaded, directory: Path) -> None:
     if loaded.tokenizer is not None:
         loaded.tokenizer.save_pretrained(directory)
     extractor = loaded.feature_extractor
-    if extractor is None and getattr(loaded.model.config, "model_type", None) == "whisper":
+    if extractor is None and loaded.kind == "speech-seq2seq":
         from transformers import WhisperFeatureExtractor
 
         extractor = WhisperFeatureExtractor(feature_size=loaded.model.config.num_mel_bins)
@@ -183,6 +183,7 @@ AUTO_CLASS = {
     "causal-lm": "AutoModelForCausalLM",
     "encoder": "AutoModel",
     "speech-seq2seq": "AutoModelForSpeechSeq2Seq",
+    "seq2seq-lm": "AutoModelForSeq2SeqLM",
 }
 
 
@@ -201,14 +202,17 @@ def save_pruned_model(
 
 def write_pruned_model(loaded, directory: Path) -> None:
     """The files of a pruned checkpoint, written into an existing (staging) directory."""
-    from . import modeling_clover
+    import transformers
+
+    from .families import pruned_site_specs, upgrade_pruned_specs
 
     model = loaded.model
-    base = type(model).__name__
-    # a pruned checkpoint loaded back with trust_remote_code already has the Clover class (healed models)
-    clover_class = base if base.startswith("Clover") else f"Clover{base}"
-    if not hasattr(modeling_clover, clover_class):
-        raise CloverError(f"no pruned counterpart for {base}; pruned checkpoints support {_pruned_bases()}")
+    # a pruned checkpoint loaded back with trust_remote_code has the Clover class already (healed models)
+    base = type(model).__name__.removeprefix("Clover")
+    if not hasattr(transformers, base):
+        raise CloverError(f"no pruned counterpart for {type(model).__name__}: transformers has no class {base}")
+    clover_class = f"Clover{base}"
+    upgrade_pruned_specs(model)
     had_map = "auto_map" in model.config.to_dict()
     previous = getattr(model.config, "auto_map", None)
     model.config.auto_map = {AUTO_CLASS[loaded.kind]: f"modeling_clover.{clover_class}"}
@@ -219,14 +223,30 @@ def write_pruned_model(loaded, directory: Path) -> None:
             model.config.auto_map = previous
         else:
             del model.config.auto_map  # the live model object is the plain class; only the files need the map
-    shutil.copyfile(modeling_clover.__file__, directory / "modeling_clover.py")
+    source = pruned_modeling_source(pruned_site_specs(model), [base])
+    (directory / "modeling_clover.py").write_text(source)
     _patch_architectures(directory / "config.json", clover_class)
 
 
-def _pruned_bases() -> str:
-    from . import modeling_clover
+def pruned_modeling_source(sites: dict[str, dict], base_names: list[str]) -> str:
+    """The ``modeling_clover.py`` a pruned checkpoint carries: the self-contained base, the pruned attention
+    classes its sites name (with their parents, from the family files), and its model class; nothing else."""
+    import inspect
+    import textwrap
 
-    return ", ".join(n.removeprefix("Clover") for n in dir(modeling_clover) if n.startswith("Clover") and "For" in n)
+    from . import families, modeling_clover  # noqa: F401  (importing the families registers their classes)
+    from .modeling_clover import PRUNED_ATTENTION, PrunedAttention
+
+    classes: list[type] = []
+    for spec in sites.values():
+        for cls in reversed(PRUNED_ATTENTION[spec["attention_class"]].__mro__):
+            if issubclass(cls, PrunedAttention) and cls is not PrunedAttention and cls not in classes:
+                classes.append(cls)
+    parts = [Path(modeling_clover.__file__).read_text().rstrip()]
+    for cls in classes:
+        parts.append(f"# {cls.__name__}: from {cls.__module__}\n" + textwrap.dedent(inspect.getsource(cls)).rstrip())
+    parts.append(f"define_model_classes({base_names!r})")
+    return "\n\n\n".join(parts) + "\n"
 
 
 def _patch_architectures(config_path: Path, clover_class: str) -> None:

@@ -1,7 +1,9 @@
 """Attention with pruned, per-head Q-K and V-O dims (CLOVER), for transformers models.
 
-Self-contained on purpose: it imports only torch and transformers, because `clover prune` copies this file
-into every pruned checkpoint, where ``from_pretrained(DIR, trust_remote_code=True)`` loads it without clover.
+Self-contained on purpose: it imports only torch and transformers, because a pruned checkpoint carries this file,
+followed by the pruned attention classes it uses (each family's, copied from its file in ``clover.families``) and
+the one model class it needs (``define_model_classes``), so ``from_pretrained(DIR, trust_remote_code=True)`` loads
+it without clover, with any transformers that has the model's own family.
 
 Each pruned attention keeps, for every KV group j, ``qk_dims[j]`` Q-K dims (in K and in each of the group's
 query heads) and ``vo_dims[j]`` V-O dims (in V and in each query head's rows of O). Projections are packed:
@@ -226,14 +228,30 @@ def _recorded(key: str) -> list | None:
     return collected.get(key) if collected else None
 
 
+FORMAT_VERSION = 2  # config.clover["format"]: the site spec below; format 1 (no "format" key) named a family
+
+
 def _linear(spec: dict, name: str, d_in: int, d_out: int) -> nn.Linear:
     return nn.Linear(d_in, d_out, bias=spec["bias"][name])
 
 
-class _PrunedAttentionBase(nn.Module):
-    """Packed q/k/v/o projections and the head layout, built from a site spec (see ``site_spec`` in clover.prune)."""
+PRUNED_ATTENTION: dict[str, type] = {}  # class name -> pruned attention class (each family file adds its own)
 
-    def __init__(self, spec: dict, layer_idx: int | None, *, o_name: str = "o_proj", with_o: bool = True):
+
+class PrunedAttention(nn.Module):
+    """Packed q/k/v(/o) projections and the head layout, built from a site spec (``clover.prune.site_spec``).
+
+    A family's pruned attention subclasses this and writes only its ``forward`` (where Q, K, V come from, its
+    positional scheme, its cache); subclasses register themselves by class name, the key a checkpoint's spec
+    names in ``attention_class``. Subclasses are copied into pruned checkpoints by source: they may use only
+    torch, ``F``, ``nn``, the names of this file, and transformers imported inside their methods.
+    """
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        PRUNED_ATTENTION[cls.__name__] = cls
+
+    def __init__(self, spec: dict, layer_idx: int | None):
         super().__init__()
         self.spec = spec
         self.layer_idx = layer_idx
@@ -241,13 +259,18 @@ class _PrunedAttentionBase(nn.Module):
         self.is_causal = bool(spec["is_causal"])
         self.dropout_p = float(spec.get("dropout", 0.0))  # attention probabilities, training only
         self.output_dropout = float(spec.get("output_dropout", 0.0))
+        self.head_dim = spec["head_dim"]
         self.layout = HeadLayout(spec["num_heads"], spec["num_kv_heads"], spec["qk_dims"], spec["vo_dims"])
         d_q, d_kv, d_out = spec["d_q"], spec["d_kv"], spec["d_out"]
         self.q_proj = _linear(spec, "q", d_q, self.layout.q_width)
         self.k_proj = _linear(spec, "k", d_kv, self.layout.k_width)
         self.v_proj = _linear(spec, "v", d_kv, self.layout.v_width)
-        if with_o:
-            setattr(self, o_name, _linear(spec, "o", self.layout.out_width, d_out))
+        if "." not in spec["output"]:  # the output projection lives inside the attention module
+            setattr(self, spec["output"], _linear(spec, "o", self.layout.out_width, d_out))
+
+    @property
+    def out_projection(self) -> nn.Linear | None:
+        return getattr(self, self.spec["output"], None) if "." not in self.spec["output"] else None
 
     def _attend(self, query, key, value, attention_mask, scaling=None, record: str = "attentions"):
         """(output, attention probabilities or None); the probabilities only when the caller asked for them."""
@@ -264,118 +287,31 @@ class _PrunedAttentionBase(nn.Module):
         return out, weights
 
 
-class CloverLlamaAttention(_PrunedAttentionBase):
-    """Llama / Qwen2 / Mistral self-attention with pruned V-O dims (Q-K intact: RoPE acts between Q and K)."""
-
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-        cache = cache if cache is not None else kwargs.pop("past_key_values", None)
-        batch, length, _ = hidden_states.shape
-        head_dim = self.spec["head_dim"]
-        q = self.q_proj(hidden_states).view(batch, length, -1, head_dim).transpose(1, 2)
-        k = self.k_proj(hidden_states).view(batch, length, -1, head_dim).transpose(1, 2)
-        cos, sin = position_embeddings
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        q = q.transpose(1, 2).reshape(batch, length, -1)
-        k = self.layout.cache_entry(k.transpose(1, 2).reshape(batch, length, -1), "k")
-        v = self.layout.cache_entry(self.v_proj(hidden_states), "v")
-        if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
-        out, weights = self._attend(q, k, v, attention_mask)
-        return self.o_proj(out), weights
-
-
-class CloverWhisperAttention(_PrunedAttentionBase):
-    """Whisper encoder self-, decoder self- and decoder cross-attention with pruned Q-K and V-O dims."""
-
-    def __init__(self, spec: dict, layer_idx: int | None):
-        super().__init__(spec, layer_idx, o_name="out_proj")
-
-    def forward(self, hidden_states, key_value_states=None, cache=None, attention_mask=None, **kwargs):
-        from transformers.cache_utils import EncoderDecoderCache
-
-        cache = cache if cache is not None else kwargs.pop("past_key_values", None)
-        kwargs.pop("output_attentions", None)
-        is_cross = key_value_states is not None
-        record = "cross_attentions" if is_cross else "attentions"  # WhisperDecoder's names for them
-        # Whisper scales q before the product (as the original does) and attends with scale 1
-        query = self.q_proj(hidden_states) * self.scaling
-        is_updated = False
-        if isinstance(cache, EncoderDecoderCache):
-            is_updated = cache.is_updated.get(self.layer_idx)
-            if is_cross:
-                cache.is_updated[self.layer_idx] = True
-                cache = cache.cross_attention_cache
-            else:
-                cache = cache.self_attention_cache
-        source = key_value_states if is_cross else hidden_states
-        if is_cross and cache is not None and is_updated:
-            k, v = cache.layers[self.layer_idx].keys, cache.layers[self.layer_idx].values
-        else:
-            k, v = self.layout.cache_entry(self.k_proj(source), "k"), self.layout.cache_entry(self.v_proj(source), "v")
-            if cache is not None:
-                k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
-        out, weights = self._attend(query, k, v, attention_mask, scaling=1.0, record=record)
-        return self.out_proj(out), weights
-
-
-class CloverBertSelfAttention(_PrunedAttentionBase):
-    """BERT self-attention with pruned Q-K and V-O dims; its output projection lives in BertSelfOutput.dense."""
-
-    def __init__(self, spec: dict, layer_idx: int | None):
-        super().__init__(spec, layer_idx, with_o=False)
-
-    def forward(self, hidden_states, attention_mask=None, cache=None, **kwargs):
-        q = self.q_proj(hidden_states)
-        k = self.layout.cache_entry(self.k_proj(hidden_states), "k")
-        v = self.layout.cache_entry(self.v_proj(hidden_states), "v")
-        return self._attend(q, k, v, attention_mask)
-
-
-class CloverGPT2Attention(_PrunedAttentionBase):
-    """GPT-2 self-attention with pruned Q-K and V-O dims; the fused c_attn becomes separate packed q/k/v."""
-
-    def __init__(self, spec: dict, layer_idx: int | None):
-        super().__init__(spec, layer_idx, o_name="c_proj")
-
-    def forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):
-        cache = cache if cache is not None else kwargs.pop("past_key_values", None)
-        q = self.q_proj(hidden_states)
-        k = self.layout.cache_entry(self.k_proj(hidden_states), "k")
-        v = self.layout.cache_entry(self.v_proj(hidden_states), "v")
-        if cache is not None:
-            from transformers.cache_utils import EncoderDecoderCache
-
-            target = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
-            k, v = target.update(k, v, self.layer_idx, kwargs=kwargs)
-        out, weights = self._attend(q, k, v, attention_mask)
-        return F.dropout(self.c_proj(out), self.output_dropout, self.training), weights
-
-
-PRUNED_ATTENTION = {
-    "llama": CloverLlamaAttention,
-    "whisper": CloverWhisperAttention,
-    "bert": CloverBertSelfAttention,
-    "gpt2": CloverGPT2Attention,
-}
-
-
 def install_pruned_attention(model: nn.Module, sites: dict[str, dict]) -> None:
-    """Replace each listed attention module (by module path) with its pruned counterpart (weights uninitialised)."""
-    for name, spec in sites.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        original = getattr(parent, child)
-        pruned = PRUNED_ATTENTION[spec["family"]](spec, spec.get("layer_idx")).train(original.training)
-        if spec["family"] == "bert":  # BertAttention keeps its LayerNorm/dropout; swap .self and .output.dense
-            original.self = pruned
-            dense = original.output.dense
-            original.output.dense = nn.Linear(
-                pruned.layout.out_width, dense.out_features, bias=dense.bias is not None
-            ).train(dense.training)
-        else:
-            setattr(parent, child, pruned)
+    """Replace each listed attention (by module path) with its pruned counterpart (weights uninitialised).
+
+    A spec says which submodule of the site the pruned attention replaces (``replace``, "" for the site itself),
+    where the output projection lives (``output``, relative to the site: inside the pruned module, or outside
+    it like BERT's ``output.dense``, which is then resized), and which submodules it keeps as they are (``kept``:
+    QK-norms), taken over from the module it replaces.
+    """
+    for path, spec in sites.items():
+        if spec.get("attention_class") not in PRUNED_ATTENTION:
+            raise ValueError(
+                f"{path}: this checkpoint's pruned attention {spec.get('attention_class') or spec.get('family')!r} "
+                f"is not defined here (format {FORMAT_VERSION}); load it with the clover version that wrote it"
+            )
+        site = model.get_submodule(path)
+        replaced_path = ".".join(p for p in (path, spec.get("replace", "")) if p)
+        original = model.get_submodule(replaced_path)
+        pruned = PRUNED_ATTENTION[spec["attention_class"]](spec, spec.get("layer_idx")).train(original.training)
+        for name in spec.get("kept", ()):
+            setattr(pruned, name, getattr(original, name))
+        model.set_submodule(replaced_path, pruned)
+        if "." in spec["output"]:  # an output projection outside the replaced module keeps its place, resized
+            dense = site.get_submodule(spec["output"])
+            resized = nn.Linear(pruned.layout.out_width, dense.out_features, bias=dense.bias is not None)
+            site.set_submodule(spec["output"], resized.train(dense.training))
 
 
 def _pruned_class(base: type) -> type:
@@ -386,19 +322,11 @@ def _pruned_class(base: type) -> type:
     return type(f"Clover{base.__name__}", (base,), {"__init__": __init__, "__module__": __name__})
 
 
-def _define_classes() -> None:
+def define_model_classes(base_names: list[str]) -> None:
+    """Define ``Clover<base>`` for each transformers model class name: the base that installs pruned attention."""
     import transformers
 
-    for base_name in (
-        "LlamaForCausalLM",
-        "Qwen2ForCausalLM",
-        "MistralForCausalLM",
-        "LlamaModel",
-        "GPT2LMHeadModel",
-        "GPT2Model",
-        "BertModel",
-        "WhisperForConditionalGeneration",
-    ):
+    for base_name in base_names:
         globals()[f"Clover{base_name}"] = _pruned_class(getattr(transformers, base_name))
         _register_task_names(f"Clover{base_name}", base_name)
 
@@ -412,10 +340,11 @@ def _register_task_names(name: str, base_name: str) -> None:
     tables with the config table by model_type, never see it."""
     from transformers.models.auto import modeling_auto
 
-    for table in ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES"):
+    for table in (
+        "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+        "MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES",
+        "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
+    ):
         names = getattr(modeling_auto, table, None)
         if names is not None and base_name in names.values():
             names.setdefault(f"clover:{name}", name)
-
-
-_define_classes()

@@ -29,11 +29,11 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .adapters import AttentionSite, adapter_for, attention_sites, pruned_projections
 from .decompose import check_finite
 from .errors import CloverError
 from .factorize import factorize_qk, factorize_vo, fold_value_bias, split_heads, whiten, whitening_factor
-from .modeling_clover import CONFIG_KEY, install_pruned_attention
+from .families import AttentionSite, attention_sites, family_for, pruned_projections
+from .modeling_clover import CONFIG_KEY, FORMAT_VERSION, install_pruned_attention
 
 METHODS = ("clover", "calibrated", "vanilla", "vanilla-activation")
 VANILLA = ("vanilla", "vanilla-activation")  # original weights, dims dropped without any rotation
@@ -363,13 +363,14 @@ def check_prunable(model: nn.Module, config: PruneConfig) -> list[AttentionSite]
     """The sites ``config`` prunes; raises CloverError for bad options, RoPE Q-K requests, non-finite weights
     or an already pruned model. Cheap: call it before collecting calibration data."""
     config.validate()
-    adapter = adapter_for(model)
+    family = family_for(model)
     sites = [s for s in attention_sites(model) if config.stacks is None or s.stack in config.stacks]
     if not sites:
         raise CloverError(f"no attention blocks in stacks {config.stacks}; this model has encoder/decoder/cross")
-    if config.prunes("qk") and any(s.rotary for s in sites):
+    blocked = next((s for s in sites if s.qk_blocker), None)
+    if config.prunes("qk") and blocked is not None:
         raise CloverError(
-            f"Q-K pruning is refused for {adapter.examples}: RoPE sits between Q and K, so there is no exact "
+            f"Q-K pruning is refused for {family.examples}: {blocked.qk_blocker}, so there is no exact "
             "Q-K product to truncate. V-O pruning works there: use --vo-ratio (or --vo-threshold) only."
         )
     for site in sites:
@@ -394,7 +395,6 @@ def prune_(
     or an already pruned model.
     """
     sites = check_prunable(model, config)
-    adapter = adapter_for(model)
     if config.method in CALIBRATED and calibrate is None and input_moments is None:
         raise CloverError(f"method {config.method!r} needs calibration data (a calibrate(model) callback)")
     params_before = sum(p.numel() for p in model.parameters())
@@ -418,7 +418,7 @@ def prune_(
         specs = {}
         for index, site in enumerate(tqdm(sites, desc="pruning", unit="attn", disable=not progress)):
             kept = {p: keep[p][index] if p in keep else None for p in ("qk", "vo")}
-            specs[site.name] = _rebuild_site(model, adapter.family, site, config, moments, kept, compute_dtype)
+            specs[site.name] = _rebuild_site(model, site, config, moments, kept, compute_dtype)
 
     total_groups = sum(s.num_kv_heads * s.head_dim for s in sites)
     qk_dims = sum(sum(spec["qk_dims"]) for spec in specs.values())
@@ -428,9 +428,20 @@ def prune_(
     setattr(
         model.config,
         CONFIG_KEY,
-        {"method": config.method, "allocation": config.allocation, "options": asdict(config), "sites": specs},
+        {
+            "format": FORMAT_VERSION,
+            "method": config.method,
+            "allocation": config.allocation,
+            "options": asdict(config),
+            "sites": specs,
+        },
     )
-    attention_after = sum(p.numel() for name in specs for p in _pruned_params(model, name, adapter.family))
+    attention_after = sum(
+        p.numel()
+        for name, spec in specs.items()
+        for linear in pruned_projections(model.get_submodule(name), spec).values()
+        for p in linear.parameters()
+    )  # q, k, v, o as before pruning: kept submodules (QK-norms) are not attention projections
     return PruneReport(
         config=asdict(config),
         params_before=params_before,
@@ -449,16 +460,8 @@ def _site_params(site: AttentionSite) -> list[Tensor]:
     return [t for proj in (site.q, site.k, site.v, site.o) for t in proj.read() if t is not None]
 
 
-def _pruned_params(model: nn.Module, name: str, family: str) -> list[Tensor]:
-    module = model.get_submodule(name)
-    if family == "bert":
-        return list(module.self.parameters()) + list(module.output.dense.parameters())
-    return list(module.parameters())
-
-
 def _rebuild_site(
     model: nn.Module,
-    family: str,
     site: AttentionSite,
     config: PruneConfig,
     moments: InputMoments | None,
@@ -484,8 +487,15 @@ def _rebuild_site(
     new_v, new_b_v = _pack(v_heads, vo.left_bias)
     new_o = torch.cat([h.mT for h in o_heads], dim=0)  # (Σ widths, d_out)
     new_b_o = vo.extra["b_o"]
+    family = site.family
     spec = {
-        "family": family,
+        "attention_class": family.pruned_attention.__name__,
+        "output": family.output,  # relative to the site module
+        "replace": family.replace,  # the submodule the pruned attention replaces ("" = the site itself)
+        "kept": list(family.kept),  # submodules taken over unchanged
+        "positional": family.positional,
+        "qk_blocker": site.qk_blocker,
+        "stack": site.stack,
         "layer_idx": site.layer_index,
         "num_heads": site.num_heads,
         "num_kv_heads": site.num_kv_heads,
@@ -500,9 +510,10 @@ def _rebuild_site(
         "is_causal": site.is_causal,
         "dropout": site.dropout,
         "output_dropout": site.output_dropout,
+        **site.extra,
     }
     install_pruned_attention(model, {site.name: spec})
-    projections = pruned_projections(model.get_submodule(site.name), family)
+    projections = pruned_projections(model.get_submodule(site.name), spec)
     for label, (weight, bias) in {
         "q": (new_q, new_b_q), "k": (new_k, new_b_k), "v": (new_v, new_b_v), "o": (new_o, new_b_o)
     }.items():  # fmt: skip

@@ -1,16 +1,37 @@
-"""BERT encoders (all-MiniLM-L6-v2): ``attention.self.{query,key,value}`` and ``attention.output.dense``."""
+"""BERT encoders (all-MiniLM-L6-v2): ``attention.self.{query,key,value}`` and ``attention.output.dense``.
+
+Learned absolute positions at the input: Q-K and V-O exact, no cache. The site is the BertAttention; its
+pruned attention replaces ``.self`` and the output projection ``.output.dense`` (with its LayerNorm) stays where
+it is, resized.
+"""
 
 from __future__ import annotations
 
 from torch import nn
 
-from .base import AttentionSite, LinearProjection, ModelAdapter
+from ..modeling_clover import PrunedAttention
+from .base import AttentionSite, Family, LinearProjection
 
 
-class BertAdapter(ModelAdapter):
-    family = "bert"
+class CloverBertSelfAttention(PrunedAttention):
+    """BERT self-attention with pruned Q-K and V-O dims; its output projection lives in BertSelfOutput.dense."""
+
+    def forward(self, hidden_states, attention_mask=None, cache=None, **kwargs):
+        q = self.q_proj(hidden_states)
+        k = self.layout.cache_entry(self.k_proj(hidden_states), "k")
+        v = self.layout.cache_entry(self.v_proj(hidden_states), "v")
+        return self._attend(q, k, v, attention_mask)
+
+
+class Bert(Family):
+    name = "bert"
     model_types = ("bert",)
     examples = "BERT, all-MiniLM-L6-v2"
+    output = "output.dense"
+    replace = "self"
+    pruned_attention = CloverBertSelfAttention
+    legacy_names = ("bert",)
+    caches = "no cache (encoder)"
 
     def attention_sites(self, model: nn.Module) -> list[AttentionSite]:
         sites = []
@@ -19,7 +40,7 @@ class BertAdapter(ModelAdapter):
                 continue
             inner = module.self
             sites.append(
-                AttentionSite(
+                self.site(
                     name=name,
                     stack="encoder",
                     layer_index=inner.layer_idx if inner.layer_idx is not None else len(sites),

@@ -1,0 +1,15 @@
+"""Help strings shared by the ``clover`` subcommands (``clover.cli`` and ``clover.cli_finetune``), kept apart so
+neither command module has to import the other."""
+
+from __future__ import annotations
+
+OVERWRITE_HELP = "replace --out if clover wrote it (its files and nothing else); other folders are never replaced"
+
+DEVICE_HELP = "cpu, cuda, cuda:N or mps (default: cuda when available, else cpu)"
+
+MODEL_HELP = (
+    "a short name (smollm2-135m, minilm-l6, whisper-tiny.en, whisper-base: real weights shipped in pip packages, "
+    "converted once and cached under $CLOVER_CACHE or ~/.cache/clover) or a local transformers checkpoint directory"
+)
+
+DTYPE_HELP = "weights dtype (default: the checkpoint's own, so a bf16 model is written back as bf16)"

@@ -1,0 +1,46 @@
+"""OPT: separate q/k/v/out_proj with biases, MHA, learned positions (offset 2) added at the input.
+
+OPT multiplies the q_proj output (bias included) by head_dim^-0.5 and attends with scale 1; that is the same
+function as attending with that scale, so the site's ``scaling`` carries it and Q-K stays exact. Both K and V
+caches shrink.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import AttentionSite, Family, LinearProjection, is_pruned_attention
+from .gpt2 import CloverSelfAttention
+
+
+class OPT(Family):
+    name = "opt"
+    model_types = ("opt",)
+    examples = "OPT"
+    output = "out_proj"
+    pruned_attention = CloverSelfAttention
+
+    def attention_sites(self, model: nn.Module) -> list[AttentionSite]:
+        sites = []
+        for name, module in model.named_modules():
+            if is_pruned_attention(module) or not (hasattr(module, "out_proj") and hasattr(module, "q_proj")):
+                continue
+            sites.append(
+                self.site(
+                    name=name,
+                    stack="decoder",
+                    layer_index=module.layer_idx,
+                    module=module,
+                    q=LinearProjection(module.q_proj),
+                    k=LinearProjection(module.k_proj),
+                    v=LinearProjection(module.v_proj),
+                    o=LinearProjection(module.out_proj),
+                    scaling=module.scaling,
+                    dropout=float(module.dropout),
+                    is_causal=True,
+                    num_heads=module.num_heads,
+                    num_kv_heads=module.num_heads,
+                    head_dim=module.head_dim,
+                )
+            )
+        return sites
