@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/pruning_curves.py [--models smollm2-135m whisper-base minilm-l6] [--full]
 
-Quality metric per model: SmolLM2-135M V-O (RoPE blocks Q-K), WikiText-2 test perplexity (first 4096 tokens,
+Quality metric per model: SmolLM2-135M and Gemma-3-270M V-O (RoPE, and Gemma's QK-norm, block Q-K),
+WikiText-2 test perplexity (first 4096 tokens,
 non-overlapping 512-token windows, fp32); Whisper-base, encoder and decoder (self + cross) pruned separately,
 Q-K and V-O separately: WER and decoder loss on espeak-ng speech of Harvard sentences; all-MiniLM-L6-v2:
 mean cosine similarity of sentence embeddings to the unpruned model on 256 SST-2 sentences. "ratio" is the
@@ -39,6 +40,7 @@ METRIC = {"causal-lm": "wikitext2_test_ppl", "speech-seq2seq": "wer", "encoder":
 ALL_RATIOS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 METHODS = ("clover", "calibrated", "vanilla", "vanilla-activation")
 ALLOCATIONS = ("uniform", "layer", "global")
+ROPE_MODELS = ("smollm2-135m", "gemma3-270m")  # RoPE (and Gemma's QK-norm) between Q and K: V-O only
 
 
 def grid(
@@ -46,7 +48,7 @@ def grid(
 ) -> list[dict]:
     """(stack, pair, method, allocation, ratios) runs for one model; --full is the complete grid."""
     if full:
-        pairs = {"smollm2-135m": ("vo",)}.get(name, ("qk", "vo"))
+        pairs = ("vo",) if name in ROPE_MODELS else ("qk", "vo")
         stacks = [("encoder",), ("decoder", "cross")] if name == "whisper-base" else [None]
         return [dict(stacks=st, pair=p, method=m, allocation=a, ratios=ALL_RATIOS)
                 for st in stacks for p in pairs for m in methods for a in allocations]  # fmt: skip
@@ -170,7 +172,12 @@ def headline(rows: list[dict]) -> list[str]:
     return lines
 
 
-METRIC_BY_MODEL = {"smollm2-135m": "wikitext2_test_ppl", "whisper-base": "wer", "minilm-l6": "similarity_to_original"}
+METRIC_BY_MODEL = {
+    "smollm2-135m": "wikitext2_test_ppl",
+    "gemma3-270m": "wikitext2_test_ppl",
+    "whisper-base": "wer",
+    "minilm-l6": "similarity_to_original",
+}
 
 
 EXTRA_METRICS = {"whisper-base": ("decoder_loss",)}  # plotted in a second row of panels

@@ -69,8 +69,15 @@ def test_perplexity_matches_per_window_loss_and_ignores_batch_size():
 def test_perplexity_with_bos_scores_every_token():
     tokenizer = CharTokenizer()
     tokenizer.bos_token_id = 1
-    r = ev.perplexity(build_tiny("llama"), tokenizer, TEXT, window=100, max_tokens=250, bos=True)
-    assert r.tokens_scored == 250 and math.isfinite(r.ppl)
+    model = build_tiny("llama")
+    r = ev.perplexity(model, tokenizer, TEXT, window=100, max_tokens=250, bos=True)
+    assert r.tokens_scored == 250 and r.window == 100 and math.isfinite(r.ppl)
+    # BOS takes the first of the 100 positions: windows of BOS + 99, 99 and 52 text tokens, every text token scored
+    ids = torch.tensor(tokenizer(TEXT)["input_ids"][:250])
+    with torch.no_grad():
+        rows = [torch.cat([torch.tensor([1]), w]) for w in ids.split(99)]
+        losses = [model(input_ids=row[None], labels=row[None]).loss * (len(row) - 1) for row in rows]
+    assert r.nll == pytest.approx(torch.stack(losses).sum().item() / 250, rel=1e-5)
 
 
 def test_kv_cache_bytes_tiny():

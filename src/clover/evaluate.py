@@ -103,16 +103,17 @@ def context_length(model: torch.nn.Module) -> int | None:
     return None
 
 
-def fitting_window(model: torch.nn.Module, tokenizer: Any, window: int) -> int:
-    """``window`` cut so that a perplexity window (with the BOS token perplexity may prepend) fits the model's
+def fitting_window(model: torch.nn.Module, window: int) -> int:
+    """``window`` cut so that a perplexity window (BOS included, when perplexity puts one first) fits the model's
     context: past it, learned position tables raise IndexError and RoPE models silently extrapolate."""
     limit = context_length(model)
     if limit is None:
         return window
-    return max(2, min(window, limit - _adds_bos(tokenizer)))
+    return max(2, min(window, limit))
 
 
-def _adds_bos(tokenizer: Any) -> bool:
+def adds_bos(tokenizer: Any) -> bool:
+    """Whether the tokenizer starts an encoding with BOS by default (Gemma's does; SmolLM2's does not)."""
     bos = getattr(tokenizer, "bos_token_id", None)
     ids = tokenizer("a")["input_ids"]
     return bos is not None and len(ids) > 0 and ids[0] == bos
@@ -132,9 +133,10 @@ def perplexity(
 ) -> PerplexityResult:
     """Perplexity of a causal LM on the first max_tokens tokens of text, scored in non-overlapping windows.
 
-    `bos=None` prepends the BOS token to every window iff the tokenizer adds one by default (Gemma needs it);
-    then every text token is scored, otherwise the first token of each window is context only. The window is
-    used as given (a RoPE model may be scored past its context on purpose); `fitting_window` gives one that fits.
+    `bos=None` starts every window with the BOS token iff the tokenizer adds one by default (Gemma does and needs
+    it; SmolLM2 does not); then every text token is scored, otherwise the first token of each window is context
+    only. The window is used as given (a RoPE model may be scored past its context on purpose); `fitting_window`
+    gives one that fits.
     """
     if window < 2:
         raise CloverError(f"window {window}: a window needs at least 2 tokens (one predicts the next)")
@@ -142,13 +144,16 @@ def perplexity(
         raise CloverError(f"max_tokens {max_tokens}: score at least 2 tokens (or None for the whole text)")
     ids = torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
     ids = ids[:max_tokens] if max_tokens is not None else ids
-    bos_id = tokenizer.bos_token_id if (_adds_bos(tokenizer) if bos is None else bos) else None
-    windows = [ids[i : i + window] for i in range(0, len(ids), window)]
+    bos_id = tokenizer.bos_token_id if (adds_bos(tokenizer) if bos is None else bos) else None
+    # The BOS token takes the first of the `window` positions (context only, never a target), so the model sees
+    # `window` tokens either way: e.g. Gemma's 512-token sliding window then keeps BOS in view of every token.
+    step = window - (bos_id is not None)
+    windows = [ids[i : i + step] for i in range(0, len(ids), step)]
     windows = [w for w in windows if len(w) >= (1 if bos_id is not None else 2)]
     if not windows:
         raise CloverError("The text is too short to score: it tokenizes to fewer than 2 tokens.")
     # Full windows share one length and are batched; a shorter final window runs alone.
-    full, tail = [w for w in windows if len(w) == window], [w for w in windows if len(w) != window]
+    full, tail = [w for w in windows if len(w) == step], [w for w in windows if len(w) != step]
     batches = [full[i : i + batch_size] for i in range(0, len(full), batch_size)] + [tail] * bool(tail)
     device, total, count = _model_device(model), 0.0, 0
     if progress:

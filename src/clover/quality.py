@@ -72,7 +72,7 @@ def measure(
             else:
                 result = evaluate.perplexity(
                     model, loaded.tokenizer, evaluate.wikitext2_text("test"),
-                    window=evaluate.fitting_window(model, loaded.tokenizer, window), max_tokens=tokens,
+                    window=evaluate.fitting_window(model, window), max_tokens=tokens,
                     progress=progress,
                 )  # fmt: skip
                 report.update(wikitext2_test_ppl=result.ppl, ppl_tokens=result.tokens_scored, ppl_window=result.window)
@@ -111,6 +111,8 @@ def measure(
                 kv_bytes_per_token=cache.self_attention_per_token,
                 cross_kv_bytes_per_frame=cache.cross_attention_per_frame,
             )
+        elif loaded.kind == "seq2seq-lm":
+            report["skipped"] = "no quality metric for text encoder-decoders (BART, Marian) yet; parameters only"
         elif loaded.tokenizer is None:
             report["skipped"] = f"similarity_to_original: {_no_tokenizer(loaded)}"
         else:
@@ -157,6 +159,11 @@ def calibration_callback(
 
     Sequences are cut to the model's context (see calibration_length); a model without a tokenizer is refused."""
     check_calibration_settings(samples, seq_len)
+    if loaded.kind == "seq2seq-lm":
+        raise CloverError(
+            "the command line has no calibration data for text encoder-decoders (BART, Marian) yet; use --method "
+            "clover or vanilla, or clover.prune.prune_ with your own calibrate(model) callback"
+        )
     seq_len = calibration_length(loaded, seq_len)
 
     def batches(items, size: int):
@@ -167,8 +174,14 @@ def calibration_callback(
     def run(model: nn.Module) -> None:
         device = next(model.parameters()).device
         if loaded.kind == "causal-lm":
-            ids = loaded.tokenizer(evaluate.wikitext2_text("validation"), return_tensors="pt").input_ids[0]
-            windows = ids[: (len(ids) // seq_len) * seq_len].view(-1, seq_len)[:samples]
+            text = evaluate.wikitext2_text("validation")
+            ids = loaded.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+            # like the perplexity windows: each starts with BOS where the tokenizer adds one (Gemma needs it)
+            bos = loaded.tokenizer.bos_token_id if evaluate.adds_bos(loaded.tokenizer) else None
+            step = seq_len - (bos is not None)
+            windows = ids[: (len(ids) // step) * step].view(-1, step)[:samples]
+            if bos is not None:
+                windows = torch.cat([torch.full((len(windows), 1), bos, dtype=windows.dtype), windows], dim=1)
             for _, batch in batches(windows, 8):
                 model(input_ids=batch.to(device), use_cache=False)
         elif loaded.kind == "speech-seq2seq":
