@@ -77,8 +77,8 @@ def grid(
     return runs
 
 
-def evaluate_model(loaded, sentences: int, reference) -> dict:
-    report = measure(loaded, sentences=sentences, reference_embeddings=reference)
+def evaluate_model(loaded, sentences: int, reference, tokens: int = 4096) -> dict:
+    report = measure(loaded, sentences=sentences, reference_embeddings=reference, tokens=tokens)
     return {k: v for k, v in report.items() if isinstance(v, int | float)}
 
 
@@ -90,6 +90,8 @@ def run_model(
     methods: tuple[str, ...] = METHODS,
     thresholds: bool = True,
     checkpoint=lambda rows: None,
+    ratios: list[float] | None = None,
+    tokens: int = 4096,
 ) -> list[dict]:
     """Every run of the grid for one model; ``checkpoint(rows)`` is called after each, so a long run keeps its
     partial results."""
@@ -98,7 +100,7 @@ def run_model(
     if base.kind == "encoder":
         reference = evaluate.sentence_embeddings(base.model, base.tokenizer, evaluate.similarity_sentences(256))
     start = time.perf_counter()
-    baseline = evaluate_model(base, sentences, reference)
+    baseline = evaluate_model(base, sentences, reference, tokens)
     print(
         f"{name}: unpruned {METRIC[base.kind]} = {baseline[METRIC[base.kind]]:.4g} "
         f"({time.perf_counter() - start:.0f} s)"
@@ -107,12 +109,12 @@ def run_model(
     rows = [{"model": name, "stack": "all", "pair": "-", "method": "none", "allocation": "-", "ratio": 0.0,
              "removed": 0.0, **baseline}]  # fmt: skip
     for run in grid(name, full, allocations, methods):
-        for ratio in run["ratios"]:
+        for ratio in ratios or run["ratios"]:
             loaded = load_model(name)
             options = PruneConfig(method=run["method"], allocation=run["allocation"], stacks=run["stacks"],
                                   **{f"{run['pair']}_ratio": ratio})  # fmt: skip
             report = prune_(loaded.model, options, input_moments=moments)
-            metrics = evaluate_model(loaded, sentences, reference)
+            metrics = evaluate_model(loaded, sentences, reference, tokens)
             removed = report.qk_removed if run["pair"] == "qk" else report.vo_removed
             stack = "+".join(run["stacks"]) if run["stacks"] else "all"
             rows.append({"model": name, "stack": stack, "pair": run["pair"], "method": run["method"],
@@ -307,6 +309,8 @@ def main() -> None:
         "--allocations", nargs="+", default=list(ALLOCATIONS), choices=ALLOCATIONS, help="--full: only these"
     )
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="only these methods")
+    parser.add_argument("--ratios", nargs="+", type=float, help="only these ratios (default: the grid's)")
+    parser.add_argument("--tokens", type=int, default=4096, help="causal LMs: WikiText-2 test tokens scored")
     parser.add_argument("--no-thresholds", action="store_true", help="skip the paper's Whisper thresholds")
     parser.add_argument("--csv", default="pruning_curves.csv", help="file name under benchmarks/results/")
     parser.add_argument(
@@ -321,7 +325,8 @@ def main() -> None:
     for name in args.models:
         done = list(rows)
         rows += run_model(name, args.full, args.sentences, tuple(args.allocations), tuple(args.methods),
-                          not args.no_thresholds, lambda new, done=done: write_csv(args.csv, done + new))  # fmt: skip
+                          not args.no_thresholds, lambda new, done=done: write_csv(args.csv, done + new),
+                          args.ratios, args.tokens)  # fmt: skip
         write_csv(args.csv, rows)  # keep partial results if a later model fails
         plot(rows, name)
     print("\n".join(headline(rows)))

@@ -5,6 +5,7 @@ WikiText-2 test vs validation, SST-2 sentences [0, n) vs [n, 2n), Harvard senten
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import pathlib
@@ -182,8 +183,11 @@ def calibration_callback(
             windows = ids[: (len(ids) // step) * step].view(-1, step)[:samples]
             if bos is not None:
                 windows = torch.cat([torch.full((len(windows), 1), bos, dtype=windows.dtype), windows], dim=1)
+            # the moments come from the attention inputs: skip the LM head's (B, T, vocab) logits, which for
+            # Gemma's 262k vocabulary cost more than the whole model
+            keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
             for _, batch in batches(windows, 8):
-                model(input_ids=batch.to(device), use_cache=False)
+                model(input_ids=batch.to(device), use_cache=False, **keep)
         elif loaded.kind == "speech-seq2seq":
             audios, texts = speech_set(SPEECH_EVAL_SENTENCES, min(samples, SPEECH_CALIBRATION_SENTENCES))
             prompt = list(loaded.decoder_prompt_ids)
