@@ -25,7 +25,8 @@ def _dtype(name: str | None):
 def probe_output(loaded):
     """A fixed, cheap forward pass used to check that a rewrite kept the model's function.
 
-    Its input is seeded random token ids within the vocabulary (and random log-mel features for Whisper), so it
+    Its input is seeded random token ids within the vocabulary (random log-mel features for a speech encoder, the
+    same ids as decoder input for a text encoder-decoder), so it
     needs no tokenizer, and at most 16 tokens, so it fits any model's context."""
     import torch
 
@@ -41,7 +42,8 @@ def probe_output(loaded):
             frames = 2 * model.config.max_source_positions
             features = torch.randn(1, model.config.num_mel_bins, frames, generator=generator)
             return model(input_features=features.to(device, model.dtype), decoder_input_ids=ids).logits.double()
-        output = model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        decoder = {"decoder_input_ids": ids} if loaded.kind == "seq2seq-lm" else {}
+        output = model(input_ids=ids, attention_mask=torch.ones_like(ids), **decoder)
         return (output.logits if hasattr(output, "logits") else output.last_hidden_state).double()
 
 
