@@ -33,6 +33,8 @@ __all__ = [
     "product_singular_values",
     "split_heads",
     "merge_heads",
+    "split_output_heads",
+    "merge_output_heads",
 ]
 
 
@@ -133,6 +135,16 @@ def merge_heads(heads: Tensor, has_bias: bool) -> tuple[Tensor, Tensor | None]:
     return weight, bias
 
 
+def split_output_heads(w_o: Tensor, num_heads: int) -> Tensor:
+    """(H·d_h, d_out) output projection -> (H, d_out, d_h): each head's rows W_o^h, transposed (a pair's right side)."""
+    return w_o.reshape(num_heads, w_o.shape[0] // num_heads, -1).mT
+
+
+def merge_output_heads(heads: Tensor) -> Tensor:
+    """Inverse of :func:`split_output_heads`: (H, d_out, d_h) -> (H·d_h, d_out)."""
+    return heads.mT.reshape(-1, heads.shape[1])
+
+
 def _group_size(num_heads: int, num_kv_heads: int) -> int:
     if num_kv_heads <= 0 or num_heads % num_kv_heads:
         raise ValueError(f"{num_heads} query heads cannot be grouped over {num_kv_heads} key/value heads")
@@ -227,7 +239,7 @@ def factorize_vo(
         b_o = fold_value_bias(w_o, b_v.to(compute_dtype), b_o, num_heads=num_heads, num_kv_heads=num_kv_heads)
     v_heads = split_heads(w_v, None if folded or b_v is None else b_v.to(compute_dtype), num_kv_heads)
     head_dim = v_heads.shape[-1]
-    o_heads = w_o.reshape(num_heads, head_dim, -1).mT  # (H, d_out, d_h): W_o^hᵀ
+    o_heads = split_output_heads(w_o, num_heads)  # (H, d_out, d_h)
     d_out = o_heads.shape[1]
     factors = factorize_pair(
         v_heads,
@@ -236,7 +248,7 @@ def factorize_vo(
         left_whitening=v_whitening,
     )
     new_v, new_b_v = merge_heads(factors.left, b_v is not None and not folded)
-    new_o = factors.right.reshape(num_heads, d_out, head_dim).mT.reshape(num_heads * head_dim, d_out)
+    new_o = merge_output_heads(factors.right.reshape(num_heads, d_out, head_dim))
     if folded:
         new_b_v = torch.zeros_like(b_v, dtype=compute_dtype)
     return VOFactors(new_v, new_b_v, new_o, b_o, factors.singular_values)
