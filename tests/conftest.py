@@ -36,6 +36,7 @@ class Row:
     kind: str = "causal-lm"  # "causal-lm", "encoder", "speech-seq2seq" or "seq2seq-lm": inputs and auto class
     qk_exact: bool = True  # False where RoPE or QK-norm sits between Q and K (V-O only)
     real: str = ""  # the real checkpoint tested elsewhere, for README's family table ("" = tiny random weights)
+    latent_cache: bool = False  # the KV cache holds a latent shared by all heads (MLA): per-head pruning keeps it
 
 
 _LLAMA = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -43,6 +44,8 @@ _LLAMA = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidde
 _SEQ2SEQ = dict(vocab_size=VOCAB, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
                 decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=64,
                 pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, init_std=0.1)  # fmt: skip
+_FALCON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+               max_position_embeddings=64, bos_token_id=1, eos_token_id=2)  # fmt: skip
 
 # The family table: every family-level test runs over it, so a new family gets them all by adding one row.
 FAMILY_TABLE: dict[str, Row] = {
@@ -66,6 +69,12 @@ FAMILY_TABLE: dict[str, Row] = {
     "opt": Row(lambda: tf.OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
                                     num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=64,
                                     pad_token_id=1, bos_token_id=2, eos_token_id=2), "OPTForCausalLM"),
+    "phi3": Row(lambda: tf.Phi3Config(**_LLAMA, original_max_position_embeddings=64, partial_rotary_factor=0.75,
+                                      pad_token_id=0, bos_token_id=1, eos_token_id=2), "Phi3ForCausalLM"),
+    "gpt_neox": Row(lambda: tf.GPTNeoXConfig(**{k: v for k, v in _LLAMA.items() if k != "num_key_value_heads"},
+                                             rotary_pct=0.25), "GPTNeoXForCausalLM"),
+    "gptj": Row(lambda: tf.GPTJConfig(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=64,
+                                      bos_token_id=1, eos_token_id=2), "GPTJForCausalLM"),
     "bert": Row(lambda: tf.BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                       intermediate_size=128, max_position_embeddings=64), "BertModel", kind="encoder",
                 real="minilm-l6"),
@@ -77,6 +86,32 @@ FAMILY_TABLE: dict[str, Row] = {
                    "WhisperForConditionalGeneration", kind="speech-seq2seq", real="whisper-tiny.en, whisper-base"),
     "bart": Row(lambda: tf.BartConfig(**_SEQ2SEQ), "BartForConditionalGeneration", kind="seq2seq-lm"),
     "marian": Row(lambda: tf.MarianConfig(**_SEQ2SEQ), "MarianMTModel", kind="seq2seq-lm"),
+    "falcon": Row(lambda: tf.FalconConfig(**_FALCON, multi_query=True, parallel_attn=True, bias=False),
+                  "FalconForCausalLM", qk_exact=False),
+    "falcon-gqa": Row(lambda: tf.FalconConfig(**_FALCON, num_kv_heads=2, new_decoder_architecture=True),
+                      "FalconForCausalLM", qk_exact=False),
+    "falcon-alibi": Row(lambda: tf.FalconConfig(**_FALCON, multi_query=False, alibi=True, bias=True,
+                                                parallel_attn=False), "FalconForCausalLM"),
+    "t5": Row(lambda: tf.T5Config(vocab_size=VOCAB, d_model=64, d_kv=8, d_ff=128, num_layers=2,
+                                  num_decoder_layers=2, num_heads=4, relative_attention_num_buckets=8,
+                                  relative_attention_max_distance=16, decoder_start_token_id=0, pad_token_id=0,
+                                  eos_token_id=1), "T5ForConditionalGeneration", kind="seq2seq-lm"),
+    # MLA: dense MLPs in V2 (MoE's grouped_mm rejects float64 on CPU), a float32 MoE layer and yarn scaling in V3
+    **{name: Row(lambda config=config, extra=extra: getattr(tf, config)(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+        v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, max_position_embeddings=64,
+        pad_token_id=0,
+        **extra), model, latent_cache=True) for name, config, model, extra in [
+        ("deepseek_v2", "DeepseekV2Config", "DeepseekV2ForCausalLM",
+         dict(q_lora_rank=None, attention_bias=True, first_k_dense_replace=2)),
+        ("deepseek_v2-qlora", "DeepseekV2Config", "DeepseekV2ForCausalLM",
+         dict(q_lora_rank=24, first_k_dense_replace=2)),
+        ("deepseek_v3", "DeepseekV3Config", "DeepseekV3ForCausalLM",
+         dict(q_lora_rank=24, first_k_dense_replace=1, n_group=1, topk_group=1, rope_parameters={
+             "rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0, "original_max_position_embeddings": 32,
+             "mscale_all_dim": 1.0})),
+    ]},
 }  # fmt: skip
 
 

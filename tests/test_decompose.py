@@ -45,9 +45,11 @@ def test_spectrum_leaves_the_model_untouched_and_matches_decompose(tiny_arch):
 
 
 def _pair_heads(site):
-    """Per-KV-group (left, right) factors as the model now stores them, augmented with biases."""
-    w_q, b_q = site.q.read()
-    w_k, b_k = site.k.read()
+    """Per-KV-group (left, right) factors as the model now stores them, augmented with biases (Q-K: under partial
+    RoPE, the pass-through dims)."""
+    q_part, k_part, _ = site.qk_pair()
+    w_q, b_q = q_part.read()
+    w_k, b_k = k_part.read()
     w_v, b_v = site.v.read()
     w_o, b_o = site.o.read()
     if b_o is not None:  # V's bias is folded into O's, so the V-O pair is W_v alone

@@ -18,7 +18,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from clover.errors import CloverError, UnsupportedModelError
-from clover.families import LinearProjection
+from clover.families import LinearProjection, attention_sites
 from clover.finetune import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -39,9 +39,11 @@ def _default_targets(arch: str) -> tuple[str, ...]:
     and the gated MLP's up_proj where there is one."""
     if FAMILY_TABLE[arch].qk_exact:
         return ("qk", "vo")
-    config = build_tiny(arch).config
-    up = ("up",) if any(isinstance(getattr(m, "up_proj", None), nn.Linear) for m in build_tiny(arch).modules()) else ()
-    return ("q", "v" if config.num_key_value_heads < config.num_attention_heads else "vo", *up)
+    model = build_tiny(arch)
+    up = ("up",) if any(isinstance(getattr(m, "up_proj", None), nn.Linear) for m in model.modules()) else ()
+    # KV heads read off the sites: not every config names them (Falcon's multi_query, GPT-NeoX)
+    gqa = any(site.num_kv_heads < site.num_heads for site in attention_sites(model))
+    return ("q", "v" if gqa else "vo", *up)
 
 
 # the other form of every projection each family supports

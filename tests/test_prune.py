@@ -22,7 +22,7 @@ from conftest import (
 
 from clover.errors import CloverError
 from clover.factorize import split_heads
-from clover.families import attention_sites, pruned_projections
+from clover.families import FAMILIES, HeadColumns, LinearProjection, attention_sites, pruned_projections
 from clover.io import save_pruned_model
 from clover.models import LoadedModel, load_model
 from clover.prune import PruneConfig, allocate_dims, prune_
@@ -52,8 +52,8 @@ def test_activation_vanilla_on_isotropic_inputs_equals_weight_vanilla(arch):
     def isotropic(model):
         stats = {}
         for site in attention_sites(model):
-            d = site.k.read()[0].shape[0]
-            for side in ("q", "k"):
+            for side in ("q", "k"):  # Q's input may differ from K's (MLA: hidden or q-LoRA vs the KV latent)
+                d = getattr(site, side).read()[0].shape[0]
                 stats[f"{site.name}|{side}"] = [torch.eye(d, dtype=torch.float64), torch.zeros(d).double(), 1]
         return InputMoments(stats)
 
@@ -91,7 +91,8 @@ def test_keeping_top_r_equals_rank_r_truncation(arch):
     ratio = 0.5
     originals = {}
     for s in sites:
-        (w_q, b_q), (w_k, b_k), (w_v, b_v), (w_o, b_o) = s.q.read(), s.k.read(), s.v.read(), s.o.read()
+        q_part, k_part, width = s.qk_pair()  # partial RoPE: the exact Q-K product is the pass-through dims
+        (w_q, b_q), (w_k, b_k), (w_v, b_v), (w_o, b_o) = q_part.read(), k_part.read(), s.v.read(), s.o.read()
         g = s.num_heads // s.num_kv_heads
         k = split_heads(w_k.clone(), None if b_k is None else b_k.clone(), s.num_kv_heads)
         q = split_heads(w_q.clone(), None if b_q is None else b_q.clone(), s.num_heads)
@@ -99,7 +100,7 @@ def test_keeping_top_r_equals_rank_r_truncation(arch):
         v = split_heads(w_v.clone(), riding, s.num_kv_heads)
         o = w_o.clone().reshape(s.num_heads, s.head_dim, -1).mT
         originals[s.name] = {
-            "qk": [k[j] @ q[j * g : (j + 1) * g].reshape(-1, s.head_dim).T for j in range(s.num_kv_heads)],
+            "qk": [k[j] @ q[j * g : (j + 1) * g].reshape(-1, width).T for j in range(s.num_kv_heads)],
             "vo": [v[j] @ o[j * g : (j + 1) * g].reshape(-1, s.head_dim).T for j in range(s.num_kv_heads)],
         }
     report = prune_(model, PruneConfig(qk_ratio=qk_ratio(arch, ratio), vo_ratio=ratio))
@@ -107,19 +108,31 @@ def test_keeping_top_r_equals_rank_r_truncation(arch):
         module = model.get_submodule(s.name)
         spec = model.config.clover["sites"][s.name]
         linears = pruned_projections(module, spec)
+        r, g = s.rotary_dims, s.num_heads // s.num_kv_heads  # each Q-K head block: [r rotary dims | kept dims]
+        qk_heads = [d - r for d in spec["qk_dims"]]
         packed = {
-            "qk": (_with_bias(linears["k"]), _with_bias(linears["q"])),
+            "qk": (
+                _drop_rotary(_with_bias(linears["k"]), spec["qk_dims"], r),
+                _drop_rotary(_with_bias(linears["q"]), [d for d in spec["qk_dims"] for _ in range(g)], r),
+            ),
             "vo": (_with_bias(linears["v"]), linears["o"].weight),  # O rows by head: (Σ widths, d_out) -> stacked ᵀ
         }
         for pair in ("qk", "vo") if FAMILY_TABLE[arch].qk_exact else ("vo",):
-            got = _group_products(module, pair, s.num_heads, s.num_kv_heads, spec["qk_dims"], spec["vo_dims"],
+            got = _group_products(module, pair, s.num_heads, s.num_kv_heads, qk_heads, spec["vo_dims"],
                                   packed[pair])  # fmt: skip
             for j, product in enumerate(originals[s.name][pair]):
-                rank = (spec["qk_dims"] if pair == "qk" else spec["vo_dims"])[j]
+                rank = (qk_heads if pair == "qk" else spec["vo_dims"])[j]
                 u, sigma, vh = torch.linalg.svd(product, full_matrices=False)
                 truncated = (u[:, :rank] * sigma[:rank]) @ vh[:rank]
                 torch.testing.assert_close(got[j], truncated, atol=1e-9, rtol=1e-9)
     assert report.vo_removed == pytest.approx(ratio)
+
+
+def _drop_rotary(packed, widths, rotary_dims):
+    """Packed head blocks of the given widths without the first ``rotary_dims`` columns of each."""
+    starts = [sum(widths[:h]) for h in range(len(widths))]
+    keep = [i for h, w in enumerate(widths) for i in range(starts[h] + rotary_dims, starts[h] + w)]
+    return packed[:, keep]
 
 
 def _with_bias(linear):
@@ -168,6 +181,12 @@ def test_generation_with_cache_equals_without_and_cache_holds_only_kept_dims(arc
     else:
         cache = model(input_ids=ids, use_cache=True).past_key_values
     cache = getattr(cache, "self_attention_cache", cache)
+    if FAMILY_TABLE[arch].latent_cache:  # one latent for all heads: cached as before pruning, whatever was kept
+        before = build_tiny(arch)(input_ids=ids, use_cache=True).past_key_values
+        assert [(a.keys.shape, a.values.shape) for a in cache.layers] == [
+            (b.keys.shape, b.values.shape) for b in before.layers
+        ]
+        return
     names = [name for name, spec in model.config.clover["sites"].items() if spec["stack"] == "decoder"]
     for layer, name in zip(cache.layers, names, strict=True):
         spec = model.config.clover["sites"][name]
@@ -202,6 +221,38 @@ def test_checkpoint_loads_with_trust_remote_code_in_a_fresh_process(arch, tmp_pa
     on_disk = sum(p.numel() for p in auto_class(arch).from_pretrained(
         out, trust_remote_code=True).parameters())  # fmt: skip
     assert on_disk == sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in build_tiny(arch).parameters())
+
+
+PARTIAL_ROPE = [
+    arch
+    for arch, row in FAMILY_TABLE.items()
+    if any(row.config().model_type in f.model_types and f.positional == "partial-rope" for f in FAMILIES)
+]
+
+
+@pytest.mark.parametrize("arch", PARTIAL_ROPE)
+def test_partial_rope_qk_pruning_shrinks_k_cache_by_the_pruned_pass_through_dims_only(arch):
+    model = build_tiny(arch)
+    sites = attention_sites(model)
+    assert all(0 < s.rotary_dims < s.head_dim for s in sites)
+    rotary = {
+        s.name: {side: [t.clone() for t in HeadColumns(getattr(s, side), heads, s.head_dim, 0, s.rotary_dims).read()
+                        if t is not None] for side, heads in (("q", s.num_heads), ("k", s.num_kv_heads))}
+        for s in sites
+    }  # fmt: skip
+    prune_(model, PruneConfig(qk_ratio=0.5))
+    cache = model(input_ids=torch.tensor([[5, 6, 7, 8]]), use_cache=True).past_key_values
+    for layer, s in zip(cache.layers, sites, strict=True):
+        pruned = round(0.5 * (s.head_dim - s.rotary_dims))  # a share of the pass-through dims, never rotary ones
+        assert pruned > 0
+        assert tuple(layer.keys.shape) == (1, s.num_kv_heads, 4, s.head_dim - pruned)
+        assert tuple(layer.values.shape) == (1, s.num_kv_heads, 4, s.head_dim)
+        spec = model.config.clover["sites"][s.name]
+        linears = pruned_projections(model.get_submodule(s.name), spec)
+        for side, heads in (("q", s.num_heads), ("k", s.num_kv_heads)):
+            block = HeadColumns(LinearProjection(linears[side]), heads, s.head_dim - pruned, 0, s.rotary_dims)
+            kept = [t for t in block.read() if t is not None]
+            assert all(torch.equal(a, b) for a, b in zip(kept, rotary[s.name][side], strict=True)), side
 
 
 def test_clover_reloads_a_pruned_checkpoint_in_one_call(tmp_path):
@@ -269,11 +320,16 @@ def test_uniform_pruning_reduces_parameters_by_two_d_per_dim(arch):
     removed = report.attention_params_before - report.attention_params_after
     expected = 0
     for s in sites:
-        d = s.q.read()[0].shape[0]
-        qk_bias_rows = (s.q.read()[1] is not None) + (s.k.read()[1] is not None)
-        expected += s.num_heads * (s.head_dim // 4) * (2 * d + qk_bias_rows)  # Q-K: 2·d (+ bias rows) per dim
-        expected += s.num_heads * (s.head_dim // 2) * 2 * d  # V-O: 2·d per dim
-        expected += (s.v.read()[1] is not None) * s.num_heads * s.head_dim  # V bias folded into O's
+        # Q's input width may differ from K's and V's (MLA: hidden or q-LoRA vs the KV latent)
+        d_q, d_kv, d_out = s.q.read()[0].shape[0], s.k.read()[0].shape[0], s.o.read()[0].shape[1]
+        b_q, b_k, b_v, b_o = (p.read()[1] is not None for p in (s.q, s.k, s.v, s.o))
+        qk_cut = round(0.25 * (s.head_dim - s.rotary_dims))  # partial RoPE: a share of the pass-through dims
+        vo_cut = round(0.5 * s.head_dim)
+        # a Q-K dim: a column (+ bias) of each Q head and each K head; a V-O dim: a column of V, a row of O
+        expected += qk_cut * (s.num_heads * (d_q + b_q) + s.num_kv_heads * (d_kv + b_k))
+        expected += vo_cut * (s.num_kv_heads * d_kv + s.num_heads * d_out)
+        if b_v:  # V's bias folds into O's where O has one, else it rides along in the kept dims
+            expected += s.num_kv_heads * s.head_dim if b_o else s.num_kv_heads * vo_cut
     assert removed == expected
 
 

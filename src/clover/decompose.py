@@ -20,7 +20,7 @@ class SiteSpectrum:
     stack: str
     layer_index: int
     vo: Tensor
-    qk: Tensor | None = None  # None where RoPE sits between Q and K
+    qk: Tensor | None = None  # None where RoPE sits between Q and K; partial RoPE: the pass-through dims only
     q: Tensor | None = None  # rotary sites: singular values of each query head's W_q (separate-QR form)
     k: Tensor | None = None  # rotary sites: same for each key head's W_k
 
@@ -56,11 +56,14 @@ def decompose_site(
             _, r = orthogonalize_heads(split_heads(weight, bias, heads), compute_dtype=compute_dtype)
             setattr(spectrum, label, torch.linalg.svdvals(r).float())
     else:
+        # partial RoPE: only the pass-through dims meet through a fixed product; the rotary dims stay as they are
+        q_part, k_part, _ = site.qk_pair()
+        (w_q, b_q), (w_k, b_k) = q_part.read(), k_part.read()
         qk = factorize_qk(w_q, w_k, b_q, b_k, **groups)
         spectrum.qk = qk.singular_values.float()
         if write:
-            site.q.write(qk.w_q.to(w_q.dtype), None if qk.b_q is None else qk.b_q.to(w_q.dtype))
-            site.k.write(qk.w_k.to(w_k.dtype), None if qk.b_k is None else qk.b_k.to(w_k.dtype))
+            q_part.write(qk.w_q.to(w_q.dtype), None if qk.b_q is None else qk.b_q.to(w_q.dtype))
+            k_part.write(qk.w_k.to(w_k.dtype), None if qk.b_k is None else qk.b_k.to(w_k.dtype))
     if write:
         site.v.write(vo.w_v.to(w_v.dtype), None if vo.b_v is None else vo.b_v.to(w_v.dtype))
         site.o.write(vo.w_o.to(w_o.dtype), None if vo.b_o is None else vo.b_o.to(w_o.dtype))

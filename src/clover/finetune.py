@@ -12,6 +12,8 @@ The two forms (math layout, ``y = x @ W + b``; one block = one head, or one d_h/
 - SVD form of a pair (targets "qk", "vo"): ``A Bᵀ = F_a diag(σ) F_bᵀ``, A the shared side (K or V, one KV
   head), B its g partners stacked (Q heads, or O heads transposed); the trainable S (init diag(σ)) sits on
   the shared side, ``F_b`` is written into the partner projection and frozen.
+Under partial RoPE (Phi-3, GPT-NeoX, GPT-J) "qk" is the SVD form of each head's pass-through dims, the exact
+part of the product; the rotary dims stay frozen as they are.
 Biases ride along as an augmented input row ``[x, 1] @ [W; b]`` (the frozen factor's last row is a frozen
 bias of the frozen output), so S adapts them too and merging gives ``W' = F S, b' = f S`` exactly. V's bias
 is not folded into O's here: the fold relies on attention rows summing to 1, which attention dropout breaks.
@@ -47,6 +49,7 @@ __all__ = [
     "CloverConfig",
     "CloverConv1D",
     "CloverLinear",
+    "CloverLinearParts",
     "CloverModel",
     "get_clover_model",
     "resolve_targets",
@@ -79,7 +82,7 @@ class CloverConfig:
 
     ``targets``: any of "qk", "q", "k", "v", "vo", "up" (see the module docstring). ``None`` resolves per
     model (:func:`resolve_targets`): RoPE models ("q", "vo", "up"), under GQA ("q", "v", "up") as the authors
-    do (QR of each KV head's W_v, O untouched); models without RoPE ("qk", "vo").
+    do (QR of each KV head's W_v, O untouched); models without RoPE, or with partial RoPE, ("qk", "vo").
     ``dropout_placement``: "frozen_output" (the authors': on the frozen projection's output, before S, so on
     the whole path; for "qk" and "vo" that is the K and V path), "update" (only on the path through
     S - S_init, like LoRA's side branch; a no-op at init) or "none".
@@ -175,6 +178,7 @@ class CloverLinear(nn.Module):
         self.transform = None if transform is None else transform.detach().to("cpu", torch.float64)
         self.transform_side = transform_side
         self.base_dtype = base_dtype
+        self.linear_class: type[nn.Linear] = nn.Linear  # what to_linear rebuilds: the replaced module's class
 
     def forward(self, x: Tensor) -> Tensor:
         frozen = nn.functional.linear(x.to(self.frozen_weight.dtype), self.frozen_weight, self.frozen_bias)
@@ -204,8 +208,9 @@ class CloverLinear(nn.Module):
         """A plain ``nn.Linear`` computing the same function (trained blocks folded in)."""
         weight, bias = self.merged_weight()
         device = self.frozen_weight.device
+        shape = (self.in_features, self.out_features)
         linear = nn.utils.skip_init(
-            nn.Linear, self.in_features, self.out_features, bias=bias is not None, device=device, dtype=self.base_dtype
+            self.linear_class, *shape, bias=bias is not None, device=device, dtype=self.base_dtype
         )
         linear.weight.copy_(weight.T)
         if bias is not None:
@@ -240,6 +245,42 @@ class CloverConv1D(nn.Module):
         conv.weight.copy_(torch.cat([w for w, _ in merged], dim=1))
         conv.bias.copy_(torch.cat([b for _, b in merged]))
         return conv.to(device=next(iter(self.parts.values())).frozen_weight.device, dtype=self.base_dtype)
+
+
+class CloverLinearParts(nn.Module):
+    """Replaces an ``nn.Linear`` whose output features several projections share (Phi-3's fused qkv_proj, GPT-NeoX's
+    per-head [q_h | k_h | v_h], or the rotary and pass-through dims of partial-RoPE heads): one part per projection."""
+
+    def __init__(
+        self, parts: dict[str, tuple[Tensor, CloverLinear]], base_dtype: torch.dtype, linear_class: type = nn.Linear
+    ):
+        super().__init__()
+        self.linear_class = linear_class  # Falcon's FalconLinear stays a FalconLinear when merged
+        self.parts = nn.ModuleDict({tag: module for tag, (_, module) in parts.items()})
+        features = torch.cat([index for index, _ in parts.values()])
+        first = next(iter(self.parts.values()))
+        # output feature i of the linear is feature order[i] of the parts' outputs concatenated
+        self.register_buffer("order", features.argsort().to(first.frozen_weight.device), persistent=False)
+        self.in_features, self.out_features = first.in_features, len(features)
+        self.base_dtype = base_dtype
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([part(x) for part in self.parts.values()], dim=-1).index_select(-1, self.order)
+
+    @torch.no_grad()
+    def to_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` computing the same function (trained blocks folded in)."""
+        merged = [part.merged_weight() for part in self.parts.values()]
+        weight = torch.cat([w for w, _ in merged], dim=1)[:, self.order]
+        has_bias = merged[0][1] is not None
+        device = next(iter(self.parts.values())).frozen_weight.device
+        linear = nn.utils.skip_init(
+            self.linear_class, self.in_features, self.out_features, bias=has_bias, device=device, dtype=self.base_dtype
+        )
+        linear.weight.copy_(weight.T)
+        if has_bias:
+            linear.bias.copy_(torch.cat([b for _, b in merged])[self.order])
+        return linear
 
 
 def _inverse_r(r: Tensor, *, rotate: bool = False) -> Tensor:
@@ -288,6 +329,9 @@ class _Injector:
             return self.names[id(projection.linear)]
         if isinstance(projection, Conv1DSlice):
             return f"{self.names[id(projection.conv)]}.parts.{projection.start}_{projection.stop}"
+        owner, _ = projection.owner()
+        if isinstance(owner, nn.Linear):  # a part of a linear: fused projections, or some dims of each head
+            return f"{self.names[id(owner)]}.parts.{projection.tag}"
         raise CloverError(f"clover cannot wrap a {type(projection).__name__}; add a branch in finetune._Injector")
 
     def stored(self, path: str, shape: tuple[int, ...]) -> Tensor | None:
@@ -373,9 +417,10 @@ class _Injector:
     def site_modules(self, site: AttentionSite, targets: tuple[str, ...]) -> list[tuple[Projection, CloverLinear]]:
         heads = {"num_heads": site.num_heads, "num_kv_heads": site.num_kv_heads}
         wrapped: list[tuple[Projection, CloverLinear]] = []
-        if "qk" in targets:
-            k, q = self.pair_form(site.k, site.q, partner_is_output=False, **heads)
-            wrapped += [(site.k, k), (site.q, q)]
+        if "qk" in targets:  # partial RoPE: the pass-through dims; the rotary dims stay frozen as they are
+            q_part, k_part, _ = site.qk_pair()
+            k, q = self.pair_form(k_part, q_part, partner_is_output=False, **heads)
+            wrapped += [(k_part, k), (q_part, q)]
         for label, count in (("q", site.num_heads), ("k", site.num_kv_heads), ("v", site.num_kv_heads)):
             if label in targets:
                 projection = getattr(site, label)
@@ -387,15 +432,31 @@ class _Injector:
 
     @torch.no_grad()
     def install(self, wrapped: list[tuple[Projection, CloverLinear]]) -> None:
-        """Swap the new modules into the model; slices of one Conv1D become one CloverConv1D."""
+        """Swap the new modules into the model; slices of one Conv1D become one CloverConv1D, parts of one
+        Linear one CloverLinearParts (its untouched features a frozen part)."""
         convs: dict[int, tuple[nn.Module, dict[tuple[int, int], CloverLinear]]] = {}
+        linears: dict[int, tuple[nn.Linear, dict[str, tuple[Tensor, CloverLinear]]]] = {}
         for projection, module in wrapped:
             if isinstance(projection, Conv1DSlice):
                 convs.setdefault(id(projection.conv), (projection.conv, {}))[1][(projection.start, projection.stop)] = (
                     module
                 )
-            else:
+            elif isinstance(projection, LinearProjection):
+                module.linear_class = type(projection.linear)
                 self.replace(self.path(projection), module.train(projection.linear.training))
+            else:
+                owner, features = projection.owner()
+                linears.setdefault(id(owner), (owner, {}))[1][projection.tag] = (features, module)
+        for linear, parts in linears.values():
+            taken = torch.zeros(linear.out_features, dtype=torch.bool)
+            for features, _ in parts.values():
+                taken[features] = True
+            if not taken.all():
+                rest = (~taken).nonzero().squeeze(-1)
+                bias = None if linear.bias is None else linear.bias.detach()[rest]
+                parts["rest"] = (rest, self.module(linear.weight.detach()[rest].T, bias, linear.weight.dtype))
+            parted = CloverLinearParts(parts, linear.weight.dtype, type(linear))
+            self.replace(self.names[id(linear)], parted.train(linear.training))
         for conv, parts in convs.values():
             start = 0
             for span in [*sorted(parts), (conv.nf, conv.nf)]:  # untouched column ranges stay frozen parts
@@ -468,11 +529,12 @@ def trainable_count(model: nn.Module, config: CloverConfig | None = None) -> int
             side = {"qk": "k", "vo": "v"}.get(target, target)
             if side not in counts:
                 continue
+            rotary = site.rotary_dims if target == "qk" else 0  # 'qk' trains the pass-through dims only
             if site.block_widths is not None:
-                total += sum(w * w for w in site.block_widths[side])
+                total += sum((w - rotary) ** 2 for w in site.block_widths[side])
             else:
                 width = getattr(site, side).read()[0].shape[1] // counts[side]
-                total += counts[side] * width**2
+                total += counts[side] * (width - rotary) ** 2
     if "up" in targets:
         head_dim = sites[0].head_dim
         if head_dim % 2:
@@ -574,6 +636,8 @@ class CloverModel(nn.Module):
         for name, module in list(model.named_modules()):
             if isinstance(module, CloverConv1D):
                 model.set_submodule(name, module.to_conv1d())
+            elif isinstance(module, CloverLinearParts):
+                model.set_submodule(name, module.to_linear())
         for name, module in list(model.named_modules()):
             if isinstance(module, CloverLinear):
                 model.set_submodule(name, module.to_linear())

@@ -9,8 +9,9 @@ Each pruned attention keeps, for every KV group j, ``qk_dims[j]`` Q-K dims (in K
 query heads) and ``vo_dims[j]`` V-O dims (in V and in each query head's rows of O). Projections are packed:
 head blocks of their own widths, concatenated. The KV cache holds exactly the kept dims: (B, G, T, d) per
 KV group when every group keeps the same dims, else one cache "head" of width sum(qk_dims) for K, sum(vo_dims)
-for V. Heads with equal dims are computed together by torch's
-scaled_dot_product_attention; the softmax scale is the original model's, never recomputed from pruned dims.
+for V. Under partial RoPE (``rotary_dims``) each Q-K head block is [its rotary dims, unpruned | its kept
+pass-through dims]; the family's forward rotates the first part. Heads with equal dims are computed together by
+torch's scaled_dot_product_attention; the softmax scale is the original model's, never recomputed from pruned dims.
 When the caller asks for ``output_attentions``, attention is computed explicitly instead and the per-head
 probabilities (B, num_heads, L, S) are returned, as transformers' eager attention returns them.
 """
@@ -32,8 +33,9 @@ CONFIG_KEY = "clover"  # config.clover = {"method": ..., "sites": {module path: 
 class HeadLayout:
     """Index bookkeeping of one pruned attention: which packed columns belong to which head, by dims bucket."""
 
-    def __init__(self, num_heads: int, num_kv_heads: int, qk_dims: list[int], vo_dims: list[int]):
+    def __init__(self, num_heads: int, num_kv_heads: int, qk_dims: list[int], vo_dims: list[int], rotary_dims: int = 0):
         self.group = num_heads // num_kv_heads
+        self.rotary_dims = rotary_dims  # partial RoPE: each Q-K head block starts with this many rotary dims
         self._indices: dict[str, list[int] | None] = {}
         self._tensors: dict[tuple[str, torch.device], torch.Tensor] = {}
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
@@ -61,6 +63,13 @@ class HeadLayout:
         self._head_order = sorted(range(num_heads), key=bucket_heads.__getitem__)
         # every KV group has the same dims: cache K/V per group, (B, G, T, d), the layout SDPA reads fastest
         self.uniform = len(self.buckets) == 1
+        for side, offsets, heads in (("q", q_off, num_heads), ("k", k_off, num_kv_heads)):
+            # ragged heads: gather every head's rotary dims into one (heads, rotary_dims) block and back
+            rot = [i for h in range(heads) for i in range(offsets[h], offsets[h] + rotary_dims)]
+            rest = [i for h in range(heads) for i in range(offsets[h] + rotary_dims, offsets[h + 1])]
+            self._index(f"{side}_rot", rot, offsets[-1])
+            self._index(f"{side}_pass", rest, offsets[-1])
+            self._index(f"{side}_join", sorted(range(offsets[-1]), key=(rot + rest).__getitem__), offsets[-1])
 
     @staticmethod
     def _offsets(widths: list[int]) -> list[int]:
@@ -107,6 +116,21 @@ class HeadLayout:
             q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal, scale=scaling, enable_gqa=self.group > 1
         )
         return out[..., :dv]
+
+    def split_rotary(self, x: torch.Tensor, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Packed (B, L, width) queries ("q") or keys ("k") -> their rotary dims (B, L, heads, rotary_dims), and
+        the other dims in a layout that only ``join_rotary`` reads."""
+        heads = self.num_heads if side == "q" else self.num_kv_heads
+        if self.uniform:  # equal head blocks: a view, no gather
+            blocks = x.unflatten(-1, (heads, -1))
+            return blocks[..., : self.rotary_dims], blocks[..., self.rotary_dims :]
+        return self.take(x, f"{side}_rot").unflatten(-1, (heads, self.rotary_dims)), self.take(x, f"{side}_pass")
+
+    def join_rotary(self, rotary: torch.Tensor, rest: torch.Tensor, side: str) -> torch.Tensor:
+        """Inverse of ``split_rotary``, once the rotary dims are rotated: packed (B, L, width) again."""
+        if self.uniform:
+            return torch.cat([rotary, rest], dim=-1).flatten(-2)
+        return self.take(torch.cat([rotary.flatten(-2), rest], dim=-1), f"{side}_join")
 
     def cache_entry(self, x: torch.Tensor, side: str) -> torch.Tensor:
         """(B, T, width) projection output -> what the KV cache stores: exactly the kept dims, nothing else."""
@@ -260,7 +284,9 @@ class PrunedAttention(nn.Module):
         self.dropout_p = float(spec.get("dropout", 0.0))  # attention probabilities, training only
         self.output_dropout = float(spec.get("output_dropout", 0.0))
         self.head_dim = spec["head_dim"]
-        self.layout = HeadLayout(spec["num_heads"], spec["num_kv_heads"], spec["qk_dims"], spec["vo_dims"])
+        self.layout = HeadLayout(
+            spec["num_heads"], spec["num_kv_heads"], spec["qk_dims"], spec["vo_dims"], spec.get("rotary_dims", 0)
+        )
         d_q, d_kv, d_out = spec["d_q"], spec["d_kv"], spec["d_out"]
         self.q_proj = _linear(spec, "q", d_q, self.layout.q_width)
         self.k_proj = _linear(spec, "k", d_kv, self.layout.k_width)
@@ -329,6 +355,24 @@ def define_model_classes(base_names: list[str]) -> None:
     for base_name in base_names:
         globals()[f"Clover{base_name}"] = _pruned_class(getattr(transformers, base_name))
         _register_task_names(f"Clover{base_name}", base_name)
+        _inherit_key_renames(f"Clover{base_name}", base_name)
+
+
+def _inherit_key_renames(name: str, base_name: str) -> None:
+    """Give a pruned class its base class's checkpoint key renames (GPT-NeoX saves ``lm_head`` as ``embed_out``).
+
+    transformers 5 renames keys by class name on save and load, but skips classes from remote code unless their
+    name is registered, so without this a pruned checkpoint would load with a freshly initialised head."""
+    try:
+        from transformers.conversion_mapping import (
+            get_checkpoint_conversion_mapping,
+            register_checkpoint_conversion_mapping,
+        )
+    except ImportError:  # transformers 4.x renames nothing by class
+        return
+    renames = get_checkpoint_conversion_mapping(base_name)
+    if renames is not None:
+        register_checkpoint_conversion_mapping(name, renames, overwrite=True)
 
 
 def _register_task_names(name: str, base_name: str) -> None:

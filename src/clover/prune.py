@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from .decompose import check_finite
 from .errors import CloverError
 from .factorize import factorize_qk, factorize_vo, fold_value_bias, split_heads, whiten, whitening_factor
-from .families import AttentionSite, attention_sites, family_for, pruned_projections
+from .families import AttentionSite, HeadColumns, Projection, attention_sites, family_for, pruned_projections
 from .modeling_clover import CONFIG_KEY, FORMAT_VERSION, install_pruned_attention
 
 METHODS = ("clover", "calibrated", "vanilla", "vanilla-activation")
@@ -43,7 +43,8 @@ ALLOCATIONS = ("uniform", "layer", "global")
 
 @dataclass
 class PruneConfig:
-    """What to remove. Ratios are shares of all Q-K (or V-O) dims of the model, counted per KV group."""
+    """What to remove. Ratios are shares of all Q-K (or V-O) dims of the model, counted per KV group; under
+    partial RoPE the Q-K share counts only the pass-through dims (the rotary dims are never pruned)."""
 
     qk_ratio: float = 0.0
     vo_ratio: float = 0.0
@@ -191,7 +192,8 @@ class InputMoments:
         for site in attention_sites(model):
             keys[f"{site.name}|k"] = watch(site.k.input_module)
             # self-attention: Q reads the very same input as K/V, so one moment serves both
-            keys[f"{site.name}|q"] = watch(site.q.input_module) if site.stack == "cross" else keys[f"{site.name}|k"]
+            shared = site.q_reads_kv_input and site.stack != "cross"
+            keys[f"{site.name}|q"] = keys[f"{site.name}|k"] if shared else watch(site.q.input_module)
         try:
             with torch.no_grad():
                 calibrate(model)
@@ -275,7 +277,8 @@ def _site_pair(
 ) -> _PairHeads:
     heads = {"num_heads": site.num_heads, "num_kv_heads": site.num_kv_heads, "compute_dtype": compute_dtype}
     if pair == "qk":
-        (w_q, b_q), (w_k, b_k) = site.q.read(), site.k.read()
+        q_part, k_part, _ = site.qk_pair()  # partial RoPE: the pass-through dims, scored and kept on their own
+        (w_q, b_q), (w_k, b_k) = q_part.read(), k_part.read()
         if config.method in VANILLA:
             left = split_heads(w_k.to(compute_dtype), _opt(b_k, compute_dtype), site.num_kv_heads)
             right = split_heads(w_q.to(compute_dtype), _opt(b_q, compute_dtype), site.num_heads)
@@ -323,6 +326,15 @@ def _opt(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return None if t is None else t.to(dtype)
 
 
+def _after_rotary(
+    site: AttentionSite, projection: Projection, num_heads: int, kept: list[Tensor], dtype: torch.dtype
+) -> list[Tensor]:
+    """Each head's kept pass-through block (rows, k) behind its rotary dims (rows, r), taken unchanged."""
+    weight, bias = HeadColumns(projection, num_heads, site.head_dim, 0, site.rotary_dims).read()
+    rotary = split_heads(weight.to(dtype), _opt(bias, dtype), num_heads)
+    return [torch.cat([rotary[h], block], dim=1) for h, block in enumerate(kept)]
+
+
 def _kept_columns(pair: _PairHeads, keep: Tensor, group: int) -> tuple[Tensor, Tensor]:
     """Packed (left, right) with only the kept dims of each group, highest score first."""
     order = pair.scores.argsort(dim=-1, descending=True, stable=True)
@@ -352,7 +364,7 @@ class PruneReport:
     params_after: int
     attention_params_before: int
     attention_params_after: int
-    qk_removed: float  # share of Q-K dims removed (per KV group)
+    qk_removed: float  # share of Q-K dims removed (per KV group; under partial RoPE, of the pass-through dims)
     vo_removed: float
     kv_dims_per_token_before: int  # K + V dims cached per token over all layers
     kv_dims_per_token_after: int
@@ -421,7 +433,9 @@ def prune_(
             specs[site.name] = _rebuild_site(model, site, config, moments, kept, compute_dtype)
 
     total_groups = sum(s.num_kv_heads * s.head_dim for s in sites)
-    qk_dims = sum(sum(spec["qk_dims"]) for spec in specs.values())
+    # Q-K shares count the dims Q-K pruning can remove: partial RoPE's rotary dims are neither total nor removed
+    total_qk = sum(s.num_kv_heads * (s.head_dim - s.rotary_dims) for s in sites)
+    qk_dims = sum(sum(spec["qk_dims"]) - spec["num_kv_heads"] * spec["rotary_dims"] for spec in specs.values())
     vo_dims = sum(sum(spec["vo_dims"]) for spec in specs.values())
     kv_before = sum(2 * s.num_kv_heads * s.head_dim for s in sites if s.stack != "encoder")
     kv_after = sum(sum(specs[s.name]["qk_dims"]) + sum(specs[s.name]["vo_dims"]) for s in sites if s.stack != "encoder")
@@ -448,7 +462,7 @@ def prune_(
         params_after=sum(p.numel() for p in model.parameters()),
         attention_params_before=attention_before,
         attention_params_after=attention_after,
-        qk_removed=1 - qk_dims / total_groups,
+        qk_removed=1 - qk_dims / total_qk if total_qk else 0.0,
         vo_removed=1 - vo_dims / total_groups,
         kv_dims_per_token_before=kv_before,
         kv_dims_per_token_after=kv_after,
@@ -476,9 +490,12 @@ def _rebuild_site(
     if kept["qk"] is not None:
         qk = _site_pair(site, "qk", config, moments, compute_dtype)
         k_heads, q_heads = _kept_columns(qk, kept["qk"], group)
+        if site.rotary_dims:  # each head: [its rotary dims, as they were | its kept pass-through dims]
+            k_heads = _after_rotary(site, site.k, site.num_kv_heads, k_heads, compute_dtype)
+            q_heads = _after_rotary(site, site.q, site.num_heads, q_heads, compute_dtype)
         new_k, new_b_k = _pack(k_heads, qk.left_bias)
         new_q, new_b_q = _pack(q_heads, qk.right_bias)
-        qk_dims = kept["qk"]
+        qk_dims = kept["qk"] + site.rotary_dims
     else:  # Q-K untouched (not requested, or RoPE)
         new_q, new_b_q, new_k, new_b_k, qk_dims = w_q, b_q, w_k, b_k, full
     vo = _site_pair(site, "vo", config, moments, compute_dtype)
@@ -510,6 +527,7 @@ def _rebuild_site(
         "is_causal": site.is_causal,
         "dropout": site.dropout,
         "output_dropout": site.output_dropout,
+        "rotary_dims": site.rotary_dims,  # the first dims of each Q-K head block, which the forward rotates
         **site.extra,
     }
     install_pruned_attention(model, {site.name: spec})

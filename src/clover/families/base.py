@@ -15,7 +15,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-POSITIONAL = ("none", "bias", "rope", "partial-rope")  # what sits between Q and K (additive biases keep Q-K exact)
+# what sits between Q and K (additive biases keep Q-K exact); "partial-rope": its sites give ``rotary_dims``
+POSITIONAL = ("none", "bias", "rope", "partial-rope")
 
 
 class Projection:
@@ -32,6 +33,15 @@ class Projection:
         """The module whose forward input is this projection's input (for calibration hooks)."""
         raise NotImplementedError
 
+    def owner(self) -> tuple[nn.Module, Tensor]:
+        """The module that computes this projection, and which of its output features it is, in order."""
+        raise NotImplementedError
+
+    @property
+    def tag(self) -> str:
+        """A name for this part of its owner, unique among the parts a family defines (fine-tuning module names)."""
+        raise NotImplementedError
+
 
 class LinearProjection(Projection):
     """An ``nn.Linear`` (stores weight as (d_out, d_in))."""
@@ -42,6 +52,13 @@ class LinearProjection(Projection):
     @property
     def input_module(self) -> nn.Module:
         return self.linear
+
+    def owner(self) -> tuple[nn.Module, Tensor]:
+        return self.linear, torch.arange(self.linear.out_features)
+
+    @property
+    def tag(self) -> str:
+        return "all"
 
     def read(self) -> tuple[Tensor, Tensor | None]:
         bias = self.linear.bias
@@ -64,6 +81,13 @@ class Conv1DSlice(Projection):
     def input_module(self) -> nn.Module:
         return self.conv
 
+    def owner(self) -> tuple[nn.Module, Tensor]:
+        return self.conv, torch.arange(self.start, self.stop)
+
+    @property
+    def tag(self) -> str:
+        return f"{self.start}_{self.stop}"
+
     def read(self) -> tuple[Tensor, Tensor | None]:
         cols = slice(self.start, self.stop)
         return self.conv.weight.detach()[:, cols], self.conv.bias.detach()[cols]
@@ -85,6 +109,13 @@ class LinearSlice(Projection):
     def input_module(self) -> nn.Module:
         return self.linear
 
+    def owner(self) -> tuple[nn.Module, Tensor]:
+        return self.linear, torch.arange(self.start, self.stop)
+
+    @property
+    def tag(self) -> str:
+        return f"{self.start}_{self.stop}"
+
     def read(self) -> tuple[Tensor, Tensor | None]:
         rows = slice(self.start, self.stop)
         bias = self.linear.bias
@@ -95,6 +126,50 @@ class LinearSlice(Projection):
         self.linear.weight[self.start : self.stop] = weight.T
         if bias is not None:
             self.linear.bias[self.start : self.stop] = bias
+
+
+class HeadColumns(Projection):
+    """Columns ``start:stop`` of every head of another projection whose heads are ``head_dim`` wide.
+
+    The pass-through dims of partial-RoPE heads (Q-K is exact there), or one part of a projection fused per head
+    (GPT-NeoX's ``query_key_value``, [q_h | k_h | v_h] per head): read and written in math layout like any other.
+    """
+
+    def __init__(self, inner: Projection, num_heads: int, head_dim: int, start: int, stop: int):
+        self.inner, self.num_heads, self.head_dim, self.start, self.stop = inner, num_heads, head_dim, start, stop
+
+    @property
+    def input_module(self) -> nn.Module:
+        return self.inner.input_module
+
+    def owner(self) -> tuple[nn.Module, Tensor]:
+        module, features = self.inner.owner()
+        return module, self._select(features)
+
+    @property
+    def tag(self) -> str:
+        return f"{self.inner.tag}_h{self.num_heads}_{self.start}_{self.stop}"
+
+    def _select(self, t: Tensor) -> Tensor:
+        return t.unflatten(-1, (self.num_heads, self.head_dim))[..., self.start : self.stop].flatten(-2)
+
+    def read(self) -> tuple[Tensor, Tensor | None]:
+        weight, bias = self.inner.read()
+        return self._select(weight), None if bias is None else self._select(bias)
+
+    @torch.no_grad()
+    def write(self, weight: Tensor, bias: Tensor | None) -> None:
+        # contiguous copies: the slices below must be views of them, and nothing may write through the inner's aliases
+        full, full_bias = (
+            None if t is None else t.clone(memory_format=torch.contiguous_format) for t in self.inner.read()
+        )
+        heads = (self.num_heads, self.stop - self.start)
+        full.unflatten(-1, (self.num_heads, self.head_dim))[..., self.start : self.stop] = weight.unflatten(-1, heads)
+        if bias is not None:
+            full_bias.unflatten(-1, (self.num_heads, self.head_dim))[..., self.start : self.stop] = bias.unflatten(
+                -1, heads
+            )
+        self.inner.write(full, full_bias)
 
 
 @dataclass
@@ -121,11 +196,31 @@ class AttentionSite:
     # pruned sites: the width of every block, {"q": per query head, "k": per KV group, "v": per KV group}
     block_widths: dict[str, list[int]] | None = None
     extra: dict = field(default_factory=dict)  # family-specific facts its pruned attention needs (into the spec)
+    # partial RoPE: the first rotary_dims dims of every Q and K head are rotated, the rest pass through unrotated
+    rotary_dims: int = 0
+    # Q's projection reads the very input K and V read (self-attention), so one input moment serves both sides;
+    # False where Q has its own input (cross-attention; MLA, whose K/V read the compressed latent)
+    q_reads_kv_input: bool = True
 
     @property
     def rotary(self) -> bool:
         """No exact Q-K merge: the pair is only QR'd separately (fine-tuning) and never pruned."""
         return self.qk_blocker is not None
+
+    def qk_pair(self) -> tuple[Projection, Projection, int]:
+        """Q, K restricted to the dims where they meet through one fixed product, and their width per head.
+
+        The whole heads, or under partial RoPE the pass-through dims after the rotary ones (whose Q-K product
+        is exact per head). A pruned site's heads are as wide as they were kept (one width per layer here).
+        """
+        width = self.block_widths["k"][0] if self.block_widths is not None else self.head_dim
+        if not self.rotary_dims:
+            return self.q, self.k, width
+        if self.block_widths is not None and len(set(self.block_widths["k"])) > 1:
+            raise ValueError(f"{self.name}: ragged Q-K dims have no per-head view of the pass-through dims")
+        q = HeadColumns(self.q, self.num_heads, width, self.rotary_dims, width)
+        k = HeadColumns(self.k, self.num_kv_heads, width, self.rotary_dims, width)
+        return q, k, width - self.rotary_dims
 
 
 class Family:
@@ -158,7 +253,10 @@ class Family:
 
     def site(self, **facts) -> AttentionSite:
         """An AttentionSite stamped with this family and its Q-K exactness."""
-        return AttentionSite(family=self, qk_blocker=self.qk_blocker, **facts)
+        blocker = self.qk_blocker
+        if blocker is None and facts.get("rotary_dims", 0) >= facts["head_dim"]:  # "partial" RoPE on every dim
+            blocker = "RoPE sits between Q and K (rotary on every dim of each head)"
+        return AttentionSite(family=self, qk_blocker=blocker, **facts)
 
 
 def is_pruned_attention(module: nn.Module) -> bool:

@@ -96,6 +96,7 @@ def pruned_attention_sites(model: nn.Module, *, uniform: bool = False) -> list[A
                 scaling=spec["scaling"],
                 is_causal=spec["is_causal"],
                 qk_blocker=spec.get("qk_blocker"),
+                rotary_dims=spec.get("rotary_dims", 0),  # each Q-K block: [rotary dims | kept pass-through dims]
                 dropout=spec.get("dropout", 0.0),
                 output_dropout=spec.get("output_dropout", 0.0),
                 block_widths={"q": [w for w in qk for _ in range(group)], "k": qk, "v": vo},
