@@ -34,6 +34,9 @@ __all__ = [
     "split_heads",
     "merge_heads",
     "split_output_heads",
+    "inverse_r",
+    "qr_transform",
+    "pair_transforms",
     "merge_output_heads",
 ]
 
@@ -114,6 +117,42 @@ def orthogonalize_heads(weight: Tensor, *, compute_dtype: torch.dtype = torch.fl
     The form used where a rotation (RoPE) sits between Q and K and the pair cannot be merged.
     """
     return torch.linalg.qr(weight.to(compute_dtype))
+
+
+# Directions of a block's R below this fraction of its largest singular value count as rank-deficient (e.g. dims
+# a pruning zeroed in place): they get a zero column instead of noise amplified by 1/σ.
+RANK_RTOL = 1e-8
+
+
+def inverse_r(r: Tensor, *, rotate: bool = False) -> Tensor:
+    """R⁻¹ per block (R upper-triangular, from QR); rank-deficient blocks (dims pruned in place) get R⁺.
+
+    With ``rotate`` those blocks get R⁺U_R = VΣ⁺ instead, so that F = W X has orthonormal or zero columns.
+    """
+    eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device).expand_as(r)
+    inverse = torch.linalg.solve_triangular(r, eye, upper=True)  # far cheaper than an SVD per block
+    residual = (r @ inverse - eye).abs().amax(dim=(-2, -1))
+    deficient = ~(residual < 1e-8)  # also catches inf/nan from a zero on the diagonal
+    if deficient.any():
+        u, sigma, v_h = torch.linalg.svd(r[deficient])
+        sigma_plus = torch.where(sigma > RANK_RTOL * sigma[..., :1], 1 / sigma, 0)
+        v_sigma_plus = v_h.mT * sigma_plus.unsqueeze(-2)
+        inverse[deficient] = v_sigma_plus if rotate else v_sigma_plus @ u.mT
+    return inverse
+
+
+def qr_transform(heads: Tensor) -> Tensor:
+    """Per block the small X with ``heads @ X`` orthonormal (or zero) columns: R⁺U_R of the block's QR."""
+    return inverse_r(orthogonalize_heads(heads)[1], rotate=True)
+
+
+def pair_transforms(left: Tensor, right: Tensor) -> tuple[Tensor, Tensor]:
+    """Small per-block X_a, X_b (d_h×d_h) with ``left @ X_a``, ``right @ X_b`` orthogonal factors of ``left @ right.T``
+    ordered by singular value: the transforms behind :func:`factorize_pair`, kept so an adapter can store them."""
+    _, r_a = orthogonalize_heads(left)
+    _, r_b = orthogonalize_heads(right)
+    u, _, v_h = torch.linalg.svd(r_a @ r_b.mT)
+    return inverse_r(r_a) @ u, inverse_r(r_b) @ v_h.mT
 
 
 def split_heads(weight: Tensor, bias: Tensor | None, num_heads: int) -> Tensor:

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from . import __version__
 from .errors import CloverError
-from .factorize import merge_heads, orthogonalize_heads, split_heads
+from .factorize import merge_heads, pair_transforms, qr_transform, split_heads, split_output_heads
 from .families import AttentionSite, Conv1DSlice, LinearProjection, Projection, attention_sites
 from .io import atomic_directory
 
@@ -61,9 +61,6 @@ DROPOUT_PLACEMENTS = ("frozen_output", "update", "none")
 CONFIG_NAME = "clover_config.json"
 WEIGHTS_NAME = "clover_adapter.safetensors"
 _CONFLICTS = (("qk", "q"), ("qk", "k"), ("vo", "v"))
-# Directions of a block's R below this fraction of its largest singular value count as rank-deficient
-# (e.g. dims a pruning zeroed in place): they get a zero frozen column instead of noise amplified by 1/σ.
-_RANK_RTOL = 1e-8
 
 
 def _as_dtype(value: torch.dtype | str, label: str) -> torch.dtype:
@@ -283,23 +280,6 @@ class CloverLinearParts(nn.Module):
         return linear
 
 
-def _inverse_r(r: Tensor, *, rotate: bool = False) -> Tensor:
-    """R⁻¹ per block (R upper-triangular, from QR); rank-deficient blocks (dims pruned in place) get R⁺.
-
-    With ``rotate`` those blocks get R⁺U_R = VΣ⁺ instead, so that F = W X has orthonormal or zero columns.
-    """
-    eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device).expand_as(r)
-    inverse = torch.linalg.solve_triangular(r, eye, upper=True)  # far cheaper than an SVD per block
-    residual = (r @ inverse - eye).abs().amax(dim=(-2, -1))
-    deficient = ~(residual < 1e-8)  # also catches inf/nan from a zero on the diagonal
-    if deficient.any():
-        u, sigma, v_h = torch.linalg.svd(r[deficient])
-        sigma_plus = torch.where(sigma > _RANK_RTOL * sigma[..., :1], 1 / sigma, 0)
-        v_sigma_plus = v_h.mT * sigma_plus.unsqueeze(-2)
-        inverse[deficient] = v_sigma_plus if rotate else v_sigma_plus @ u.mT
-    return inverse
-
-
 def _read_heads(projection: Projection, num_blocks: int, label: str) -> tuple[Tensor, Tensor | None, torch.dtype]:
     """(blocks, d_in[+1], w) float64 with the bias as last row, the raw bias, and the projection's dtype."""
     weight, bias = projection.read()
@@ -366,7 +346,7 @@ class _Injector:
         width = heads.shape[-1]
         transform = self.stored(path, (num_blocks, width, width))
         if transform is None:
-            transform = _inverse_r(orthogonalize_heads(heads)[1], rotate=True)
+            transform = qr_transform(heads)
         factor = heads @ transform
         initial = factor.mT @ heads  # = R (F orthonormal, F R = W_blk); the same formula on reload
         weight, new_bias = merge_heads(factor, bias is not None)
@@ -384,7 +364,7 @@ class _Injector:
             if w_o.shape[0] != num_heads * width:
                 raise CloverError(f"{partner_path}: {w_o.shape[0]} input features, expected {num_heads}×{width}")
             partner_dtype = w_o.dtype
-            b_heads = w_o.double().reshape(num_heads, width, -1).mT  # (H, d_out, w): W_o^hᵀ
+            b_heads = split_output_heads(w_o.double(), num_heads)  # (H, d_out, w): W_o^hᵀ
         else:
             b_heads, b_bias, partner_dtype = _read_heads(partner, num_heads, partner_path)
             if b_heads.shape[-1] != width:
@@ -393,10 +373,7 @@ class _Injector:
         x_a = self.stored(shared_path, (num_kv_heads, width, width))
         x_partner = self.stored(partner_path, (num_heads, width, width))
         if x_a is None:
-            _, r_a = orthogonalize_heads(a)
-            _, r_b = orthogonalize_heads(stacked)
-            u, _, v_h = torch.linalg.svd(r_a @ r_b.mT)
-            x_a, x_b = _inverse_r(r_a) @ u, _inverse_r(r_b) @ v_h.mT
+            x_a, x_b = pair_transforms(a, stacked)
             x_partner = x_b.repeat_interleave(group, dim=0)
         else:
             x_b = x_partner[::group]

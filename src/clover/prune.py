@@ -31,7 +31,15 @@ from tqdm.auto import tqdm
 
 from .decompose import check_finite
 from .errors import CloverError
-from .factorize import factorize_qk, factorize_vo, fold_value_bias, split_heads, whiten, whitening_factor
+from .factorize import (
+    factorize_qk,
+    factorize_vo,
+    fold_value_bias,
+    split_heads,
+    split_output_heads,
+    whiten,
+    whitening_factor,
+)
 from .families import AttentionSite, HeadColumns, Projection, attention_sites, family_for, pruned_projections
 from .modeling_clover import CONFIG_KEY, FORMAT_VERSION, install_pruned_attention
 
@@ -307,7 +315,7 @@ def _site_pair(
             new_b_o = fold_value_bias(w_o, b_v.to(compute_dtype), new_b_o, num_heads=site.num_heads,
                                       num_kv_heads=site.num_kv_heads)  # fmt: skip
         left = split_heads(w_v, None if folded else _opt(b_v, compute_dtype), site.num_kv_heads)
-        right = w_o.reshape(site.num_heads, site.head_dim, -1).mT
+        right = split_output_heads(w_o, site.num_heads)
         scored_left = left
         if config.method == "vanilla-activation":
             scored_left = whiten(left, moments.whitening(site, "k", b_v is not None and not folded, config.ridge))
@@ -318,7 +326,7 @@ def _site_pair(
         whitening = {"v_whitening": moments.whitening(site, "k", b_v is not None and not folded, config.ridge)}
     f = factorize_vo(w_v, w_o, b_v, b_o, **heads, **whitening)
     left = split_heads(f.w_v, None if folded else f.b_v, site.num_kv_heads)
-    right = f.w_o.reshape(site.num_heads, site.head_dim, -1).mT
+    right = split_output_heads(f.w_o, site.num_heads)
     return _PairHeads(left, right, f.singular_values, b_v is not None and not folded, False, {"b_o": f.b_o})
 
 
