@@ -37,7 +37,14 @@ from torch import Tensor, nn
 
 from . import __version__
 from .errors import CloverError
-from .factorize import merge_heads, pair_transforms, qr_transform, split_heads, split_output_heads
+from .factorize import (
+    merge_heads,
+    merge_output_heads,
+    pair_transforms,
+    qr_transform,
+    split_heads,
+    split_output_heads,
+)
 from .families import AttentionSite, Conv1DSlice, LinearProjection, Projection, attention_sites
 from .io import atomic_directory
 
@@ -382,10 +389,8 @@ class _Injector:
         weight, bias = merge_heads(f_a, a_bias is not None)
         shared_module = self.module(weight, bias, a_dtype, blocks=initial, transform=x_a)
         if partner_is_output:
-            rows = x_partner.mT @ w_o.double().reshape(num_heads, width, -1)
-            partner_module = self.module(
-                rows.reshape(num_heads * width, -1), b_o, partner_dtype, transform=x_partner, transform_side="input"
-            )
+            rows = merge_output_heads(split_output_heads(w_o.double(), num_heads) @ x_partner)  # Xᵀ W_o^h per head
+            partner_module = self.module(rows, b_o, partner_dtype, transform=x_partner, transform_side="input")
         else:
             weight, bias = merge_heads(b_heads @ x_partner, b_bias is not None)
             partner_module = self.module(weight, bias, partner_dtype, transform=x_partner)

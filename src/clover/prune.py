@@ -374,7 +374,7 @@ class PruneReport:
     attention_params_after: int
     qk_removed: float  # share of Q-K dims removed (per KV group; under partial RoPE, of the pass-through dims)
     vo_removed: float
-    kv_dims_per_token_before: int  # K + V dims cached per token over all layers
+    kv_dims_per_token_before: int  # K + V dims cached per token over the layers with per-head caches
     kv_dims_per_token_after: int
     sites: dict
 
@@ -445,8 +445,10 @@ def prune_(
     total_qk = sum(s.num_kv_heads * (s.head_dim - s.rotary_dims) for s in sites)
     qk_dims = sum(sum(spec["qk_dims"]) - spec["num_kv_heads"] * spec["rotary_dims"] for spec in specs.values())
     vo_dims = sum(sum(spec["vo_dims"]) for spec in specs.values())
-    kv_before = sum(2 * s.num_kv_heads * s.head_dim for s in sites if s.stack != "encoder")
-    kv_after = sum(sum(specs[s.name]["qk_dims"]) + sum(specs[s.name]["vo_dims"]) for s in sites if s.stack != "encoder")
+    # per-head caches only: an MLA cache holds a latent shared by all heads, which per-head pruning leaves as it is
+    cached = [s for s in sites if s.stack != "encoder" and (s.family is None or s.family.per_head_cache)]
+    kv_before = sum(2 * s.num_kv_heads * s.head_dim for s in cached)
+    kv_after = sum(sum(specs[s.name]["qk_dims"]) + sum(specs[s.name]["vo_dims"]) for s in cached)
     setattr(
         model.config,
         CONFIG_KEY,

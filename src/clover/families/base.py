@@ -236,6 +236,7 @@ class Family:
     replace: ClassVar[str] = ""  # the submodule a pruned attention replaces, relative to the site ("" = itself)
     kept: ClassVar[tuple[str, ...]] = ()  # submodules a pruned attention takes over unchanged (QK-norms)
     legacy_names: ClassVar[tuple[str, ...]] = ()  # format-1 checkpoints named the family, not the class
+    per_head_cache: ClassVar[bool] = True  # the KV cache holds per-head K/V (MLA caches a shared latent instead)
     caches: ClassVar[str] = "K and V"  # what a pruned model's KV cache shrinks on, for reports and README
 
     @property

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..errors import UnsupportedModelError
 from ..modeling_clover import PrunedAttention
 from .base import AttentionSite, Family, LinearProjection
 
@@ -34,6 +35,11 @@ class Bert(Family):
     caches = "no cache (encoder)"
 
     def attention_sites(self, model: nn.Module) -> list[AttentionSite]:
+        if getattr(model.config, "is_decoder", False) or getattr(model.config, "add_cross_attention", False):
+            # its pruned attention is the encoder's: no cache, no cross-attention input
+            raise UnsupportedModelError(
+                "BERT used as a decoder (is_decoder / add_cross_attention) is not supported; BERT encoders are"
+            )
         sites = []
         for name, module in model.named_modules():
             if not (hasattr(module, "self") and hasattr(module, "output") and hasattr(module.self, "query")):

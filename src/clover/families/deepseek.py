@@ -115,6 +115,7 @@ class Deepseek(Family):
     # the decoupled RoPE term q_pe·k_pe comes from projections outside the site and is added to its scores
     positional = "bias"
     pruned_attention = CloverDeepseekAttention
+    per_head_cache = False
     caches = "nothing (the MLA latent and k_pe, shared by all heads; cut_latent_rank shrinks the latent)"
 
     def attention_sites(self, model: nn.Module) -> list[AttentionSite]:

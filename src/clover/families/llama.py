@@ -69,7 +69,7 @@ class Llama(Family):
                     o=LinearProjection(module.o_proj),
                     scaling=module.scaling,  # Gemma 3: query_pre_attn_scalar ** -0.5, not head_dim's
                     dropout=float(module.attention_dropout),
-                    is_causal=True,
+                    is_causal=bool(getattr(module, "is_causal", True)),  # Gemma 3 can be bidirectional
                     num_heads=config.num_attention_heads,
                     num_kv_heads=config.num_key_value_heads,
                     head_dim=module.head_dim,
