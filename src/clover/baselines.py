@@ -1,7 +1,7 @@
 """Wrapping a model for one fine-tuning method: CLOVER or a PEFT baseline at a matched trainable count.
 
 The PEFT baselines (LoRA, DoRA, PiSSA, and PEFT 0.21's HiRA, PSOFT, OSF) target the q/k/v/o projections that
-clover's family adapters find, and the LLaMA-style MLP linears; by default their rank is the one whose
+clover's family files find, and the LLaMA-style MLP linears; by default their rank is the one whose
 trainable count is closest to CLOVER's on the same model (the fair-comparison rule of the method notes).
 """
 
@@ -28,7 +28,7 @@ DEFAULT_PEFT_TARGETS = ("q", "k", "v")  # the authors' LoRA / DoRA baselines
 
 
 def peft_target_modules(model: nn.Module, targets: Sequence[str]) -> list[str]:
-    """Full module paths of the q/k/v/o projections (via clover's family adapters) and MLP linears named by targets."""
+    """Full module paths of the q/k/v/o projections (via clover's family files) and MLP linears named by targets."""
     from clover.families import LinearProjection, attention_sites
 
     names = {id(module): name for name, module in model.named_modules()}

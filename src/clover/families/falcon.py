@@ -76,6 +76,8 @@ class CloverFalconAttention(CloverBiasAttention):
 
     Reproduces transformers' SDPA path, Falcon's default: with ALiBi the model has already folded alibi / sqrt(d)
     into the (B, H, L, S) float mask, and the scores are scaled by 1 / sqrt(d) of the original head width.
+    transformers' own eager path (``output_attentions=True``) disagrees with its SDPA path (under ALiBi it adds
+    the bias twice), so compare a pruned Falcon against the original's SDPA outputs, not its eager ones.
     """
 
     def forward(
