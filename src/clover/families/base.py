@@ -252,6 +252,12 @@ class Family:
         """Every attention site of ``model``, in module order (pruned modules already installed are skipped)."""
         raise NotImplementedError
 
+    def separate_projections(self, module: nn.Module) -> dict[str, Projection]:
+        """q, k, v and o of an attention whose projections are separate linears ``q_proj``, ``k_proj``,
+        ``v_proj`` and the family's ``output``: the ``q=..., o=...`` facts of :meth:`site`."""
+        names = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": self.output}
+        return {label: LinearProjection(module.get_submodule(name)) for label, name in names.items()}
+
     def site(self, **facts) -> AttentionSite:
         """An AttentionSite stamped with this family and its Q-K exactness."""
         blocker = self.qk_blocker

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AttentionSite, Family, LinearProjection, is_pruned_attention
+from .base import AttentionSite, Family, is_pruned_attention
 from .phi3 import CloverPhi3Attention
 
 
@@ -48,10 +48,7 @@ class GPTJ(Family):
                     stack="decoder",
                     layer_index=module.layer_idx,
                     module=module,
-                    q=LinearProjection(module.q_proj),
-                    k=LinearProjection(module.k_proj),
-                    v=LinearProjection(module.v_proj),
-                    o=LinearProjection(module.out_proj),
+                    **self.separate_projections(module),
                     scaling=module.scaling,
                     dropout=float(module.attention_dropout),
                     output_dropout=float(module.resid_dropout.p),

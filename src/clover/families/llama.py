@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..modeling_clover import PrunedAttention
-from .base import AttentionSite, Family, LinearProjection, is_pruned_attention
+from .base import AttentionSite, Family, is_pruned_attention
 
 
 class CloverLlamaAttention(PrunedAttention):
@@ -63,10 +63,7 @@ class Llama(Family):
                     stack="decoder",
                     layer_index=module.layer_idx,
                     module=module,
-                    q=LinearProjection(module.q_proj),
-                    k=LinearProjection(module.k_proj),
-                    v=LinearProjection(module.v_proj),
-                    o=LinearProjection(module.o_proj),
+                    **self.separate_projections(module),
                     scaling=module.scaling,  # Gemma 3: query_pre_attn_scalar ** -0.5, not head_dim's
                     dropout=float(module.attention_dropout),
                     is_causal=bool(getattr(module, "is_causal", True)),  # Gemma 3 can be bidirectional

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import AttentionSite, Family, LinearProjection, is_pruned_attention
+from .base import AttentionSite, Family, is_pruned_attention
 from .gpt2 import CloverSelfAttention
 
 
@@ -31,10 +31,7 @@ class OPT(Family):
                     stack="decoder",
                     layer_index=module.layer_idx,
                     module=module,
-                    q=LinearProjection(module.q_proj),
-                    k=LinearProjection(module.k_proj),
-                    v=LinearProjection(module.v_proj),
-                    o=LinearProjection(module.out_proj),
+                    **self.separate_projections(module),
                     scaling=module.scaling,
                     dropout=float(module.dropout),
                     is_causal=True,

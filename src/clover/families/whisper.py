@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..modeling_clover import PrunedAttention
-from .base import AttentionSite, Family, LinearProjection, is_pruned_attention
+from .base import AttentionSite, Family, is_pruned_attention
 
 
 class CloverSeq2SeqAttention(PrunedAttention):
@@ -65,10 +65,7 @@ class Whisper(Family):
                     stack=stack,
                     layer_index=int(parts[parts.index("layers") + 1]),
                     module=module,
-                    q=LinearProjection(module.q_proj),
-                    k=LinearProjection(module.k_proj),
-                    v=LinearProjection(module.v_proj),
-                    o=LinearProjection(module.out_proj),
+                    **self.separate_projections(module),
                     scaling=module.scaling,
                     dropout=float(module.dropout),
                     is_causal=bool(module.is_causal),
