@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -9,7 +10,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .factorize import factorize_qk, factorize_vo, orthogonalize_heads, split_heads
-from .families import AttentionSite, attention_sites
+from .families import AttentionSite, attention_sites, family_for
 
 
 @dataclass
@@ -72,6 +73,12 @@ def decompose_site(
 
 def _run(model: nn.Module, compute_dtype: torch.dtype, write: bool, progress: bool) -> list[SiteSpectrum]:
     sites = attention_sites(model)
+    family = family_for(model)
+    if family.output_scales:  # spectra of what reaches the residual stream (an exact rewrite; a copy if read-only)
+        if not write:
+            model = copy.deepcopy(model)
+            sites = attention_sites(model)
+        family.fold_output_scales(model)
     label = "factorizing attention" if write else "reading spectra"
     with torch.no_grad():
         return [

@@ -417,6 +417,7 @@ def prune_(
     sites = check_prunable(model, config)
     if config.method in CALIBRATED and calibrate is None and input_moments is None:
         raise CloverError(f"method {config.method!r} needs calibration data (a calibrate(model) callback)")
+    family_for(model).fold_output_scales(model)  # exact; ranks O's dims by what reaches the residual stream
     params_before = sum(p.numel() for p in model.parameters())
     attention_before = sum(p.numel() for s in sites for p in _site_params(s))
 

@@ -238,6 +238,9 @@ class Family:
     legacy_names: ClassVar[tuple[str, ...]] = ()  # format-1 checkpoints named the family, not the class
     per_head_cache: ClassVar[bool] = True  # the KV cache holds per-head K/V (MLA caches a shared latent instead)
     caches: ClassVar[str] = "K and V"  # what a pruned model's KV cache shrinks on, for reports and README
+    # scales or gates multiply some attention outputs after O (DINOv2's layer scale, mllama's tanh gates):
+    # the family's fold_output_scales moves them into O
+    output_scales: ClassVar[bool] = False
 
     @property
     def qk_blocker(self) -> str | None:
@@ -251,6 +254,11 @@ class Family:
     def attention_sites(self, model: nn.Module) -> list[AttentionSite]:
         """Every attention site of ``model``, in module order (pruned modules already installed are skipped)."""
         raise NotImplementedError
+
+    def fold_output_scales(self, model: nn.Module) -> None:
+        """Fold every scale or gate that multiplies an attention's output after O into O's weight and bias, and
+        set it to 1: an exact rewrite, after which O's singular values measure what reaches the residual stream
+        (pruning ranks and allocates by them). Families with ``output_scales`` override it; others have none."""
 
     def separate_projections(self, module: nn.Module) -> dict[str, Projection]:
         """q, k, v and o of an attention whose projections are separate linears ``q_proj``, ``k_proj``,
