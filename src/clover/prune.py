@@ -447,7 +447,7 @@ def prune_(
     qk_dims = sum(sum(spec["qk_dims"]) - spec["num_kv_heads"] * spec["rotary_dims"] for spec in specs.values())
     vo_dims = sum(sum(spec["vo_dims"]) for spec in specs.values())
     # per-head caches only: an MLA cache holds a latent shared by all heads, which per-head pruning leaves as it is
-    cached = [s for s in sites if s.stack != "encoder" and (s.family is None or s.family.per_head_cache)]
+    cached = [s for s in sites if s.cached and (s.family is None or s.family.per_head_cache)]
     kv_before = sum(2 * s.num_kv_heads * s.head_dim for s in cached)
     kv_after = sum(sum(specs[s.name]["qk_dims"]) + sum(specs[s.name]["vo_dims"]) for s in cached)
     setattr(

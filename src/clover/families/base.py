@@ -177,7 +177,7 @@ class AttentionSite:
     """One attention block of a model, described for the algorithms."""
 
     name: str  # module path, e.g. "model.layers.3.self_attn"
-    stack: str  # "decoder", "encoder" or "cross": groups sites for reports and plots
+    stack: str  # "decoder", "encoder", "cross" (or a family's own: "vision", "self"): groups sites, ``--stacks``
     layer_index: int
     module: nn.Module
     q: Projection
@@ -201,6 +201,12 @@ class AttentionSite:
     # Q's projection reads the very input K and V read (self-attention), so one input moment serves both sides;
     # False where Q has its own input (cross-attention; MLA, whose K/V read the compressed latent)
     q_reads_kv_input: bool = True
+    # K and V of this site live in a KV cache (what pruning's KV report counts); None: every stack but "encoder"
+    cached: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.cached is None:
+            self.cached = self.stack != "encoder"
 
     @property
     def rotary(self) -> bool:
