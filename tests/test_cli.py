@@ -224,3 +224,18 @@ def test_quiet_silences_every_progress_bar(tiny_checkpoint, tmp_path, capsys):
     assert main(["prune", str(path), "--vo-ratio", "0.5", "--out", str(tmp_path / "p"), "--quiet"]) == 0
     assert capsys.readouterr().err == ""
     assert hf_logging.is_progress_bar_enabled()  # restored for whoever calls main() next
+
+
+def test_prune_stacks_chooses_the_attention_stacks_from_the_command_line(tmp_path, capsys):
+    build_tiny("whisper").save_pretrained(tmp_path / "whisper")
+    out = tmp_path / "pruned"
+    arguments = ["prune", str(tmp_path / "whisper"), "--vo-ratio", "0.5", "--out", str(out), "--quiet"]
+    assert main([*arguments, "--stacks", "encoder, cross"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert {spec["stack"] for spec in config["clover"]["sites"].values()} == {"encoder", "cross"}
+    assert len(config["clover"]["sites"]) == 4  # 2 encoder layers, 2 cross-attentions; decoder self untouched
+    capsys.readouterr()
+    assert main([*arguments, "--out", str(tmp_path / "refused"), "--stacks", "encoder,vision"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "vision" in err and "encoder, decoder, cross" in err
+    assert not (tmp_path / "refused").exists()

@@ -155,6 +155,18 @@ def _plot_path(out: str) -> os.PathLike:
     return path
 
 
+def _stacks(option: str | None) -> tuple[str, ...] | None:
+    """``--stacks encoder,cross`` -> ("encoder", "cross"); None (every stack) when not given."""
+    if option is None:
+        return None
+    names = tuple(dict.fromkeys(name.strip() for name in option.split(",") if name.strip()))
+    if not names:
+        from .errors import CloverError
+
+        raise CloverError(f"--stacks {option!r} names no stack; give a comma list such as encoder,cross")
+    return names
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     from .errors import CloverError
     from .io import check_output_dir, save_pruned_model
@@ -166,7 +178,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     vo_threshold = args.vo_threshold if args.vo_threshold is not None else args.threshold
     config = PruneConfig(
         qk_ratio=args.qk_ratio, vo_ratio=args.vo_ratio, qk_threshold=qk_threshold, vo_threshold=vo_threshold,
-        method=args.method, allocation=args.allocation, min_dims=args.min_dims,
+        method=args.method, allocation=args.allocation, min_dims=args.min_dims, stacks=_stacks(args.stacks),
     )  # fmt: skip
     config.validate()
     if not config.prunes("qk") and not config.prunes("vo"):
@@ -412,6 +424,15 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["uniform", "layer", "global"],
         help="uniform: same count in every head (default); layer: one count per layer from the spectra; "
         "global: one singular-value cut over the whole model (the paper's protocol)",
+    )
+    p.add_argument(
+        "--stacks",
+        metavar="LIST",
+        help="prune only these attention stacks, a comma list (default: all). Decoders: decoder. Encoders "
+        "(BERT, ViT, DINOv2): encoder. Whisper, T5, BART: encoder, decoder (self-attention) and cross (the "
+        "decoder's attention to the encoder). CLIP, SigLIP: text, vision. LLaMA-3.2-Vision: vision (image "
+        "encoder), decoder (text self-attention), cross (text-to-image). SDXL UNet: self (attn1), cross (attn2). "
+        "`clover spectrum MODEL` lists a model's stacks",
     )
     p.add_argument(
         "--min-dims",

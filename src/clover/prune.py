@@ -62,7 +62,7 @@ class PruneConfig:
     allocation: str = "uniform"
     min_dims: int = 1  # per KV group and pair: no head is emptied unless the user sets 0
     ridge: float = 1e-4  # calibrated: relative ridge added to each input second moment before Cholesky
-    stacks: tuple[str, ...] | None = None  # only these attention stacks ("encoder", "decoder", "cross"); None = all
+    stacks: tuple[str, ...] | None = None  # only these attention stacks (AttentionSite.stack names); None = all
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -384,9 +384,15 @@ def check_prunable(model: nn.Module, config: PruneConfig) -> list[AttentionSite]
     or an already pruned model. Cheap: call it before collecting calibration data."""
     config.validate()
     family = family_for(model)
-    sites = [s for s in attention_sites(model) if config.stacks is None or s.stack in config.stacks]
-    if not sites:
-        raise CloverError(f"no attention blocks in stacks {config.stacks}; this model has encoder/decoder/cross")
+    every_site = attention_sites(model)
+    present = list(dict.fromkeys(s.stack for s in every_site))
+    unknown = [name for name in config.stacks or () if name not in present]
+    if unknown:
+        raise CloverError(
+            f"--stacks {','.join(unknown)}: {type(model).__name__} has no such attention stack; "
+            f"its stacks are {', '.join(present)}"
+        )
+    sites = [s for s in every_site if config.stacks is None or s.stack in config.stacks]
     blocked = next((s for s in sites if s.qk_blocker), None)
     if config.prunes("qk") and blocked is not None:
         raise CloverError(
