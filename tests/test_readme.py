@@ -29,9 +29,11 @@ def family_table() -> str:
     ]
     rows_by_type: dict[str, list[str]] = {}
     for arch, row in FAMILY_TABLE.items():
-        rows_by_type.setdefault(row.config().model_type, []).append(arch)
+        # a diffusers row has no model_type: its family names the model class
+        rows_by_type.setdefault(getattr(row.config(), "model_type", None) or row.model, []).append(arch)
     for family in FAMILIES:
-        archs = [arch for model_type in family.model_types for arch in rows_by_type.get(model_type, [])]
+        keys = family.model_types + family.model_classes
+        archs = [arch for model_type in keys for arch in rows_by_type.get(model_type, [])]
         if not archs:
             continue
         qk = "yes" if all(FAMILY_TABLE[a].qk_exact for a in archs) else _qk_cell(family, archs)
@@ -39,7 +41,7 @@ def family_table() -> str:
         weights = ", ".join(real) + " (real); tiny random" if real else "tiny random"
         module = family.__class__.__module__.rsplit(".", 1)[-1]
         lines.append(
-            f"| {family.examples} ({', '.join(family.model_types)}) | `families/{module}.py` | yes | {qk} | yes | "
+            f"| {family.examples} ({', '.join(keys)}) | `families/{module}.py` | yes | {qk} | yes | "
             f"{family.caches} | yes | yes | {weights} |"
         )
     return "\n".join(lines)
@@ -48,6 +50,9 @@ def family_table() -> str:
 def _qk_cell(family, archs: list[str]) -> str:
     if any(FAMILY_TABLE[a].qk_exact for a in archs):
         return "where exact (" + ", ".join(a for a in archs if FAMILY_TABLE[a].qk_exact) + ")"
+    stacks = sorted({stack for a in archs for stack in FAMILY_TABLE[a].qk_exact_stacks})
+    if stacks:  # exact in some stacks only: pruned there when the pruning is restricted to them
+        return f"{', '.join(stacks)} only (`--stacks {','.join(stacks)}`); not the others: {family.qk_blocker}"
     return f"no: {family.qk_blocker}" if family.qk_blocker else "no"
 
 

@@ -182,8 +182,10 @@ def save_loaded_model(loaded, directory: Path) -> None:
 AUTO_CLASS = {
     "causal-lm": "AutoModelForCausalLM",
     "encoder": "AutoModel",
+    "vision": "AutoModel",
     "speech-seq2seq": "AutoModelForSpeechSeq2Seq",
     "seq2seq-lm": "AutoModelForSeq2SeqLM",
+    "image-text-to-text": "AutoModelForImageTextToText",
 }
 
 

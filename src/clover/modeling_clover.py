@@ -259,7 +259,9 @@ def _linear(spec: dict, name: str, d_in: int, d_out: int) -> nn.Linear:
     return nn.Linear(d_in, d_out, bias=spec["bias"][name])
 
 
-PRUNED_ATTENTION: dict[str, type] = {}  # class name -> pruned attention class (each family file adds its own)
+# class name -> what computes a pruned site, with ``pruned_from(original, spec)``: a PrunedAttention subclass
+# (each family file adds its own), or a class that prunes the original module in place (a diffusers processor)
+PRUNED_ATTENTION: dict[str, type] = {}
 
 
 class PrunedAttention(nn.Module):
@@ -294,6 +296,14 @@ class PrunedAttention(nn.Module):
         if "." not in spec["output"]:  # the output projection lives inside the attention module
             setattr(self, spec["output"], _linear(spec, "o", self.layout.out_width, d_out))
 
+    @classmethod
+    def pruned_from(cls, original: nn.Module, spec: dict) -> nn.Module:
+        """The module that takes ``original``'s place (weights uninitialised), with its ``kept`` submodules."""
+        pruned = cls(spec, spec.get("layer_idx")).train(original.training)
+        for name in spec.get("kept", ()):
+            setattr(pruned, name, getattr(original, name))
+        return pruned
+
     @property
     def out_projection(self) -> nn.Linear | None:
         return getattr(self, self.spec["output"], None) if "." not in self.spec["output"] else None
@@ -319,7 +329,8 @@ def install_pruned_attention(model: nn.Module, sites: dict[str, dict]) -> None:
     A spec says which submodule of the site the pruned attention replaces (``replace``, "" for the site itself),
     where the output projection lives (``output``, relative to the site: inside the pruned module, or outside
     it like BERT's ``output.dense``, which is then resized), and which submodules it keeps as they are (``kept``:
-    QK-norms), taken over from the module it replaces.
+    QK-norms), taken over from the module it replaces. The class a spec names may instead prune the original
+    module in place and return it (``pruned_from``: a diffusers Attention keeps its place with our processor).
     """
     for path, spec in sites.items():
         if spec.get("attention_class") not in PRUNED_ATTENTION:
@@ -327,16 +338,16 @@ def install_pruned_attention(model: nn.Module, sites: dict[str, dict]) -> None:
                 f"{path}: this checkpoint's pruned attention {spec.get('attention_class') or spec.get('family')!r} "
                 f"is not defined here (format {FORMAT_VERSION}); load it with the clover version that wrote it"
             )
-        site = model.get_submodule(path)
         replaced_path = ".".join(p for p in (path, spec.get("replace", "")) if p)
         original = model.get_submodule(replaced_path)
-        pruned = PRUNED_ATTENTION[spec["attention_class"]](spec, spec.get("layer_idx")).train(original.training)
-        for name in spec.get("kept", ()):
-            setattr(pruned, name, getattr(original, name))
-        model.set_submodule(replaced_path, pruned)
+        pruned = PRUNED_ATTENTION[spec["attention_class"]].pruned_from(original, spec)
+        if pruned is not original:
+            model.set_submodule(replaced_path, pruned)
+        site = model.get_submodule(path)
         if "." in spec["output"]:  # an output projection outside the replaced module keeps its place, resized
             dense = site.get_submodule(spec["output"])
-            resized = nn.Linear(pruned.layout.out_width, dense.out_features, bias=dense.bias is not None)
+            out_width = spec["num_heads"] // spec["num_kv_heads"] * sum(spec["vo_dims"])  # every query head's V-O dims
+            resized = nn.Linear(out_width, dense.out_features, bias=dense.bias is not None)
             site.set_submodule(spec["output"], resized.train(dense.training))
 
 
@@ -373,6 +384,15 @@ def _inherit_key_renames(name: str, base_name: str) -> None:
     renames = get_checkpoint_conversion_mapping(base_name)
     if renames is not None:
         register_checkpoint_conversion_mapping(name, renames, overwrite=True)
+        return
+    # renames listed by model_type (Mllama saves ``lm_head`` as ``language_model.lm_head``) reach a remote class only
+    # once its model_type counts as registered by the user: register the very same renames again
+    import transformers
+
+    model_type = getattr(getattr(getattr(transformers, base_name), "config_class", None), "model_type", None)
+    renames = get_checkpoint_conversion_mapping(model_type) if model_type else None
+    if renames is not None:
+        register_checkpoint_conversion_mapping(model_type, renames, overwrite=True)
 
 
 def _register_task_names(name: str, base_name: str) -> None:
@@ -388,6 +408,7 @@ def _register_task_names(name: str, base_name: str) -> None:
         "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
         "MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES",
         "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
+        "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES",  # the image-text-to-text pipeline checks it the same way
     ):
         names = getattr(modeling_auto, table, None)
         if names is not None and base_name in names.values():

@@ -234,10 +234,14 @@ class Family:
 
     name: ClassVar[str] = ""
     model_types: ClassVar[tuple[str, ...]] = ()
+    # models without a config.model_type (diffusers): matched on the class names of the model's type and its bases
+    model_classes: ClassVar[tuple[str, ...]] = ()
     examples: ClassVar[str] = ""
     positional: ClassVar[str] = "none"  # one of POSITIONAL: what acts between Q and K
     qk_norm: ClassVar[bool] = False  # a norm on q and k (per head or over all heads) between the projections
-    pruned_attention: ClassVar[type | None] = None  # the PrunedAttention subclass that computes a pruned site
+    # the PrunedAttention subclass that computes a pruned site, or any class whose ``pruned_from(original, spec)``
+    # prunes the original module in place (diffusers: an attention processor)
+    pruned_attention: ClassVar[type | None] = None
     output: ClassVar[str] = "o_proj"  # the output projection, relative to the site module
     replace: ClassVar[str] = ""  # the submodule a pruned attention replaces, relative to the site ("" = itself)
     kept: ClassVar[tuple[str, ...]] = ()  # submodules a pruned attention takes over unchanged (QK-norms)
@@ -265,6 +269,12 @@ class Family:
         """Fold every scale or gate that multiplies an attention's output after O into O's weight and bias, and
         set it to 1: an exact rewrite, after which O's singular values measure what reaches the residual stream
         (pruning ranks and allocates by them). Families with ``output_scales`` override it; others have none."""
+
+    def probe_inputs(self, model: nn.Module, input_ids: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
+        """What a forward pass on ``input_ids`` (B, L) needs besides them to reach every attention site: random
+        images and their masks for a model whose text reads images (it may also set the image token in
+        ``input_ids``); nothing for the others. Used where no processor is at hand (the CLI's probe)."""
+        return {}
 
     def separate_projections(self, module: nn.Module) -> dict[str, Projection]:
         """q, k, v and o of an attention whose projections are separate linears ``q_proj``, ``k_proj``,

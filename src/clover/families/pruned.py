@@ -54,8 +54,12 @@ def upgrade_pruned_specs(model: nn.Module) -> None:
 def pruned_projections(module: nn.Module, spec: dict) -> dict[str, nn.Linear]:
     """The q, k, v, o linears of the pruned attention installed at site ``module``."""
     attention = module.get_submodule(spec["replace"]) if spec.get("replace") else module
-    output = module.get_submodule(spec["output"])
-    return {"q": attention.q_proj, "k": attention.k_proj, "v": attention.v_proj, "o": output}
+    # a spec may name its q/k/v linears (a diffusers Attention keeps to_q, to_k, to_v); clover's own are *_proj
+    names = spec.get("projections") or {"q": "q_proj", "k": "k_proj", "v": "v_proj"}
+    return {
+        **{label: attention.get_submodule(names[label]) for label in "qkv"},
+        "o": module.get_submodule(spec["output"]),
+    }
 
 
 def _stack(path: str) -> str:

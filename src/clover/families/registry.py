@@ -25,9 +25,9 @@ def _discover() -> tuple[Family, ...]:
                 found[value] = value()
     claimed: dict[str, str] = {}
     for family in found.values():
-        for model_type in family.model_types:
+        for model_type in family.model_types + family.model_classes:
             if model_type in claimed:
-                raise RuntimeError(f"model_type {model_type!r} is claimed by {claimed[model_type]} and {family.name}")
+                raise RuntimeError(f"model {model_type!r} is claimed by {claimed[model_type]} and {family.name}")
             claimed[model_type] = family.name
     return tuple(found.values())
 
@@ -36,15 +36,24 @@ FAMILIES: tuple[Family, ...] = _discover()
 
 
 def supported_families() -> str:
-    """Human-readable list of supported families and their config ``model_type`` values."""
-    return "; ".join(f"{f.examples} (model_type {', '.join(f.model_types)})" for f in FAMILIES)
+    """Human-readable list of supported families and their config ``model_type`` values (or model classes)."""
+    return "; ".join(
+        f"{f.examples} (model_type {', '.join(f.model_types)})"
+        if f.model_types
+        else f"{f.examples} ({', '.join(f.model_classes)})"
+        for f in FAMILIES
+    )
 
 
 def family_for(model: nn.Module) -> Family:
-    """The family of a transformers model, by ``config.model_type``."""
+    """The family of a model: by ``config.model_type`` (transformers), else by its class name (diffusers)."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     for family in FAMILIES:
         if model_type in family.model_types:
+            return family
+    classes = {cls.__name__ for cls in type(model).__mro__}
+    for family in FAMILIES:
+        if classes & set(family.model_classes):
             return family
     raise UnsupportedModelError(
         f"clover has no family for model_type {model_type!r}. Supported: {supported_families()}. "
