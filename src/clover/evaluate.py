@@ -44,7 +44,9 @@ def _model_dtype(model: torch.nn.Module) -> torch.dtype:
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
-    return next((p.device for p in model.parameters()), torch.device("cpu"))
+    """Where the model computes: its weights' device (a model streamed from disk has meta weights and runs on
+    the CPU, its modules' weights read in just before they run)."""
+    return next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
 
 
 # ---------------------------------------------------------------- WikiText-2 and perplexity

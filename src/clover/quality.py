@@ -1,6 +1,7 @@
 """One quality report per model kind (the numbers `clover eval` prints and the benchmarks record), and the
 calibration passes that calibrated CLOVER whitens with. Evaluation and calibration data never overlap:
-WikiText-2 test vs validation, SST-2 sentences [0, n) vs [n, 2n), Harvard sentences 1-20 vs 21-40."""
+WikiText-2 test vs validation, SST-2 sentences [0, n) vs [n, 2n), Harvard sentences 1-20 vs 21-40, and the
+photographs of vision.SCORING_IMAGES vs vision.CALIBRATION_IMAGES."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import transformers
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import evaluate
+from . import evaluate, vision
 from .errors import CloverError
 from .io import process_alive
 from .models import LoadedModel, load_model, model_cache_dir
@@ -114,6 +115,10 @@ def measure(
             )
         elif loaded.kind == "seq2seq-lm":
             report["skipped"] = "no quality metric for text encoder-decoders (BART, Marian) yet; parameters only"
+        elif loaded.kind == "image-text-to-text":
+            report["skipped"] = "no quality metric for image-text-to-text models (LLaMA-3.2-Vision) yet; parameters"
+        elif loaded.kind == "vision":
+            report.update(_vision_quality(loaded, reference_embeddings))
         elif loaded.tokenizer is None:
             report["skipped"] = f"similarity_to_original: {_no_tokenizer(loaded)}"
         else:
@@ -135,6 +140,25 @@ def measure(
     return report
 
 
+def _vision_quality(loaded: LoadedModel, reference: torch.Tensor | None) -> dict[str, Any]:
+    """Cosine similarity of the CLS and mean patch features to the original model's on the scoring photographs
+    (``reference``: vision.image_features of the original; loaded from the recorded source when None)."""
+    features = vision.scoring_features(loaded)
+    report: dict[str, Any] = {"images": len(features)}
+    if reference is None and source_name(loaded):
+        try:
+            original = load_model(source_name(loaded))
+        except CloverError as error:  # moved or deleted since: still report what needs no original
+            report["skipped"] = f"cls/patch similarity_to_original: the original model cannot be loaded ({error})"
+        else:
+            reference = vision.scoring_features(original)
+    if reference is not None:
+        report.update(vision.feature_similarity(reference, features))
+    elif "skipped" not in report:
+        report["skipped"] = "cls/patch similarity_to_original: no original recorded (an unpruned model is the original)"
+    return report
+
+
 def check_calibration_settings(samples: int, seq_len: int) -> None:
     """Refuse calibration sizes that cannot work (checked before any model is loaded)."""
     if samples < 1:
@@ -146,7 +170,9 @@ def check_calibration_settings(samples: int, seq_len: int) -> None:
 def calibration_length(loaded: LoadedModel, seq_len: int) -> int:
     """Tokens per calibration sequence of text: ``seq_len`` cut to the model's context (Whisper's calibration is
     whole transcripts: ``seq_len`` as given, unused). Raises the one-line CloverError of a checkpoint without a
-    tokenizer, since calibration turns text into tokens."""
+    tokenizer, since calibration turns text into tokens. Vision models calibrate on whole images: unused."""
+    if loaded.kind == "vision":
+        return seq_len
     if loaded.tokenizer is None or (loaded.kind == "speech-seq2seq" and loaded.decoder_prompt_ids is None):
         raise CloverError(f"calibration needs a tokenizer: {_no_tokenizer(loaded)}")
     limit = evaluate.context_length(loaded.model) if loaded.kind != "speech-seq2seq" else None
@@ -156,7 +182,8 @@ def calibration_length(loaded: LoadedModel, seq_len: int) -> int:
 def calibration_callback(
     loaded: LoadedModel, *, samples: int = 128, seq_len: int = 512, progress: bool = False
 ) -> Callable[[nn.Module], None]:
-    """A ``calibrate(model)`` for prune_: forward passes over held-out text / speech of the model's kind.
+    """A ``calibrate(model)`` for prune_: forward passes over held-out text / speech / photographs (the first
+    ``samples`` of vision.CALIBRATION_IMAGES) of the model's kind.
 
     Sequences are cut to the model's context (see calibration_length); a model without a tokenizer is refused."""
     check_calibration_settings(samples, seq_len)
@@ -164,6 +191,11 @@ def calibration_callback(
         raise CloverError(
             "the command line has no calibration data for text encoder-decoders (BART, Marian) yet; use --method "
             "clover or vanilla, or clover.prune.prune_ with your own calibrate(model) callback"
+        )
+    if loaded.kind == "image-text-to-text":  # its vision and cross-attention sites need images with the text
+        raise CloverError(
+            "the command line has no calibration data for image-text-to-text models (LLaMA-3.2-Vision) yet; use "
+            "--method clover or vanilla, or clover.prune.prune_ with your own calibrate(model) callback"
         )
     seq_len = calibration_length(loaded, seq_len)
 
@@ -173,7 +205,7 @@ def calibration_callback(
             yield start, items[start : start + size]
 
     def run(model: nn.Module) -> None:
-        device = next(model.parameters()).device
+        device = evaluate._model_device(model)
         if loaded.kind == "causal-lm":
             text = evaluate.wikitext2_text("validation")
             ids = loaded.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
@@ -201,6 +233,10 @@ def calibration_callback(
                 width = min(evaluate.context_length(model) or 10**9, *(len(r) for r in rows))
                 decoder_ids = torch.tensor([r[:width] for r in rows])
                 model(input_features=feats.to(device, model.dtype), decoder_input_ids=decoder_ids.to(device))
+        elif loaded.kind == "vision":
+            pixels = vision.pixel_values(loaded, vision.CALIBRATION_IMAGES[:samples])
+            for _, batch in batches(pixels, 8):
+                model(pixel_values=batch.to(device, model.dtype))
         else:
             texts = evaluate.similarity_sentences(2 * samples)[samples:]
             for _, chunk in batches(texts, 32):
@@ -225,6 +261,8 @@ def calibration_fingerprint(loaded: LoadedModel, *, samples: int, seq_len: int) 
         return None
     if loaded.kind == "speech-seq2seq":
         samples = min(samples, SPEECH_CALIBRATION_SENTENCES)  # what the callback really uses
+    if loaded.kind == "vision":
+        samples = min(samples, len(vision.CALIBRATION_IMAGES))
     files = []
     for path in sorted(p for p in loaded.source.iterdir() if p.is_file()):
         stat = path.stat()
@@ -260,7 +298,7 @@ def calibration_moments(
     cannot be read or written is skipped with a warning: it never stops a prune."""
     key = calibration_fingerprint(loaded, samples=samples, seq_len=seq_len)
     path = model_cache_dir() / "moments" / f"{key}.safetensors" if key else None
-    device = next(loaded.model.parameters()).device
+    device = evaluate._model_device(loaded.model)
     if path is not None and path.is_file() and not refresh:
         try:
             return InputMoments.load(path, device), True
