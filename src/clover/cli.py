@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pathlib
 import signal
 import sys
 import time
 
-from .cli_common import DEVICE_HELP, DTYPE_HELP, MODEL_HELP, OVERWRITE_HELP
+from .cli_common import COMPUTE_DTYPE_HELP, DEVICE_HELP, DTYPE_HELP, MODEL_HELP, OVERWRITE_HELP, STREAM_HELP
 
 
 def _dtype(name: str | None):
@@ -22,29 +23,118 @@ def _dtype(name: str | None):
     ]
 
 
+def reads_text_and_images(loaded) -> bool:
+    """A two-tower model that takes token ids and images together (CLIP, SigLIP): an encoder whose config holds a
+    ``text_config`` and a ``vision_config`` with an image size."""
+    config = loaded.model.config
+    return (
+        loaded.kind == "encoder"
+        and hasattr(config, "text_config")
+        and hasattr(getattr(config, "vision_config", None), "image_size")
+    )
+
+
 def probe_output(loaded):
     """A fixed, cheap forward pass used to check that a rewrite kept the model's function.
 
     Its input is seeded random token ids within the vocabulary (random log-mel features for a speech encoder, the
-    same ids as decoder input for a text encoder-decoder), so it
-    needs no tokenizer, and at most 16 tokens, so it fits any model's context."""
+    same ids as decoder input for a text encoder-decoder, one shipped photograph for an image encoder, ids and a
+    random image for a text-image model), so it needs no tokenizer, and at most 16 tokens, so it fits any model's
+    context."""
     import torch
 
     from .evaluate import context_length
+    from .families import family_for
 
     model = loaded.model
     device = next(model.parameters()).device
+    if reads_text_and_images(loaded):  # both towers' hidden states and the embeddings they compare
+        text, image = model.config.text_config, model.config.vision_config
+        generator = torch.Generator().manual_seed(0)
+        tokens = min(16, getattr(text, "max_position_embeddings", None) or 16)
+        ids = torch.randint(0, int(text.vocab_size), (1, tokens), generator=generator)
+        pixels = torch.randn(1, image.num_channels, image.image_size, image.image_size, generator=generator)
+        with torch.no_grad():
+            output = model(input_ids=ids.to(device), pixel_values=pixels.to(device, model.dtype))
+        towers = (output.text_model_output.last_hidden_state, output.vision_model_output.last_hidden_state)
+        return torch.cat([t.flatten() for t in (*towers, output.text_embeds, output.image_embeds)]).double()
+    if loaded.kind == "vision":
+        from .vision import SCORING_IMAGES, pixel_values
+
+        with torch.no_grad():
+            pixels = pixel_values(loaded, SCORING_IMAGES[:1]).to(device, model.dtype)
+            return model(pixel_values=pixels).last_hidden_state.double()
     generator = torch.Generator().manual_seed(0)
     tokens = min(16, context_length(model) or 16)
-    ids = torch.randint(0, int(model.config.vocab_size), (1, tokens), generator=generator).to(device)
+    vocab = model.config.get_text_config().vocab_size  # an image-text model's sits in its text_config
+    ids = torch.randint(0, int(vocab), (1, tokens), generator=generator).to(device)
+    images = family_for(model).probe_inputs(model, ids, generator)  # a model whose text reads images (Mllama)
     with torch.no_grad():
         if loaded.kind == "speech-seq2seq":
             frames = 2 * model.config.max_source_positions
             features = torch.randn(1, model.config.num_mel_bins, frames, generator=generator)
             return model(input_features=features.to(device, model.dtype), decoder_input_ids=ids).logits.double()
         decoder = {"decoder_input_ids": ids} if loaded.kind == "seq2seq-lm" else {}
-        output = model(input_ids=ids, attention_mask=torch.ones_like(ids), **decoder)
+        output = model(input_ids=ids, attention_mask=torch.ones_like(ids), **decoder, **images)
         return (output.logits if hasattr(output, "logits") else output.last_hidden_state).double()
+
+
+STREAM_FRACTION = 0.4  # stream by default when the weights take more than this share of physical memory
+
+
+def _weights_bytes(directory) -> int:
+    return sum(path.stat().st_size for pattern in ("*.safetensors", "*.bin") for path in directory.glob(pattern))
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not on every platform
+        return None
+
+
+def _streaming_source(args: argparse.Namespace):
+    """The checkpoint directory to stream from, or None to load the model into memory (``--stream`` /
+    ``--no-stream``, else by the weights' size against this machine's memory)."""
+    from .models import checkpoint_directory
+
+    if args.stream is False:
+        return None
+    directory = checkpoint_directory(args.model)
+    if args.stream is None:
+        memory = _physical_memory()
+        size = _weights_bytes(directory)
+        if memory is None or size <= STREAM_FRACTION * memory:
+            return None
+        print(
+            f"clover: note: the weights ({size / 2**30:.1f} GiB) exceed {STREAM_FRACTION:.0%} of this machine's "
+            f"memory ({memory / 2**30:.1f} GiB): streaming one layer at a time (--no-stream to load it whole)",
+            file=sys.stderr,
+        )
+    return directory
+
+
+def _stream_decompose(args: argparse.Namespace, source) -> int:
+    from .io import atomic_directory
+    from .models import resolve_device
+    from .streaming import stream_decompose
+
+    device = resolve_device(args.device)
+    start = time.perf_counter()
+    with atomic_directory(args.out, overwrite=args.overwrite, inputs=[args.model]) as staging:
+        sites = stream_decompose(
+            source, staging, compute_dtype=_dtype(args.compute_dtype), dtype=_dtype(args.dtype), device=device,
+            progress=not args.quiet,
+        )  # fmt: skip
+    elapsed = time.perf_counter() - start
+    report = {"model": args.model, "out": str(args.out), "attention_sites": sites, "streamed": True,
+              "seconds": round(elapsed, 2)}  # fmt: skip
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"factorized {sites} attention blocks of {args.model}, streamed layer by layer, in {elapsed:.1f} s")
+        print(f"wrote {args.out} (loads with from_pretrained; streaming skips the output probe)")
+    return 0
 
 
 def cmd_decompose(args: argparse.Namespace) -> int:
@@ -53,12 +143,20 @@ def cmd_decompose(args: argparse.Namespace) -> int:
     from .models import load_model
 
     check_output_dir(args.out, overwrite=args.overwrite, inputs=[args.model])
+    source = _streaming_source(args)
+    if source is not None:
+        return _stream_decompose(args, source)
     start = time.perf_counter()
     loaded = load_model(args.model, dtype=_dtype(args.dtype))
     loaded_at = time.perf_counter()
+    if args.device is not None:
+        from .models import resolve_device
+
+        loaded.model.to(resolve_device(args.device))
     reference = probe_output(loaded) if args.verify else None
     spectra = decompose_(loaded.model, compute_dtype=_dtype(args.compute_dtype), progress=not args.quiet)
     factorized_at = time.perf_counter()
+    loaded.model.to("cpu")
     loaded.model.config.clover = {"method": "decompose", "compute_dtype": args.compute_dtype, "source": args.model}
     report = {"model": args.model, "out": str(args.out), "attention_sites": len(spectra)}
     if reference is not None:
@@ -186,8 +284,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
     check_calibration_settings(args.calibration_samples, args.calibration_length)
     check_output_dir(args.out, overwrite=args.overwrite, inputs=[args.model])
     device = resolve_device(args.device)
-    if device.type == "mps":
-        raise CloverError("--device mps: pruning computes in float64, which MPS lacks; prune on cpu or cuda")
+    if device.type == "mps" and args.compute_dtype == "float64":
+        raise CloverError("--device mps: MPS lacks float64; add --compute-dtype float32, or prune on cpu or cuda")
+    source = _streaming_source(args)
+    if source is not None:
+        return _stream_prune(args, config, source, device)
     loaded = load_model(args.model, dtype=_dtype(args.dtype), tokenizer=args.tokenizer)
     loaded.model.to(device)  # factorization, calibration and pruning all run where the weights are
     sites = check_prunable(loaded.model, config)  # refusals come before minutes of calibration
@@ -200,6 +301,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     moments, moments_cached, seq_len = None, False, None
     if args.method in CALIBRATED:
+        if reads_text_and_images(loaded):
+            raise CloverError(
+                "the command line has no calibration data for text-image models (CLIP, SigLIP) yet; use --method "
+                "clover or vanilla, or clover.prune.prune_ with your own calibrate(model) callback"
+            )
         seq_len = calibration_length(loaded, args.calibration_length)  # raises first if there is no tokenizer
         if seq_len < args.calibration_length:
             print(
@@ -214,11 +320,55 @@ def cmd_prune(args: argparse.Namespace) -> int:
             refresh=args.recalibrate,
             progress=not args.quiet,
         )
-    report = prune_(loaded.model, config, input_moments=moments, progress=not args.quiet)
+    report = prune_(
+        loaded.model, config, input_moments=moments, compute_dtype=_dtype(args.compute_dtype), progress=not args.quiet
+    )
     elapsed = time.perf_counter() - start
     loaded.model.config.clover["source"] = args.model
     loaded.model.to("cpu")
     save_pruned_model(loaded, args.out, overwrite=args.overwrite, inputs=[args.model])
+    return _prune_summary(args, report, elapsed, moments, moments_cached, seq_len)
+
+
+def _stream_prune(args: argparse.Namespace, config, source, device) -> int:
+    """``clover prune`` one layer at a time: calibration runs the model with each module's weights read from disk
+    just before its forward; scoring and the rewrite each read every layer once."""
+    from .io import atomic_directory
+    from .models import LoadedModel, _load_tokenizer
+    from .prune import CALIBRATED
+    from .quality import calibration_length, calibration_moments
+    from .streaming import stream_prune, streamed_calibration_model
+
+    start = time.perf_counter()
+    moments, moments_cached, seq_len = None, False, None
+    if args.method in CALIBRATED:
+        model = streamed_calibration_model(source, device=device)
+        tokenizer_dir = pathlib.Path(args.tokenizer) if args.tokenizer else None
+        tokenizer, prompt = _load_tokenizer(tokenizer_dir or source, _kind_of(model), model.config, {})
+        loaded = LoadedModel(model, tokenizer, args.model, _kind_of(model), decoder_prompt_ids=prompt, source=source,
+                             tokenizer_source=tokenizer_dir)  # fmt: skip
+        seq_len = calibration_length(loaded, args.calibration_length)
+        moments, moments_cached = calibration_moments(
+            loaded, samples=args.calibration_samples, seq_len=seq_len, refresh=args.recalibrate,
+            progress=not args.quiet,
+        )  # fmt: skip
+        moments = moments.to(device)
+        del model, loaded
+    with atomic_directory(args.out, overwrite=args.overwrite, inputs=[args.model]) as staging:
+        report = stream_prune(
+            source, staging, config, input_moments=moments, compute_dtype=_dtype(args.compute_dtype),
+            dtype=_dtype(args.dtype), device=device, progress=not args.quiet,
+        )  # fmt: skip
+    return _prune_summary(args, report, time.perf_counter() - start, moments, moments_cached, seq_len)
+
+
+def _kind_of(model) -> str:
+    from .models import model_kind
+
+    return model_kind(model.config.to_dict())[0]
+
+
+def _prune_summary(args, report, elapsed, moments, moments_cached, seq_len) -> int:
     summary = {
         "model": args.model,
         "out": str(args.out),
@@ -256,7 +406,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .errors import CloverError
     from .models import load_model, resolve_device
-    from .quality import measure
+    from .quality import measure, parameter_count
 
     tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
     # numbers are checked before minutes of loading; each message gives the valid range
@@ -280,7 +430,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise CloverError(f"--tasks scores causal LMs with lm-evaluation-harness; {args.model} is a {loaded.kind}")
     if tasks and loaded.tokenizer is None:
         raise CloverError(f"--tasks needs a tokenizer and {args.model} has none; pass --tokenizer DIR")
-    report = measure(loaded, tokens=args.tokens, window=args.window, sentences=args.sentences, progress=not args.quiet)
+    if reads_text_and_images(loaded):  # text similarity alone would run one tower; paired data is not shipped yet
+        report = {"model": loaded.name, "kind": loaded.kind, "parameters": parameter_count(loaded.model)}
+        report["skipped"] = "no quality metric for text-image models (CLIP, SigLIP) yet; parameters only"
+    else:
+        report = measure(
+            loaded, tokens=args.tokens, window=args.window, sentences=args.sentences, progress=not args.quiet
+        )
     if report.get("ppl_window", args.window) < args.window:
         print(
             f"clover: note: --window {args.window} is longer than the model's context; scored in windows of "
@@ -368,9 +524,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--compute-dtype",
         default="float64",
         choices=["float64", "float32"],
-        help="precision of the QR/SVD (results are written back in the weights' dtype); default float64",
+        help=COMPUTE_DTYPE_HELP,
     )
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the before/after output check")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, help=STREAM_HELP)
+    p.add_argument("--device", help=DEVICE_HELP + "; with --stream each layer moves there and back")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--json", action="store_true", help="print a JSON report instead of text")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -465,6 +623,8 @@ def build_parser() -> argparse.ArgumentParser:
         "for weights saved without one",
     )
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help=DTYPE_HELP)
+    p.add_argument("--compute-dtype", default="float64", choices=["float64", "float32"], help=COMPUTE_DTYPE_HELP)
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, help=STREAM_HELP)
     p.add_argument("--device", help=DEVICE_HELP)
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--json", action="store_true", help="print a JSON report")

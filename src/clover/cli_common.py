@@ -13,3 +13,11 @@ MODEL_HELP = (
 )
 
 DTYPE_HELP = "weights dtype (default: the checkpoint's own, so a bf16 model is written back as bf16)"
+
+STREAM_HELP = (
+    "read and write the checkpoint one layer at a time (safetensors in, safetensors shards out): memory stays "
+    "about one layer whatever the model's size. Chosen by itself when the weights exceed 40%% of this machine's "
+    "memory; --no-stream keeps the whole model in memory"
+)
+
+COMPUTE_DTYPE_HELP = "precision of the QR/SVD (results are written back in the weights' dtype); default float64"

@@ -20,7 +20,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 
 import safetensors
@@ -99,7 +100,8 @@ def allocate_dims(
 ) -> list[Tensor]:
     """Dims kept per KV group, for each site's (groups, d_h) score tensor; larger score = more important.
 
-    ``uniform``: the same count everywhere. ``layer``: one count per site, removing whichever site's next
+    ``uniform``: the same count everywhere (the same share of each site's head dim where head dims differ, as
+    between Mllama's vision and text stacks). ``layer``: one count per site, removing whichever site's next
     trailing dims cost the least total squared score. ``global``: one cut over every (group, dim) of the
     model. A threshold removes every dim whose score is ≤ it. ``min_dims`` dims per group always survive.
     """
@@ -112,11 +114,8 @@ def allocate_dims(
                 zip(ordered, floor, strict=True)]  # fmt: skip
     to_remove = round(ratio * total)
     if allocation == "uniform":
-        if len(head_dims) != 1:
-            raise CloverError("uniform allocation needs one head dim across the model; use layer or global")
-        (head_dim,) = head_dims
-        keep = max(head_dim - round(ratio * head_dim), min(min_dims, head_dim))
-        return [torch.full((s.shape[0],), keep, dtype=torch.long) for s in ordered]
+        keep = {d: max(d - round(ratio * d), min(min_dims, d)) for d in head_dims}
+        return [torch.full((s.shape[0],), keep[s.shape[-1]], dtype=torch.long) for s in ordered]
     if allocation == "layer":
         # cost of dropping trailing dim t of site s (all its groups at once): Σ_groups σ², increasing in t
         candidates = []
@@ -209,6 +208,14 @@ class InputMoments:
             for handle in handles:
                 handle.remove()
         return cls({name: per_module[key] for name, key in keys.items()})
+
+    def to(self, device: torch.device | str) -> InputMoments:
+        """The same moments on ``device`` (where the weights they whiten are); entries shared stay shared."""
+        moved: dict[int, list] = {}
+        for entry in self.stats.values():
+            if id(entry) not in moved:
+                moved[id(entry)] = [None if t is None else t.to(device) for t in entry[:2]] + [entry[2]]
+        return InputMoments({name: moved[id(entry)] for name, entry in self.stats.items()})
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the moments as safetensors (float64; an entry shared by Q and K/V is stored once)."""
@@ -379,9 +386,10 @@ class PruneReport:
     sites: dict
 
 
-def check_prunable(model: nn.Module, config: PruneConfig) -> list[AttentionSite]:
+def check_prunable(model: nn.Module, config: PruneConfig, *, check_values: bool = True) -> list[AttentionSite]:
     """The sites ``config`` prunes; raises CloverError for bad options, RoPE Q-K requests, non-finite weights
-    or an already pruned model. Cheap: call it before collecting calibration data."""
+    or an already pruned model. Cheap: call it before collecting calibration data. ``check_values=False``
+    where the weights are not in memory yet (streaming: each unit is checked as it is read)."""
     config.validate()
     family = family_for(model)
     every_site = attention_sites(model)
@@ -395,13 +403,30 @@ def check_prunable(model: nn.Module, config: PruneConfig) -> list[AttentionSite]
     sites = [s for s in every_site if config.stacks is None or s.stack in config.stacks]
     blocked = next((s for s in sites if s.qk_blocker), None)
     if config.prunes("qk") and blocked is not None:
+        # stacks where every site's Q-K is exact (Mllama's vision encoder): Q-K pruning restricted to them works
+        exact = [name for name in present if not any(s.qk_blocker for s in every_site if s.stack == name)]
+        elsewhere = f" Q-K is exact in its {', '.join(exact)} stack: prune Q-K there with --stacks {','.join(exact)}."
         raise CloverError(
             f"Q-K pruning is refused for {family.examples}: {blocked.qk_blocker}, so there is no exact "
             "Q-K product to truncate. V-O pruning works there: use --vo-ratio (or --vo-threshold) only."
+            + (elsewhere if exact else "")
         )
-    for site in sites:
-        check_finite(site)
+    if check_values:
+        for site in sites:
+            check_finite(site)
     return sites
+
+
+class InMemory:
+    """Where ``prune_`` finds the weights: all in memory, the model's own. ``clover.streaming`` supplies a
+    reader that loads one layer at a time from disk and writes it out once rebuilt, with the same interface."""
+
+    def __init__(self, model: nn.Module):
+        family_for(model).fold_output_scales(model)  # exact; ranks O's dims by what reaches the residual stream
+
+    def units(self, sites: list[AttentionSite], *, write: bool) -> Iterator[tuple[AbstractContextManager, list]]:
+        """(context in which the sites' weights are readable, sites) pairs; ``write``: the sites get rebuilt."""
+        yield nullcontext(), sites
 
 
 def prune_(
@@ -412,6 +437,7 @@ def prune_(
     input_moments: InputMoments | None = None,
     compute_dtype: torch.dtype = torch.float64,
     progress: bool = False,
+    weights: InMemory | None = None,
 ) -> PruneReport:
     """Prune ``model``'s attention in place and return what was removed.
 
@@ -420,10 +446,10 @@ def prune_(
     Raises CloverError, before touching the model, for bad options, RoPE Q-K requests, non-finite weights
     or an already pruned model.
     """
-    sites = check_prunable(model, config)
+    sites = check_prunable(model, config, check_values=weights is None)
     if config.method in CALIBRATED and calibrate is None and input_moments is None:
         raise CloverError(f"method {config.method!r} needs calibration data (a calibrate(model) callback)")
-    family_for(model).fold_output_scales(model)  # exact; ranks O's dims by what reaches the residual stream
+    weights = weights or InMemory(model)
     params_before = sum(p.numel() for p in model.parameters())
     attention_before = sum(p.numel() for s in sites for p in _site_params(s))
 
@@ -434,18 +460,28 @@ def prune_(
     pairs = [p for p in ("qk", "vo") if config.prunes(p)]
     with torch.no_grad():
         scores = {p: [] for p in pairs}
-        for site in tqdm(sites, desc="scoring dims", unit="attn", disable=not progress):
-            for p in pairs:
-                scores[p].append(_site_pair(site, p, config, moments, compute_dtype).scores.float())
+        bar = tqdm(total=len(sites), desc="scoring dims", unit="attn", disable=not progress)
+        for loaded, unit in weights.units(sites, write=False):
+            with loaded:
+                for site in unit:
+                    for p in pairs:
+                        scores[p].append(_site_pair(site, p, config, moments, compute_dtype).scores.float())
+                    bar.update()
+        bar.close()
         keep = {
             p: allocate_dims(scores[p], allocation=config.allocation, ratio=getattr(config, f"{p}_ratio"),
                              threshold=getattr(config, f"{p}_threshold"), min_dims=config.min_dims)
             for p in pairs
         }  # fmt: skip
-        specs = {}
-        for index, site in enumerate(tqdm(sites, desc="pruning", unit="attn", disable=not progress)):
-            kept = {p: keep[p][index] if p in keep else None for p in ("qk", "vo")}
-            specs[site.name] = _rebuild_site(model, site, config, moments, kept, compute_dtype)
+        specs, index = {}, {site.name: i for i, site in enumerate(sites)}
+        bar = tqdm(total=len(sites), desc="pruning", unit="attn", disable=not progress)
+        for loaded, unit in weights.units(sites, write=True):
+            with loaded:
+                for site in unit:
+                    kept = {p: keep[p][index[site.name]] if p in keep else None for p in ("qk", "vo")}
+                    specs[site.name] = _rebuild_site(model, site, config, moments, kept, compute_dtype)
+                    bar.update()
+        bar.close()
 
     total_groups = sum(s.num_kv_heads * s.head_dim for s in sites)
     # Q-K shares count the dims Q-K pruning can remove: partial RoPE's rotary dims are neither total nor removed
@@ -456,17 +492,17 @@ def prune_(
     cached = [s for s in sites if s.cached and (s.family is None or s.family.per_head_cache)]
     kv_before = sum(2 * s.num_kv_heads * s.head_dim for s in cached)
     kv_after = sum(sum(specs[s.name]["qk_dims"]) + sum(specs[s.name]["vo_dims"]) for s in cached)
-    setattr(
-        model.config,
-        CONFIG_KEY,
-        {
-            "format": FORMAT_VERSION,
-            "method": config.method,
-            "allocation": config.allocation,
-            "options": asdict(config),
-            "sites": specs,
-        },
-    )
+    record = {
+        "format": FORMAT_VERSION,
+        "method": config.method,
+        "allocation": config.allocation,
+        "options": asdict(config),
+        "sites": specs,
+    }
+    if hasattr(model, "register_to_config"):  # diffusers: a frozen config; only registered keys are saved
+        model.register_to_config(**{CONFIG_KEY: record})
+    else:
+        setattr(model.config, CONFIG_KEY, record)
     attention_after = sum(
         p.numel()
         for name, spec in specs.items()

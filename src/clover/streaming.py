@@ -1,0 +1,478 @@
+"""Decompose and prune checkpoints larger than memory: one layer's tensors at a time, from disk to disk.
+
+The model is built without weights (every parameter on the meta device). For each layer that holds attention
+sites, its tensors are read from the checkpoint's safetensors files (memory-mapped by ``safe_open``), the
+layer is rewritten by the same code as the in-memory path (``decompose_site``, ``prune_``), written into the
+output shards and dropped again. Every other tensor (embeddings, norms, the head) is copied through one at a
+time. Peak memory is about one layer (or the largest other tensor) plus one output shard, whatever the model's
+size; the output keeps the checkpoint's dtype unless asked otherwise.
+
+Calibration (``calibrated``, ``vanilla-activation``) runs the model with accelerate's disk offload: each
+module's weights are read from the checkpoint files just before its forward and dropped after it, so the
+moments are those of the in-memory path, with one module in memory at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import CloverError
+from .families import AttentionSite, attention_sites, family_for
+
+# files of a checkpoint besides its weights that an output keeps (tokenizer, generation and processor settings)
+_SIDE_FILES = (
+    "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json", "preprocessor_config.json",
+    "chat_template.jinja", "chat_template.json", "normalizer.json", "spiece.model",
+)  # fmt: skip
+SHARD_BYTES = 512 * 2**20  # output shard size: the writer holds at most one shard before it reaches the disk
+
+
+class CheckpointReader:
+    """The tensors of a safetensors checkpoint directory (one file, or shards listed in their index)."""
+
+    def __init__(self, directory: pathlib.Path):
+        self.directory = directory
+        index = directory / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (ValueError, KeyError, TypeError) as error:
+                raise CloverError(f"{index} is damaged ({error}); restore it or save the model again") from None
+            self.files = {name: directory / file for name, file in weight_map.items()}
+        elif (directory / "model.safetensors").is_file():
+            path = directory / "model.safetensors"
+            self.files = dict.fromkeys(self._keys(path), path)
+        else:
+            raise CloverError(
+                f"{directory}: streaming reads safetensors checkpoints (model.safetensors, or shards with "
+                "model.safetensors.index.json); this one has neither: run without --stream"
+            )
+        missing = sorted({path.name for path in self.files.values() if not path.is_file()})
+        if missing:
+            raise CloverError(f"{directory}: the index lists {', '.join(missing[:3])}, which is missing")
+
+    @staticmethod
+    def _keys(path: pathlib.Path) -> list[str]:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return list(f.keys())
+        except Exception as error:  # safetensors raises its own error types for damaged files
+            raise CloverError(f"cannot read {path}: {error}; the file is damaged or truncated") from None
+
+    def read(self, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) for each name, one file opened at a time; tensors are views of the mapped file."""
+        by_file: dict[pathlib.Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.files[name], []).append(name)
+        for path, file_names in by_file.items():
+            with safe_open(str(path), framework="pt") as f:
+                for name in file_names:
+                    yield name, f.get_tensor(name)
+
+    def dtype(self) -> torch.dtype:
+        """The floating dtype holding most of the checkpoint's bytes (the dtype it was saved in)."""
+        sizes: dict[torch.dtype, int] = {}
+        for path in dict.fromkeys(self.files.values()):
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    part = f.get_slice(name)
+                    dtype = _DTYPES_BY_NAME.get(part.get_dtype())
+                    if dtype is not None and dtype.is_floating_point:
+                        sizes[dtype] = sizes.get(dtype, 0) + _numel(part.get_shape()) * dtype.itemsize
+        return max(sizes, key=sizes.get) if sizes else torch.float32
+
+
+_DTYPE_NAMES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}  # fmt: skip
+_DTYPES_BY_NAME = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
+
+
+def _numel(shape: list[int]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+class ShardWriter:
+    """Writes tensors into safetensors shards of about ``shard_bytes`` each, then their index.
+
+    Each shard is written straight from the tensors' memory: safetensors' own ``save_file`` first copies
+    every tensor of the file into bytes, which would double the writer's peak."""
+
+    def __init__(self, directory: pathlib.Path, *, dtype: torch.dtype | None = None, shard_bytes: int = SHARD_BYTES):
+        self.directory, self.dtype, self.shard_bytes = directory, dtype, shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[list[str]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        tensor = tensor.detach().to("cpu")
+        if self.dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(self.dtype)
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.shard_bytes:
+            self._flush()
+        self.pending[name] = tensor
+        self.pending_bytes += size
+
+    def _flush(self) -> None:
+        header, offset = {}, 0
+        for name, tensor in self.pending.items():
+            size = tensor.numel() * tensor.element_size()
+            header[name] = {"dtype": _DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                            "data_offsets": [offset, offset + size]}  # fmt: skip
+            offset += size
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+        with open(self.directory / f"shard-{len(self.shards):05d}.tmp", "wb") as f:
+            f.write(len(encoded).to_bytes(8, "little"))
+            f.write(encoded)
+            for tensor in self.pending.values():
+                if tensor.numel():
+                    f.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
+        self.shards.append(list(self.pending))
+        self.total_bytes += offset
+        self.pending, self.pending_bytes = {}, 0
+        _return_freed_memory()
+
+    def close(self) -> None:
+        """Name the shards as transformers does and write the index (a single shard: model.safetensors)."""
+        if self.pending or not self.shards:
+            self._flush()
+        count = len(self.shards)
+        if count == 1:
+            os.replace(self.directory / "shard-00000.tmp", self.directory / "model.safetensors")
+            return
+        weight_map = {}
+        for number, names in enumerate(self.shards):
+            final = f"model-{number + 1:05d}-of-{count:05d}.safetensors"
+            os.replace(self.directory / f"shard-{number:05d}.tmp", self.directory / final)
+            weight_map.update(dict.fromkeys(names, final))
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+        (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _return_freed_memory() -> None:
+    """Hand memory freed by the last layer back to the OS. glibc keeps large freed blocks in its heap for
+    reuse, so without this the resident size creeps up layer after layer; elsewhere this does nothing."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _unit_of(site_name: str) -> str:
+    """The layer holding a site: its path up to the first index into a list of layers ("model.layers.3")."""
+    parts = site_name.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return site_name
+
+
+class StreamedModel:
+    """A checkpoint directory opened for streaming: the model without weights, and the files to read them from.
+
+    ``units`` is the ``prune_`` weights interface (``clover.prune.InMemory``): it loads one layer, lets the
+    algorithm rewrite it, writes it into ``writer`` and frees it again.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, device: torch.device | str = "cpu"):
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig
+
+        from .models import _read_config, model_kind
+
+        self.directory = pathlib.Path(directory)
+        config_dict = _read_config(self.directory)
+        if config_dict.get("auto_map"):
+            raise CloverError(
+                f"{directory} uses its own modeling code (auto_map), e.g. a pruned checkpoint: stream only "
+                "checkpoints of a transformers family"
+            )
+        self.reader = CheckpointReader(self.directory)
+        self.kind, auto_class = model_kind(config_dict)
+        self.dtype = self.reader.dtype()
+        self.device = torch.device(device)
+        config = AutoConfig.from_pretrained(self.directory)
+        # buffers stay real: rotary frequencies and the like are computed at construction, not stored
+        with init_empty_weights(include_buffers=False):
+            self.model = auto_class.from_config(config, dtype=self.dtype)
+        self.model.tie_weights()  # a head that shares the embedding is one parameter, as in the loaded model
+        self.model.eval()
+        self._compute_unsaved()
+        self.family = family_for(self.model)
+        self.writer: ShardWriter | None = None
+        self.written: set[str] = set()
+        self._names = list(self.model.state_dict())
+        self.stored = self._model_names()  # the model's name of each stored tensor -> its name in the files
+        self._check_names()
+
+    def _compute_unsaved(self) -> None:
+        """Make the tensors save_pretrained leaves out because the model computes them (Marian's sinusoidal
+        positions), as from_pretrained does: they are small, and calibration runs through them."""
+        for name in getattr(self.model, "_keys_to_ignore_on_save", None) or ():
+            module_name, _, attr = name.rpartition(".")
+            try:
+                module = self.model.get_submodule(module_name)
+            except AttributeError:
+                continue
+            if getattr(module, attr, None) is not None and getattr(module, attr).device.type == "meta":
+                module.to_empty(device="cpu", recurse=False)
+                with torch.no_grad():
+                    self.model._init_weights(module)
+
+    def _model_names(self) -> dict[str, str]:
+        """Map the files' tensor names to the model's through transformers' own renames for this class (what
+        from_pretrained applies: legacy layouts such as ViT's ``attention.attention.query``). A stored tensor
+        that transformers converts on load (Mixtral's per-expert weights fused into one) cannot be read one
+        layer at a time: refused."""
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        transforms = get_model_conversion_mapping(self.model)
+        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        meta = dict.fromkeys(self._names, True)
+        names = {}
+        for stored in self.reader.files:
+            name, converted = rename_source_key(
+                stored, renamings, converters, base_model_prefix=self.model.base_model_prefix, meta_state_dict=meta
+            )
+            if converted is not None:
+                raise CloverError(
+                    f"{self.directory}: transformers converts {stored} on load (it merges or splits stored tensors "
+                    f"for {type(self.model).__name__}), which cannot be read one layer at a time: run without --stream"
+                )
+            names[name] = stored
+        return names
+
+    def _read(self, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        """(model name, tensor) for each of the model's names, read from the files."""
+        by_stored = {self.stored[name]: name for name in names}
+        for stored, tensor in self.reader.read(list(by_stored)):
+            yield by_stored[stored], tensor
+
+    def _check_names(self) -> None:
+        stored = set(self.stored)
+        # tied weights (an output head sharing the embedding) are absent from the files by design
+        tied = set(getattr(self.model, "all_tied_weights_keys", None) or {})
+        missing = [name for name in self._names if name not in stored and name not in tied and self._is_meta(name)]
+        if missing:
+            raise CloverError(
+                f"{self.directory}: the weights are not named as transformers' {type(self.model).__name__} names "
+                f"them (no {missing[0]}, {len(missing)} in all); streaming needs a checkpoint written by "
+                "save_pretrained of this transformers version: run without --stream"
+            )
+
+    def _is_meta(self, name: str) -> bool:
+        module_name, _, attr = name.rpartition(".")
+        tensor = getattr(self.model.get_submodule(module_name), attr)
+        return tensor is not None and tensor.device.type == "meta"
+
+    def sites(self) -> list[AttentionSite]:
+        return attention_sites(self.model)
+
+    @contextmanager
+    def loaded(self, unit: str, sites: list[AttentionSite], *, write: bool) -> Iterator[None]:
+        """Read one layer's tensors into the model; on exit write the (rewritten) layer if asked, and free it."""
+        from accelerate.utils import set_module_tensor_to_device
+
+        from .decompose import check_finite
+
+        prefix = unit + "."
+        names = [name for name in self.stored if name.startswith(prefix)]
+        for name, tensor in self._read(names):
+            set_module_tensor_to_device(self.model, name, self.device, value=tensor)
+        module = self.model.get_submodule(unit)
+        try:
+            self.family.fold_output_scales(module)  # only this layer is real: the others are meta, untouched
+            for site in sites:
+                check_finite(site)
+            yield
+            if write:
+                for name, tensor in module.state_dict().items():
+                    self.writer.add(prefix + name, tensor)
+                self.written.update(names)
+        finally:
+            module.to("meta")  # frees the layer
+            for site in sites:  # and the attentions pruning swapped out, which the sites still refer to
+                site.module.to("meta")
+            _return_freed_memory()
+
+    def units(self, sites: list[AttentionSite], *, write: bool) -> Iterator[tuple[Any, list[AttentionSite]]]:
+        groups: dict[str, list[AttentionSite]] = {}
+        for site in sites:
+            groups.setdefault(_unit_of(site.name), []).append(site)
+        for unit, unit_sites in groups.items():
+            yield self.loaded(unit, unit_sites, write=write), unit_sites
+
+    def copy_rest(self, progress: bool = False) -> None:
+        """Copy every tensor no rewritten layer holds, one at a time, into the writer."""
+        rest = [name for name in self.stored if name not in self.written]
+        for name, tensor in tqdm(self._read(rest), total=len(rest), desc="copying", unit="tensor",
+                                 disable=not progress):  # fmt: skip
+            self.writer.add(name, tensor)
+
+    def copy_side_files(self, directory: pathlib.Path) -> None:
+        for name in _SIDE_FILES:
+            if (self.directory / name).is_file():
+                shutil.copy2(self.directory / name, directory / name)
+
+
+def stream_decompose(
+    source: str | os.PathLike,
+    directory: str | os.PathLike,
+    *,
+    compute_dtype: torch.dtype = torch.float64,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    shard_bytes: int = SHARD_BYTES,
+) -> int:
+    """Write CLOVER's exact orthogonal rewrite of the checkpoint ``source`` into the (staging) ``directory``,
+    one layer at a time. Returns the number of attention sites rewritten."""
+    from .decompose import decompose_site
+
+    directory = pathlib.Path(directory)
+    streamed = StreamedModel(source, device=device)
+    streamed.writer = ShardWriter(directory, dtype=dtype, shard_bytes=shard_bytes)
+    sites = streamed.sites()
+    with torch.no_grad():
+        bar = tqdm(total=len(sites), desc="factorizing attention", unit="attn", disable=not progress)
+        for loaded, unit in streamed.units(sites, write=True):
+            with loaded:
+                for site in unit:
+                    decompose_site(site, compute_dtype=compute_dtype, write=True)
+                    bar.update()
+        bar.close()
+    streamed.copy_rest(progress)
+    streamed.writer.close()
+    config = json.loads((streamed.directory / "config.json").read_text(encoding="utf-8"))
+    config["clover"] = {"method": "decompose", "compute_dtype": str(compute_dtype).removeprefix("torch."),
+                        "source": str(source), "streamed": True}  # fmt: skip
+    if dtype is not None:
+        config["dtype"] = str(dtype).removeprefix("torch.")
+    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    streamed.copy_side_files(directory)
+    return len(sites)
+
+
+def stream_prune(
+    source: str | os.PathLike,
+    directory: str | os.PathLike,
+    config,
+    *,
+    input_moments=None,
+    compute_dtype: torch.dtype = torch.float64,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    shard_bytes: int = SHARD_BYTES,
+):
+    """Prune the checkpoint ``source`` into the (staging) ``directory`` one layer at a time: scores in a first
+    pass over the layers, the rewrite in a second. Returns the ``PruneReport``."""
+    from .io import AUTO_CLASS, pruned_modeling_source
+    from .modeling_clover import CONFIG_KEY
+    from .prune import prune_
+
+    directory = pathlib.Path(directory)
+    streamed = StreamedModel(source, device=device)
+    streamed.writer = ShardWriter(directory, dtype=dtype, shard_bytes=shard_bytes)
+    report = prune_(
+        streamed.model, config, input_moments=input_moments, compute_dtype=compute_dtype, progress=progress,
+        weights=streamed,
+    )  # fmt: skip
+    streamed.copy_rest(progress)
+    streamed.writer.close()
+    written = json.loads((streamed.directory / "config.json").read_text(encoding="utf-8"))
+    base = type(streamed.model).__name__
+    specs = getattr(streamed.model.config, CONFIG_KEY)
+    written[CONFIG_KEY] = {**specs, "source": str(source), "streamed": True}
+    written["auto_map"] = {AUTO_CLASS[streamed.kind]: f"modeling_clover.Clover{base}"}
+    written["architectures"] = [f"Clover{base}"]
+    if dtype is not None:
+        written["dtype"] = str(dtype).removeprefix("torch.")
+    (directory / "config.json").write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
+    (directory / "modeling_clover.py").write_text(pruned_modeling_source(specs["sites"], [base]))
+    streamed.copy_side_files(directory)
+    return report
+
+
+def streamed_calibration_model(source: str | os.PathLike, device: torch.device | str = "cpu") -> nn.Module:
+    """The checkpoint's model with every module's weights read from its files only while it runs (accelerate's
+    disk offload over the safetensors themselves: nothing is copied), for collecting calibration moments."""
+    from accelerate import dispatch_model
+
+    streamed = StreamedModel(source, device=device)
+    name = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+    index = {
+        key: {
+            "safetensors_file": str(streamed.reader.files[stored]),
+            "weight_name": stored,
+            "dtype": name.get(streamed.dtype, "float32"),
+        }  # fmt: skip
+        for key, stored in streamed.stored.items()
+    }
+    for tied, source_key in (getattr(streamed.model, "all_tied_weights_keys", None) or {}).items():
+        if tied not in index and source_key in index:
+            index[tied] = index[source_key]
+    model = dispatch_model(
+        streamed.model, device_map={"": "disk"}, main_device=str(torch.device(device)), offload_index=index,
+        offload_buffers=False, force_hooks=True,
+    )  # fmt: skip
+    return model
+
+
+def write_random_checkpoint(
+    config,
+    directory: str | os.PathLike,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    shard_bytes: int = SHARD_BYTES,
+    seed: int = 0,
+) -> int:
+    """Write a checkpoint of random weights for ``config`` (a transformers config) tensor by tensor, never
+    holding the model: matrices N(0, 0.02²), norm weights 1, biases 0, as save_pretrained would name them.
+    For trying and benchmarking the streaming path at any size. Returns the bytes written."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    generator = torch.Generator().manual_seed(seed)
+    writer = ShardWriter(directory, shard_bytes=shard_bytes)
+    for name, param in model.named_parameters(remove_duplicate=True):
+        if name in tied:
+            continue
+        if param.dim() >= 2:
+            tensor = torch.empty(param.shape, dtype=torch.float32).normal_(0.0, 0.02, generator=generator).to(dtype)
+        else:
+            tensor = (torch.zeros if name.endswith("bias") else torch.ones)(param.shape, dtype=dtype)
+        writer.add(name, tensor)
+        del tensor
+    writer.close()
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(directory)
+    return writer.total_bytes
