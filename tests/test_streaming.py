@@ -207,3 +207,17 @@ def test_peak_memory_is_about_one_layer_not_the_model(action, tmp_path):
     # one layer is 22 MB in bf16 (its float64 factorization a few times that), an output shard 32 MB, the
     # embedding and head 62 MB each: the in-memory path holds the whole model (and the float copy of it)
     assert grown < 0.6 * size, f"peak grew by {grown / 2**20:.0f} MB for a {size / 2**20:.0f} MB checkpoint"
+
+
+@pytest.mark.real
+def test_calibrated_streamed_prune_of_a_real_model_scores_as_the_in_memory_one(tmp_path, capsys):
+    # --recalibrate: each path computes its own moments
+    arguments = ["prune", "smollm2-135m", "--method", "calibrated", "--vo-ratio", "0.5", "--calibration-samples", "2",
+                 "--calibration-length", "64", "--recalibrate", "--quiet", "--json"]  # fmt: skip
+    perplexities = []
+    for out, stream in ((tmp_path / "streamed", "--stream"), (tmp_path / "in-memory", "--no-stream")):
+        assert main([*arguments, stream, "--out", str(out)]) == 0
+        capsys.readouterr()
+        assert main(["eval", str(out), "--tokens", "512", "--json", "--quiet"]) == 0
+        perplexities.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["wikitext2_test_ppl"])
+    assert perplexities[0] == pytest.approx(perplexities[1], rel=1e-6)

@@ -15,6 +15,7 @@ moments are those of the in-memory path, with one module in memory at a time.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -435,6 +436,8 @@ def streamed_calibration_model(source: str | os.PathLike, device: torch.device |
     for tied, source_key in (getattr(streamed.model, "all_tied_weights_keys", None) or {}).items():
         if tied not in index and source_key in index:
             index[tied] = index[source_key]
+    # accelerate warns that the weights are on the meta device, which is the point here
+    logging.getLogger("accelerate.big_modeling").setLevel(logging.ERROR)
     model = dispatch_model(
         streamed.model, device_map={"": "disk"}, main_device=str(torch.device(device)), offload_index=index,
         offload_buffers=False, force_hooks=True,
