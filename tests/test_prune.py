@@ -29,6 +29,7 @@ from clover.families import (
     LinearProjection,
     attention_sites,
     family_for,
+    pruned_attention_sites,
     pruned_projections,
 )
 from clover.io import save_pruned_model
@@ -392,3 +393,11 @@ def test_input_moments_round_trip_through_safetensors(arch, tmp_path):
         pruned[name] = build_tiny(arch)
         prune_(pruned[name], PruneConfig(method="calibrated", vo_ratio=0.5), input_moments=source)
     torch.testing.assert_close(model_output(pruned["loaded"]), model_output(pruned["collected"]), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_pruned_sites_read_back_keep_their_stack_and_cache_facts(arch):
+    model = build_tiny(arch)
+    before = [(site.name, site.stack, site.cached) for site in attention_sites(model)]
+    prune_(model, PruneConfig(vo_ratio=0.5))
+    assert [(site.name, site.stack, site.cached) for site in pruned_attention_sites(model)] == before

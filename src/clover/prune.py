@@ -566,6 +566,7 @@ def _rebuild_site(
         "positional": family.positional,
         "qk_blocker": site.qk_blocker,
         "stack": site.stack,
+        "cached": site.cached,
         "layer_idx": site.layer_index,
         "num_heads": site.num_heads,
         "num_kv_heads": site.num_kv_heads,

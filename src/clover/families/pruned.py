@@ -100,6 +100,7 @@ def pruned_attention_sites(model: nn.Module, *, uniform: bool = False) -> list[A
                 scaling=spec["scaling"],
                 is_causal=spec["is_causal"],
                 qk_blocker=spec.get("qk_blocker"),
+                cached=spec.get("cached"),  # None (written before it was recorded): decided by the stack
                 rotary_dims=spec.get("rotary_dims", 0),  # each Q-K block: [rotary dims | kept pass-through dims]
                 dropout=spec.get("dropout", 0.0),
                 output_dropout=spec.get("output_dropout", 0.0),
