@@ -6,7 +6,8 @@ Llama-2-7B (32 layers x 4096, MHA 32 heads, FFN 11008, vocab 32000) and Llama-3-
 vocab 128256); each is deleted after its runs. In the same run: the time of ``cat`` of the shards to /dev/null
 (one read), of writing the same number of bytes (one write), of the factorization alone (one layer's Q-K and V-O
 in float64, times the layer count) and this machine's float64 matmul throughput, against which the
-factorization's flops (about 8·d·d_h² per head and pair) are stated as a share.
+factorization's flops (about 8·d·d_h² per head and pair) are stated as a share. Where the OS lets it (root on
+Linux), the page cache is dropped before the read probe and before each run, so both read from the disk.
 
     .venv/bin/python benchmarks/streaming_7b.py [--shapes llama2-7b,llama3-8b] [--workdir DIR]
 
@@ -63,7 +64,18 @@ def shard_files(directory: pathlib.Path) -> list[pathlib.Path]:
     return sorted(directory.glob("*.safetensors"))
 
 
+def drop_page_cache() -> bool:
+    """Empty the OS's page cache (root on Linux) so that reads come from the disk; False where not allowed."""
+    try:
+        os.sync()
+        pathlib.Path("/proc/sys/vm/drop_caches").write_text("1\n")
+        return True
+    except OSError:
+        return False
+
+
 def read_seconds(directory: pathlib.Path) -> float:
+    drop_page_cache()
     start = time.perf_counter()
     subprocess.run(["cat", *map(str, shard_files(directory))], stdout=subprocess.DEVNULL, check=True)
     return time.perf_counter() - start
@@ -136,6 +148,7 @@ def main() -> None:
                 out = work / verb
                 command = [*clover, verb, str(work / "model"), "--out", str(out), "--stream", "--quiet", "--json",
                            *extra]  # fmt: skip
+                cold = drop_page_cache()  # as the read probe: the checkpoint comes from the disk, not the cache
                 seconds, peak, stdout = measured(command)
                 report = json.loads(stdout.strip().splitlines()[-2])
                 written = sum(p.stat().st_size for p in shard_files(out))
@@ -148,7 +161,7 @@ def main() -> None:
                     "factorize_gflop": round(layer_flops * shape["num_hidden_layers"] / 1e9, 1),
                     "matmul_gflops": round(gflops, 1),
                     "factorize_share_of_peak": round(layer_flops / layer_s / 1e9 / gflops, 3),
-                    "parameters_after": report.get("parameters_after", ""),
+                    "parameters_after": report.get("parameters_after", ""), "cold_reads": cold,
                 }  # fmt: skip
                 rows.append(row)
                 print(json.dumps(row), flush=True)
