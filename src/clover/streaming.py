@@ -131,6 +131,14 @@ class ShardWriter:
             self._flush()
         self.pending[name] = tensor
         self.pending_bytes += size
+        if self.pending_bytes >= self.shard_bytes:  # written now, not held while the caller makes the next tensor
+            self._flush()
+
+    def reserve(self, size: int) -> None:
+        """Write the pending shard now if a tensor of ``size`` bytes will not fit in it, so that tensor is made
+        after the shard is freed rather than beside it (the shards come out the same)."""
+        if self.pending and self.pending_bytes + size > self.shard_bytes:
+            self._flush()
 
     def _flush(self) -> None:
         header, offset = {}, 0
