@@ -125,19 +125,27 @@ def measure(
             texts = evaluate.similarity_sentences(256)
             max_length = min(256, limit or 256)  # longer sentences would index past BERT's position table
             embeddings = evaluate.sentence_embeddings(model, loaded.tokenizer, texts, max_length=max_length)
-            if reference_embeddings is None and source_name(loaded):
-                try:
-                    original = load_model(source_name(loaded))
-                except CloverError as error:  # moved or deleted since: still report what needs no original
-                    report["skipped"] = f"similarity_to_original: the original model cannot be loaded ({error})"
-                else:
-                    reference_embeddings = evaluate.sentence_embeddings(
-                        original.model, original.tokenizer or loaded.tokenizer, texts, max_length=max_length
-                    )
+            original = _original(loaded, report, "similarity_to_original") if reference_embeddings is None else None
+            if original is not None:
+                reference_embeddings = evaluate.sentence_embeddings(
+                    original.model, original.tokenizer or loaded.tokenizer, texts, max_length=max_length
+                )
             if reference_embeddings is not None:
                 report["similarity_to_original"] = evaluate.embedding_similarity(reference_embeddings, embeddings)
             report["sentences"] = len(texts)
     return report
+
+
+def _original(loaded: LoadedModel, report: dict[str, Any], metric: str) -> LoadedModel | None:
+    """The unpruned model ``loaded`` was pruned from, to compare against; None when none is recorded, or when it
+    cannot be loaded any more (moved or deleted since: the report says so, and keeps what needs no original)."""
+    if not source_name(loaded):
+        return None
+    try:
+        return load_model(source_name(loaded))
+    except CloverError as error:
+        report["skipped"] = f"{metric}: the original model cannot be loaded ({error})"
+        return None
 
 
 def _vision_quality(loaded: LoadedModel, reference: torch.Tensor | None) -> dict[str, Any]:
@@ -145,13 +153,9 @@ def _vision_quality(loaded: LoadedModel, reference: torch.Tensor | None) -> dict
     (``reference``: vision.image_features of the original; loaded from the recorded source when None)."""
     features = vision.scoring_features(loaded)
     report: dict[str, Any] = {"images": len(features)}
-    if reference is None and source_name(loaded):
-        try:
-            original = load_model(source_name(loaded))
-        except CloverError as error:  # moved or deleted since: still report what needs no original
-            report["skipped"] = f"cls/patch similarity_to_original: the original model cannot be loaded ({error})"
-        else:
-            reference = vision.scoring_features(original)
+    original = _original(loaded, report, "cls/patch similarity_to_original") if reference is None else None
+    if original is not None:
+        reference = vision.scoring_features(original)
     if reference is not None:
         report.update(vision.feature_similarity(reference, features))
     elif "skipped" not in report:

@@ -9,6 +9,7 @@ The algorithms (decompose, prune, fine-tune) read these facts and never name a f
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -275,6 +276,14 @@ class Family:
         images and their masks for a model whose text reads images (it may also set the image token in
         ``input_ids``); nothing for the others. Used where no processor is at hand (the CLI's probe)."""
         return {}
+
+    @staticmethod
+    def attention_modules(model: nn.Module, *parts: str) -> Iterator[tuple[str, nn.Module]]:
+        """(path, module) of every module of ``model`` that has all of ``parts`` (the attribute names that mark
+        the family's attention), in module order, skipping pruned attentions clover already installed."""
+        for name, module in model.named_modules():
+            if not is_pruned_attention(module) and all(hasattr(module, part) for part in parts):
+                yield name, module
 
     def separate_projections(self, module: nn.Module) -> dict[str, Projection]:
         """q, k, v and o of an attention whose projections are separate linears ``q_proj``, ``k_proj``,

@@ -120,9 +120,7 @@ class Deepseek(Family):
 
     def attention_sites(self, model: nn.Module) -> list[AttentionSite]:
         sites = []
-        for name, module in model.named_modules():
-            if is_pruned_attention(module) or not hasattr(module, "kv_b_proj"):
-                continue
+        for name, module in self.attention_modules(model, "kv_b_proj"):
             heads, nope, rope = module.num_heads, module.qk_nope_head_dim, module.qk_rope_head_dim
             if nope != module.v_head_dim:
                 raise UnsupportedModelError(

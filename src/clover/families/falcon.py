@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import AttentionSite, Family, LinearProjection, Projection, is_pruned_attention
+from .base import AttentionSite, Family, LinearProjection, Projection
 from .t5 import CloverBiasAttention
 
 
@@ -130,9 +130,7 @@ class Falcon(Family):
     def attention_sites(self, model: nn.Module) -> list[AttentionSite]:
         config = model.config
         sites = []
-        for name, module in model.named_modules():
-            if is_pruned_attention(module) or not hasattr(module, "query_key_value"):
-                continue
+        for name, module in self.attention_modules(model, "query_key_value"):
             heads, head_dim = module.num_heads, module.head_dim
             if config.new_decoder_architecture:
                 layout, kv_heads = "grouped", config.num_kv_heads

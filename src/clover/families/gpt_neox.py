@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import AttentionSite, Family, HeadColumns, LinearProjection, is_pruned_attention
+from .base import AttentionSite, Family, HeadColumns, LinearProjection
 from .phi3 import CloverPhi3Attention
 
 
@@ -38,9 +38,7 @@ class GPTNeoX(Family):
     def attention_sites(self, model: nn.Module) -> list[AttentionSite]:
         config = model.config
         sites = []
-        for name, module in model.named_modules():
-            if is_pruned_attention(module) or not hasattr(module, "query_key_value"):
-                continue
+        for name, module in self.attention_modules(model, "query_key_value"):
             heads, d = config.num_attention_heads, module.head_size
             fused = LinearProjection(module.query_key_value)  # per head [q_h | k_h | v_h], 3·d wide
             sites.append(

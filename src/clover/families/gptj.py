@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AttentionSite, Family, is_pruned_attention
+from .base import AttentionSite, Family
 from .phi3 import CloverPhi3Attention
 
 
@@ -38,9 +38,7 @@ class GPTJ(Family):
 
     def attention_sites(self, model: nn.Module) -> list[AttentionSite]:
         sites = []
-        for name, module in model.named_modules():
-            if is_pruned_attention(module) or not (hasattr(module, "out_proj") and hasattr(module, "rotary_dim")):
-                continue
+        for name, module in self.attention_modules(model, "out_proj", "rotary_dim"):
             d = module.head_dim
             sites.append(
                 self.site(

@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..modeling_clover import PrunedAttention
-from .base import AttentionSite, Family, is_pruned_attention
+from .base import AttentionSite, Family
 
 
 class CloverLlamaAttention(PrunedAttention):
@@ -52,11 +52,7 @@ class Llama(Family):
     def attention_sites(self, model: nn.Module) -> list[AttentionSite]:
         config = getattr(model.config, "text_config", None) or model.config
         sites = []
-        for name, module in model.named_modules():
-            if is_pruned_attention(module) or not all(
-                hasattr(module, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")
-            ):
-                continue
+        for name, module in self.attention_modules(model, "q_proj", "k_proj", "v_proj", "o_proj"):
             sites.append(
                 self.site(
                     name=name,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import AttentionSite, Family, is_pruned_attention
+from .base import AttentionSite, Family
 from .gpt2 import CloverSelfAttention
 
 
@@ -22,9 +22,7 @@ class OPT(Family):
 
     def attention_sites(self, model: nn.Module) -> list[AttentionSite]:
         sites = []
-        for name, module in model.named_modules():
-            if is_pruned_attention(module) or not (hasattr(module, "out_proj") and hasattr(module, "q_proj")):
-                continue
+        for name, module in self.attention_modules(model, "out_proj", "q_proj"):
             sites.append(
                 self.site(
                     name=name,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..modeling_clover import PrunedAttention
-from .base import AttentionSite, Family, LinearProjection, LinearSlice, is_pruned_attention
+from .base import AttentionSite, Family, LinearProjection, LinearSlice
 
 
 class CloverPhi3Attention(PrunedAttention):
@@ -53,9 +53,7 @@ class Phi3(Family):
         config = getattr(model.config, "text_config", None) or model.config
         factor = (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0)
         sites = []
-        for name, module in model.named_modules():
-            if is_pruned_attention(module) or not (hasattr(module, "qkv_proj") and hasattr(module, "o_proj")):
-                continue
+        for name, module in self.attention_modules(model, "qkv_proj", "o_proj"):
             heads, groups, d = config.num_attention_heads, module.num_key_value_heads, module.head_dim
             q_end, k_end = heads * d, (heads + groups) * d
             sites.append(

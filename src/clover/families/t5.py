@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..modeling_clover import HeadLayout, PrunedAttention, _recorded
-from .base import AttentionSite, Family, LinearProjection, is_pruned_attention
+from .base import AttentionSite, Family, LinearProjection
 
 
 class CloverBiasAttention(PrunedAttention):
@@ -151,9 +151,7 @@ class T5(Family):
 
     def attention_sites(self, model: nn.Module) -> list[AttentionSite]:
         sites = []
-        for name, module in model.named_modules():
-            if is_pruned_attention(module) or not hasattr(module, "key_value_proj_dim"):
-                continue
+        for name, module in self.attention_modules(model, "key_value_proj_dim"):
             parts = name.split(".")
             stack = "cross" if parts[-1] == "EncDecAttention" else "encoder" if "encoder" in parts else "decoder"
             extra = {"kept": []}

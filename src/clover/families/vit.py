@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..modeling_clover import PrunedAttention
-from .base import AttentionSite, Family, is_pruned_attention
+from .base import AttentionSite, Family
 
 
 class CloverEncoderAttention(PrunedAttention):
@@ -46,11 +46,7 @@ class ViT(Family):
 
     def attention_sites(self, model: nn.Module) -> list[AttentionSite]:
         sites = []
-        for name, module in model.named_modules():
-            if is_pruned_attention(module) or not all(
-                hasattr(module, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")
-            ):
-                continue
+        for name, module in self.attention_modules(model, "q_proj", "k_proj", "v_proj", "o_proj"):
             sites.append(
                 self.site(
                     name=name,

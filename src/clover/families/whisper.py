@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..modeling_clover import PrunedAttention
-from .base import AttentionSite, Family, is_pruned_attention
+from .base import AttentionSite, Family
 
 
 class CloverSeq2SeqAttention(PrunedAttention):
@@ -53,9 +53,7 @@ class Whisper(Family):
 
     def attention_sites(self, model: nn.Module) -> list[AttentionSite]:
         sites = []
-        for name, module in model.named_modules():
-            if is_pruned_attention(module) or not hasattr(module, "out_proj") or not hasattr(module, "q_proj"):
-                continue
+        for name, module in self.attention_modules(model, "out_proj", "q_proj"):
             parts = name.split(".")
             side = "encoder" if "encoder" in parts else "decoder"
             stack = "cross" if parts[-1] == "encoder_attn" else side
