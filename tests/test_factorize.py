@@ -8,11 +8,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from clover.factorize import (
+    _cholesky_r,
     factorize_pair,
     factorize_qk,
     factorize_vo,
+    orthogonalize_heads,
     product_singular_values,
     split_heads,
+    triangular_factor,
 )
 
 # float64 inputs are rewritten to ~1e-12; float32 inputs are computed in float32 where requested
@@ -55,6 +58,30 @@ def test_pair_is_exact_orthogonal_and_sorted(heads, rows_left, rows_right, head_
     # column i of each new factor has norm sqrt(σ_i)
     torch.testing.assert_close(f.left.double().norm(dim=-2) ** 2, sigma, atol=tol["atol"] * 10, rtol=tol["rtol"] * 10)
     torch.testing.assert_close(sigma, product_singular_values(a, b), atol=tol["atol"] * 10, rtol=tol["rtol"] * 10)
+
+
+@pytest.mark.parametrize("condition", [1.0, 1e4, 1e12])
+def test_cholesky_route_matches_householder(condition):
+    """The R that factorize_pair and the spectra use comes from CholeskyQR2 where the block is well-conditioned
+    (matmuls) and from Householder QR where it is not (condition 1e12 > 1/√eps, one block of three): the same R
+    up to the sign of each row, and the pair's factors exact and orthogonal either way."""
+    generator = torch.Generator().manual_seed(0)
+    rows, head_dim = 64, 8
+    u = torch.linalg.qr(torch.randn(3, rows, head_dim, generator=generator, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(3, head_dim, head_dim, generator=generator, dtype=torch.float64))[0]
+    sigma = torch.logspace(0, -torch.log10(torch.tensor(condition)).item(), head_dim, dtype=torch.float64)
+    spread = torch.stack([torch.logspace(0, -1, head_dim, dtype=torch.float64), sigma, sigma.flip(0).sort().values])
+    a = u * spread.unsqueeze(-2) @ v  # block 0 well-conditioned, blocks 1 and 2 of the given condition number
+    b = torch.randn(3, 48, head_dim, generator=generator, dtype=torch.float64)
+    r = triangular_factor(a)
+    assert _cholesky_r(a)[1] == (condition < 1e6), "the route taken"
+    householder = orthogonalize_heads(a)[1]
+    signs = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1) * torch.diagonal(householder, dim1=-2, dim2=-1))
+    torch.testing.assert_close(r, householder * signs.unsqueeze(-1), atol=1e-12 * condition, rtol=1e-8)
+    f = factorize_pair(a, b)
+    torch.testing.assert_close(f.left @ f.right.mT, a @ b.mT, atol=1e-12, rtol=1e-9)
+    torch.testing.assert_close(f.singular_values, product_singular_values(a, b), atol=1e-12, rtol=1e-9)
+    assert _is_diagonal(f.right.mT @ f.right, 1e-10)
 
 
 def _scores(x, w_q, b_q, w_k, b_k, heads, kv_heads):

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .factorize import factorize_qk, factorize_vo, orthogonalize_heads, split_heads
+from .factorize import factorize_qk, factorize_vo, split_heads, triangular_factor
 from .families import AttentionSite, attention_sites, family_for
 
 
@@ -54,7 +54,7 @@ def decompose_site(
             ("q", w_q, b_q, site.num_heads),
             ("k", w_k, b_k, site.num_kv_heads),
         ):
-            _, r = orthogonalize_heads(split_heads(weight, bias, heads), compute_dtype=compute_dtype)
+            r = triangular_factor(split_heads(weight, bias, heads), compute_dtype=compute_dtype)
             setattr(spectrum, label, torch.linalg.svdvals(r).float())
     else:
         # partial RoPE: only the pass-through dims meet through a fixed product; the rotary dims stay as they are
