@@ -239,3 +239,11 @@ def test_prune_stacks_chooses_the_attention_stacks_from_the_command_line(tmp_pat
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "vision" in err and "encoder, decoder, cross" in err
     assert not (tmp_path / "refused").exists()
+    # one pair in fewer stacks: Q-K in the encoder only, V-O in every stack, one run
+    both = tmp_path / "both"
+    assert main([*arguments[:-3], "--qk-ratio", "0.5", "--qk-stacks", "encoder", "--out", str(both), "--quiet"]) == 0
+    sites = json.loads((both / "config.json").read_text())["clover"]["sites"].values()
+    assert len(sites) == 6 and all(sum(spec["vo_dims"]) < spec["num_kv_heads"] * spec["head_dim"] for spec in sites)
+    for spec in sites:
+        full = spec["num_kv_heads"] * spec["head_dim"]
+        assert (sum(spec["qk_dims"]) < full) == (spec["stack"] == "encoder"), spec["stack"]

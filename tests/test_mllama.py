@@ -78,8 +78,42 @@ def test_qk_pruning_restricted_to_the_vision_stack_keeps_the_top_singular_direct
             torch.testing.assert_close(q[h] @ k[h].T, (u[:, :rank] * sigma[:rank]) @ vh[:rank], atol=1e-10, rtol=0)
 
 
+def test_one_run_prunes_qk_in_the_vision_stack_and_vo_in_every_stack():
+    model = build_tiny(ARCH).double()
+    sites = attention_sites(model)
+    originals = {s.name: _qk_products(s) for s in sites if s.stack == "vision"}
+    report = prune_(model, PruneConfig(qk_ratio=0.5, vo_ratio=0.25, qk_stacks=("vision",)))
+    specs = model.config.clover["sites"]
+    assert set(specs) == {s.name for s in sites}  # V-O everywhere
+    for site in sites:
+        spec = specs[site.name]
+        full = [spec["head_dim"]] * spec["num_kv_heads"]
+        assert spec["qk_dims"] == ([spec["head_dim"] // 2] * spec["num_kv_heads"] if site.stack == "vision" else full)
+        assert sum(spec["vo_dims"]) < sum(full), site.name
+    # shares count the sites where each pair was pruned: Q-K over the vision stack only
+    assert report.qk_removed == pytest.approx(0.5) and report.vo_removed == pytest.approx(0.25, abs=0.02)
+    for name, products in originals.items():  # the vision Q-K kept its top singular directions, as when alone
+        spec = specs[name]
+        linears = pruned_projections(model.get_submodule(name), spec)
+        q = split_heads(linears["q"].weight.T, None, spec["num_heads"])
+        k = split_heads(linears["k"].weight.T, None, spec["num_kv_heads"])
+        rank = spec["qk_dims"][0]
+        for h, product in enumerate(products):
+            u, sigma, vh = torch.linalg.svd(product)
+            torch.testing.assert_close(q[h] @ k[h].T, (u[:, :rank] * sigma[:rank]) @ vh[:rank], atol=1e-10, rtol=0)
+
+
+def test_pair_stacks_are_checked():
+    with pytest.raises(CloverError, match="no such attention stack"):
+        prune_(build_tiny(ARCH), PruneConfig(qk_ratio=0.3, qk_stacks=("image",)))
+    with pytest.raises(CloverError, match="Q-K is not pruned"):
+        prune_(build_tiny(ARCH), PruneConfig(vo_ratio=0.3, qk_stacks=("vision",)))
+    with pytest.raises(CloverError, match="not among --stacks"):
+        prune_(build_tiny(ARCH), PruneConfig(qk_ratio=0.3, qk_stacks=("vision",), stacks=("decoder",)))
+
+
 def test_qk_pruning_of_the_text_stacks_is_refused_with_the_stack_where_it_works():
-    with pytest.raises(CloverError, match=r"RoPE.*V-O pruning works.*exact in its vision stack.*--stacks vision"):
+    with pytest.raises(CloverError, match=r"RoPE.*V-O pruning works.*exact in its vision stack.*--qk-stacks vision"):
         prune_(build_tiny(ARCH), PruneConfig(qk_ratio=0.3))
     with pytest.raises(CloverError, match="QK-norm"):
         prune_(build_tiny(ARCH), PruneConfig(qk_ratio=0.3, stacks=("vision", "cross")))
@@ -119,10 +153,15 @@ def greedy_from_an_image(model):
 """  # run here and in a fresh process, which must not import clover (nor this file, which does)
 
 
-@pytest.mark.parametrize("stacks", [None, ("vision",)], ids=["vo-everywhere", "vision-qk-and-vo"])
-def test_a_pruned_checkpoint_generates_from_an_image_after_a_fresh_process_reload(stacks, tmp_path):
+@pytest.mark.parametrize(
+    "config",
+    [PruneConfig(vo_ratio=0.5), PruneConfig(qk_ratio=0.5, vo_ratio=0.5, stacks=("vision",)),
+     PruneConfig(qk_ratio=0.5, vo_ratio=0.5, qk_stacks=("vision",))],
+    ids=["vo-everywhere", "vision-qk-and-vo", "vision-qk-vo-everywhere"],
+)  # fmt: skip
+def test_a_pruned_checkpoint_generates_from_an_image_after_a_fresh_process_reload(config, tmp_path):
     model = build_tiny(ARCH)
-    prune_(model, PruneConfig(qk_ratio=0.5 if stacks else 0.0, vo_ratio=0.5, stacks=stacks))
+    prune_(model, config)
     scope = {"torch": torch, "image_inputs": image_inputs}
     exec(GREEDY, scope)
     expected = scope["greedy_from_an_image"](model)

@@ -52,7 +52,7 @@ def _qk_cell(family, archs: list[str]) -> str:
         return "where exact (" + ", ".join(a for a in archs if FAMILY_TABLE[a].qk_exact) + ")"
     stacks = sorted({stack for a in archs for stack in FAMILY_TABLE[a].qk_exact_stacks})
     if stacks:  # exact in some stacks only: pruned there when the pruning is restricted to them
-        return f"{', '.join(stacks)} only (`--stacks {','.join(stacks)}`); not the others: {family.qk_blocker}"
+        return f"{', '.join(stacks)} only (`--qk-stacks {','.join(stacks)}`); not the others: {family.qk_blocker}"
     return f"no: {family.qk_blocker}" if family.qk_blocker else "no"
 
 

@@ -1,7 +1,7 @@
 """Stable Diffusion XL's UNet through diffusers: exact rewrite, pruning that keeps the softmax scale and per-head
 widths (our attention processor), shrinking text K/V, save and reload (clover's loader, diffusers' AutoModel with
-trust_remote_code in a fresh process, stock diffusers refused), healing after reload, the CLI's refusal, and clover
-without diffusers. The family-table tests (conftest.py, row "unet") cover the rest in float32."""
+trust_remote_code in a fresh process, stock diffusers refused), healing after reload, and clover without diffusers.
+The family-table tests (conftest.py, row "unet") cover the rest in float32; test_unet_cli.py the command line."""
 
 from __future__ import annotations
 
@@ -221,17 +221,6 @@ def test_unsupported_processors_are_refused_with_what_to_do():
         attention_sites(model)
     model.unfuse_qkv_projections()  # back to AttnProcessor2_0, which the sites reproduce
     assert len(attention_sites(model)) == 16
-
-
-@needs_diffusers
-def test_cli_refuses_a_unet_directory_in_one_line(tmp_path, capsys):
-    from clover.cli import main
-
-    _unet().save_pretrained(tmp_path / "unet")
-    code = main(["prune", str(tmp_path / "unet"), "--vo-ratio", "0.5", "--out", str(tmp_path / "out"), "--quiet"])
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert code == 2 and len(lines) == 1 and "diffusers UNet2DConditionModel" in lines[0], lines
-    assert not (tmp_path / "out").exists()
 
 
 def test_clover_works_without_diffusers(tmp_path):

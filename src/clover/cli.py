@@ -40,13 +40,16 @@ def probe_output(loaded):
     Its input is seeded random token ids within the vocabulary (random log-mel features for a speech encoder, the
     same ids as decoder input for a text encoder-decoder, one shipped photograph for an image encoder, ids and a
     random image for a text-image model), so it needs no tokenizer, and at most 16 tokens, so it fits any model's
-    context."""
+    context. A family that reads its own checkpoints (a diffusers UNet) probes itself: one seeded denoising step."""
     import torch
 
     from .evaluate import context_length
-    from .families import family_for
+    from .families import checkpoint_family, family_for
 
     model = loaded.model
+    own = checkpoint_family(loaded.kind)
+    if own is not None:
+        return own.probe_output(model)
     device = next(model.parameters()).device
     if reads_text_and_images(loaded):  # both towers' hidden states and the embeddings they compare
         text, image = model.config.text_config, model.config.vision_config
@@ -96,11 +99,19 @@ def _physical_memory() -> int | None:
 def _streaming_source(args: argparse.Namespace):
     """The checkpoint directory to stream from, or None to load the model into memory (``--stream`` /
     ``--no-stream``, else by the weights' size against this machine's memory)."""
-    from .models import checkpoint_directory
+    from .errors import CloverError
+    from .models import checkpoint_directory, directory_family
 
     if args.stream is False:
         return None
     directory = checkpoint_directory(args.model)
+    if directory_family(directory) is not None:  # a diffusers model: the streaming path reads transformers layers
+        if args.stream:
+            raise CloverError(
+                f"--stream reads transformers checkpoints layer by layer; {args.model} is a diffusers model, which "
+                "clover loads whole: drop --stream"
+            )
+        return None
     if args.stream is None:
         memory = _physical_memory()
         size = _weights_bytes(directory)
@@ -141,6 +152,7 @@ def cmd_decompose(args: argparse.Namespace) -> int:
     from .decompose import decompose_
     from .io import atomic_directory, check_output_dir, save_loaded_model
     from .models import load_model
+    from .prune import set_clover_record
 
     check_output_dir(args.out, overwrite=args.overwrite, inputs=[args.model])
     source = _streaming_source(args)
@@ -153,14 +165,17 @@ def cmd_decompose(args: argparse.Namespace) -> int:
         from .models import resolve_device
 
         loaded.model.to(resolve_device(args.device))
-    reference = probe_output(loaded) if args.verify else None
+    reference = probe_output(loaded).cpu() if args.verify else None  # compared after the model moves to the cpu
     spectra = decompose_(loaded.model, compute_dtype=_dtype(args.compute_dtype), progress=not args.quiet)
     factorized_at = time.perf_counter()
     loaded.model.to("cpu")
-    loaded.model.config.clover = {"method": "decompose", "compute_dtype": args.compute_dtype, "source": args.model}
+    record = {"method": "decompose", "compute_dtype": args.compute_dtype, "source": args.model}
+    set_clover_record(loaded.model, record)
     report = {"model": args.model, "out": str(args.out), "attention_sites": len(spectra)}
     if reference is not None:
-        report["max_abs_output_change"] = float((probe_output(loaded) - reference).abs().max())
+        change = probe_output(loaded) - reference
+        report["max_abs_output_change"] = float(change.abs().max())
+        report["relative_output_change"] = float(change.norm() / reference.norm().clamp_min(1e-30))
     with atomic_directory(args.out, overwrite=args.overwrite, inputs=[args.model]) as staging:
         save_loaded_model(loaded, staging)
     report.update(load_s=round(loaded_at - start, 2), factorize_s=round(factorized_at - loaded_at, 2))
@@ -170,7 +185,8 @@ def cmd_decompose(args: argparse.Namespace) -> int:
         print(f"factorized {len(spectra)} attention blocks of {args.model} in {report['factorize_s']} s")
         if "max_abs_output_change" in report:
             print(f"largest change of the model's output on a probe input: {report['max_abs_output_change']:.3g}")
-        print(f"wrote {args.out} (loads with transformers' from_pretrained)")
+        library = type(loaded.model).__module__.split(".")[0]  # transformers, or diffusers for a UNet
+        print(f"wrote {args.out} (loads with {library}' from_pretrained)")
     return 0
 
 
@@ -253,7 +269,7 @@ def _plot_path(out: str) -> os.PathLike:
     return path
 
 
-def _stacks(option: str | None) -> tuple[str, ...] | None:
+def _stacks(option: str | None, flag: str = "--stacks") -> tuple[str, ...] | None:
     """``--stacks encoder,cross`` -> ("encoder", "cross"); None (every stack) when not given."""
     if option is None:
         return None
@@ -261,7 +277,7 @@ def _stacks(option: str | None) -> tuple[str, ...] | None:
     if not names:
         from .errors import CloverError
 
-        raise CloverError(f"--stacks {option!r} names no stack; give a comma list such as encoder,cross")
+        raise CloverError(f"{flag} {option!r} names no stack; give a comma list such as encoder,cross")
     return names
 
 
@@ -269,7 +285,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .errors import CloverError
     from .io import check_output_dir, save_pruned_model
     from .models import load_model, resolve_device
-    from .prune import CALIBRATED, PruneConfig, check_prunable, prune_
+    from .prune import CALIBRATED, PruneConfig, check_prunable, prune_, set_clover_record
     from .quality import calibration_length, calibration_moments, check_calibration_settings
 
     qk_threshold = args.qk_threshold if args.qk_threshold is not None else args.threshold
@@ -277,6 +293,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     config = PruneConfig(
         qk_ratio=args.qk_ratio, vo_ratio=args.vo_ratio, qk_threshold=qk_threshold, vo_threshold=vo_threshold,
         method=args.method, allocation=args.allocation, min_dims=args.min_dims, stacks=_stacks(args.stacks),
+        qk_stacks=_stacks(args.qk_stacks, "--qk-stacks"), vo_stacks=_stacks(args.vo_stacks, "--vo-stacks"),
     )  # fmt: skip
     config.validate()
     if not config.prunes("qk") and not config.prunes("vo"):
@@ -324,7 +341,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         loaded.model, config, input_moments=moments, compute_dtype=_dtype(args.compute_dtype), progress=not args.quiet
     )
     elapsed = time.perf_counter() - start
-    loaded.model.config.clover["source"] = args.model
+    set_clover_record(loaded.model, {**loaded.model.config.clover, "source": args.model})
     loaded.model.to("cpu")
     save_pruned_model(loaded, args.out, overwrite=args.overwrite, inputs=[args.model])
     return _prune_summary(args, report, elapsed, moments, moments_cached, seq_len)
@@ -513,9 +530,9 @@ def build_parser() -> argparse.ArgumentParser:
         "decompose",
         help="rewrite attention into orthogonal, singular-value-ordered form (same function, same shapes)",
         description="Factorize every attention head's Q-K and V-O pair (thin QR of each factor + SVD of the small "
-        "head_dim×head_dim product) and write a standard transformers checkpoint that from_pretrained loads. "
-        "Where RoPE sits between Q and K (Llama, Qwen2, Mistral, SmolLM2) only V-O is rewritten: Q-K cannot be "
-        "merged exactly across the rotation.",
+        "head_dim×head_dim product) and write a standard transformers checkpoint that from_pretrained loads (a "
+        "diffusers UNet: a diffusers one, verified on one seeded denoising step). Where RoPE sits between Q and K "
+        "(Llama, Qwen2, Mistral, SmolLM2) only V-O is rewritten: Q-K cannot be merged exactly across the rotation.",
     )
     p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--out", required=True, help="directory to write (safetensors + config + tokenizer)")
@@ -554,9 +571,10 @@ def build_parser() -> argparse.ArgumentParser:
         "prune",
         help="remove the attention dims with the smallest singular values (no training)",
         description="Prune Q-K and/or V-O dims by singular value and write a checkpoint whose KV cache and "
-        "parameters really shrink; it loads with AutoModel*.from_pretrained(DIR, trust_remote_code=True). "
-        "Ratios are shares of all dims of the model (per KV group). Q-K pruning is refused where RoPE sits "
-        "between Q and K (Llama family): use --vo-ratio there.",
+        "parameters really shrink; it loads with AutoModel*.from_pretrained(DIR, trust_remote_code=True) (a "
+        "diffusers UNet: diffusers' AutoModel, or clover.families.unet.load_pruned_unet). Ratios are shares of all "
+        "dims of the model (per KV group). Q-K pruning is refused where RoPE sits between Q and K (Llama family): "
+        "use --vo-ratio there.",
     )
     p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--out", required=True, help="directory to write (refused if it exists, unless --overwrite)")
@@ -592,6 +610,14 @@ def build_parser() -> argparse.ArgumentParser:
         "encoder), decoder (text self-attention), cross (text-to-image). SDXL UNet: self (attn1), cross (attn2). "
         "`clover spectrum MODEL` lists a model's stacks",
     )
+    for pair, example in (("qk", "vision"), ("vo", "encoder,cross")):
+        p.add_argument(
+            f"--{pair}-stacks",
+            metavar="LIST",
+            help=f"prune {pair.upper()[0]}-{pair.upper()[1]} only in these stacks (default: --stacks), e.g. "
+            f"--{pair}-stacks {example}; with the other pair elsewhere, one run does both (LLaMA-3.2-Vision: "
+            "--qk-stacks vision for Q-K, exact only there, and V-O in every stack)",
+        )
     p.add_argument(
         "--min-dims",
         type=int,
@@ -636,8 +662,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="quality, parameter count and KV-cache bytes per token of a model or pruned checkpoint",
         description="Causal LMs: WikiText-2 test perplexity (non-overlapping windows). Whisper: WER and decoder "
         "loss on espeak-ng speech of Harvard sentences. Encoders: cosine similarity of sentence embeddings "
-        "to the original model's (SST-2 sentences). Always: parameters and KV-cache bytes per token, measured "
-        "from the cache object.",
+        "to the original model's (SST-2 sentences). Diffusers UNets: attention parameters and the relative error "
+        "of one seeded denoising step against the original's. Always: parameters and, where there is a KV cache, "
+        "its bytes per token, measured from the cache object.",
     )
     p.add_argument("model", help=MODEL_HELP + ", including pruned ones")
     p.add_argument("--tokens", type=int, default=4096, help="causal LM: tokens of WikiText-2 test scored (≥ 2)")

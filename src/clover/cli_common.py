@@ -9,7 +9,8 @@ DEVICE_HELP = "cpu, cuda, cuda:N or mps (default: cuda when available, else cpu)
 
 MODEL_HELP = (
     "a short name (smollm2-135m, minilm-l6, whisper-tiny.en, whisper-base: real weights shipped in pip packages, "
-    "converted once and cached under $CLOVER_CACHE or ~/.cache/clover) or a local transformers checkpoint directory"
+    "converted once and cached under $CLOVER_CACHE or ~/.cache/clover) or a local checkpoint directory: transformers, "
+    "or a diffusers UNet (its folder, or a pipeline's folder holding unet/)"
 )
 
 DTYPE_HELP = "weights dtype (default: the checkpoint's own, so a bf16 model is written back as bf16)"

@@ -21,6 +21,7 @@ _LEGACY_NAMES = re.compile(
     r"(config|generation_config|preprocessor_config|tokenizer|tokenizer_config|special_tokens_map|added_tokens"
     r"|vocab|merges|model\.safetensors\.index|adapter_config|clover_adapter)\.json|model(-\d+-of-\d+)?\.safetensors"
     r"|adapter_model\.safetensors|modeling_clover\.py|vocab\.txt|merges\.txt|tokenizer\.model|chat_template\.jinja"
+    r"|diffusion_pytorch_model(-\d+-of-\d+)?\.safetensors(\.index\.json)?"  # a diffusers UNet's weights
     r"|train_log\.csv|report\.json|adapter"
 )
 _STAGING = re.compile(r"\.(?P<name>.+)\.(partial|old)-(?P<pid>\d+)-\w+")
@@ -211,9 +212,13 @@ def write_pruned_model(loaded, directory: Path) -> None:
     """The files of a pruned checkpoint, written into an existing (staging) directory."""
     import transformers
 
-    from .families import pruned_site_specs, upgrade_pruned_specs
+    from .families import checkpoint_family, pruned_site_specs, upgrade_pruned_specs
 
     model = loaded.model
+    family = checkpoint_family(loaded.kind)
+    if family is not None:  # a model transformers does not write (a diffusers UNet): its family's own files
+        family.write_pruned_checkpoint(model, directory)
+        return
     # a pruned checkpoint loaded back with trust_remote_code has the Clover class already (healed models)
     base = type(model).__name__.removeprefix("Clover")
     if not hasattr(transformers, base):

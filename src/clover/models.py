@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -35,6 +35,9 @@ from transformers import (
 )
 
 from clover.errors import CloverError, MissingModelPackageError
+
+if TYPE_CHECKING:
+    from clover.families import Family
 
 # Bump when a converter changes: cached copies written by an older converter are then ignored.
 FORMAT_VERSION = "v3"  # v2: whisper-base tokenizer with its lost first merge restored; v3: WhisperTokenizer class,
@@ -577,27 +580,30 @@ def _dinov2_from_onnx(path: pathlib.Path) -> transformers.Dinov2Model:
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
 
 
+def _read_json(file: pathlib.Path) -> dict[str, Any]:
+    """A JSON file of settings as a dict, or a one-line CloverError saying what is wrong with it."""
+    try:
+        settings = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CloverError(
+            f"{file} is not valid JSON ({error}): the file is damaged or truncated; restore it, or save the "
+            "model again with save_pretrained"
+        ) from None
+    if not isinstance(settings, dict):
+        raise CloverError(f"{file} holds a JSON {type(settings).__name__}, not an object of settings; restore it")
+    return settings
+
+
 def _read_config(path: pathlib.Path) -> dict[str, Any]:
     """config.json as a dict, or a one-line CloverError saying what is wrong with it."""
     config_file = path / "config.json"
     if not config_file.is_file():
         raise CloverError(f"{path} has no config.json: pass a directory written by save_pretrained.")
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CloverError(
-            f"{config_file} is not valid JSON ({error}): the file is damaged or truncated; restore it, or save the "
-            "model again with save_pretrained"
-        ) from None
-    if not isinstance(config, dict):
-        raise CloverError(f"{config_file} holds a JSON {type(config).__name__}, not an object of settings; restore it")
-    if "_class_name" in config and "model_type" not in config:  # diffusers writes _class_name, transformers not
-        raise CloverError(
-            f"{config_file} is a diffusers {config['_class_name']}, and the clover CLI reads transformers checkpoints; "
-            "decompose or prune a UNet in Python (README: Stable Diffusion XL UNet)"
-        )
+    config = _read_json(config_file)
     model_type = config.get("model_type")
-    if not config.get("auto_map"):  # remote code may register a model_type transformers does not know
+    diffusers_model = _own_checkpoint_family(config, config_file) is not None  # its family reads it: no model_type
+    # remote code (auto_map) may register a model_type transformers does not know
+    if not diffusers_model and not config.get("auto_map"):
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
         from .families import supported_families
@@ -615,6 +621,104 @@ def _read_config(path: pathlib.Path) -> dict[str, Any]:
             "pytorch_model.bin): copy them beside config.json, or save the model again with save_pretrained"
         )
     return config
+
+
+def _own_checkpoint_family(config: dict[str, Any], config_file: pathlib.Path) -> Family | None:
+    """The family that reads this checkpoint itself (a diffusers model: config.json names its ``_class_name`` and
+    no model_type), or None for a transformers checkpoint; a diffusers class no family claims is refused."""
+    if "_class_name" not in config or "model_type" in config:  # diffusers writes _class_name, transformers not
+        return None
+    from .families import checkpoint_family, supported_families
+
+    family = checkpoint_family(model_class=str(config["_class_name"]))
+    if family is None:
+        raise CloverError(
+            f"{config_file} is a diffusers {config['_class_name']}, which clover does not support. "
+            f"Supported: {supported_families()}"
+        )
+    return family
+
+
+def _pipeline_component(path: pathlib.Path, *, note: bool = True) -> pathlib.Path:
+    """``path``, or for a diffusers pipeline (model_index.json, no config.json) the subfolder of the one component
+    a clover family supports (an SDXL pipeline's unet/), with a note on stderr saying so when ``note``."""
+    index_file = path / "model_index.json"
+    if (path / "config.json").exists() or not index_file.is_file():
+        return path
+    from .families import checkpoint_family
+
+    index = _read_json(index_file)
+    components = {  # model_index.json: {"unet": ["diffusers", "UNet2DConditionModel"], "vae": [...], ...}
+        name: entry[1]
+        for name, entry in index.items()
+        if isinstance(entry, list) and len(entry) == 2 and checkpoint_family(model_class=str(entry[1])) is not None
+    }
+    if len(components) != 1:
+        listed = ", ".join(f"{name}/ ({cls})" for name, cls in components.items()) or "none clover supports"
+        raise CloverError(
+            f"{path} is a diffusers {index.get('_class_name', 'pipeline')} whose components are {listed}: pass the "
+            "subfolder of the one to read"
+        )
+    (name, cls), *_ = components.items()
+    if note:
+        print(
+            f"clover: note: {path} is a diffusers {index.get('_class_name', 'pipeline')}: reading its {cls} in "
+            f"{path / name}",
+            file=sys.stderr,
+        )
+    return path / name
+
+
+def directory_family(path: pathlib.Path) -> Family | None:
+    """The family that reads the checkpoint in ``path`` itself (a diffusers model, or a pipeline holding one), or
+    None for a transformers checkpoint (or a directory the loader will refuse, with its own message)."""
+    path = _pipeline_component(path, note=False)
+    if not (path / "config.json").is_file():
+        return None
+    return _own_checkpoint_family(_read_json(path / "config.json"), path / "config.json")
+
+
+def _stored_dtype(path: pathlib.Path) -> torch.dtype | None:
+    """The floating dtype most tensors of the safetensors files in ``path`` hold (read from their headers), or None
+    when there are none (pickled weights)."""
+    from collections import Counter
+
+    from safetensors import safe_open
+
+    dtypes = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+    counts = Counter()
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(file, "pt") as weights:
+            counts.update(weights.get_slice(key).get_dtype() for key in weights.keys())
+    floating = [(count, name) for name, count in counts.items() if name in dtypes]
+    return dtypes[max(floating)[1]] if floating else None
+
+
+def _load_own_checkpoint(family: Family, path: pathlib.Path, dtype: torch.dtype | None) -> Any:
+    """A model its family reads itself (``Family.load_checkpoint``), with the damaged-checkpoint errors and missing
+    weights of ``_from_pretrained`` said the same way."""
+    from safetensors import SafetensorError
+
+    try:
+        # dtype None keeps the checkpoint's own, as for transformers checkpoints (diffusers would load float32)
+        model, info = family.load_checkpoint(path, dtype or _stored_dtype(path))
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError, SafetensorError) as error:
+        raise CloverError(
+            f"cannot load the checkpoint in {path}: {_one_line(error)}. Check config.json against the weights, "
+            "or save the model again with save_pretrained"
+        ) from None
+    _warn_missing(path, info.get("missing_keys"))
+    return model
+
+
+def _warn_missing(path: pathlib.Path, missing: list[str] | None) -> None:
+    if missing:
+        missing = sorted(missing)
+        print(
+            f"clover: warning: {len(missing)} weight(s) missing from {path} were initialised at random "
+            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})",
+            file=sys.stderr,
+        )
 
 
 def _one_line(error: BaseException) -> str:
@@ -653,13 +757,7 @@ def _from_pretrained(cls: Any, path: pathlib.Path, dtype: torch.dtype | None, re
             f"{path}: tensor {name} has shape {list(stored)} in the weights but config.json implies {list(expected)} "
             f"({len(info['mismatched_keys'])} tensor(s) differ); the config does not belong to these weights"
         )
-    if info.get("missing_keys"):
-        missing = sorted(info["missing_keys"])
-        print(
-            f"clover: warning: {len(missing)} weight(s) missing from {path} were initialised at random "
-            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})",
-            file=sys.stderr,
-        )
+    _warn_missing(path, info.get("missing_keys"))
     return model.eval()
 
 
@@ -717,7 +815,13 @@ def model_kind(config: dict[str, Any]) -> tuple[str, Any]:
 def _load_directory(
     path: pathlib.Path, dtype: torch.dtype | None, name: str, tokenizer_dir: pathlib.Path | None = None
 ) -> LoadedModel:
+    path = _pipeline_component(path)
     config = _read_config(path)
+    family = _own_checkpoint_family(config, path / "config.json")
+    if family is not None:  # a diffusers model (a UNet): no tokenizer
+        if tokenizer_dir is not None:
+            raise CloverError(f"--tokenizer: {path} holds a {config['_class_name']}, which reads no tokens")
+        return LoadedModel(_load_own_checkpoint(family, path, dtype), None, name, family.checkpoint_kind, source=path)
     auto_map = config.get("auto_map") or {}
     remote = {"trust_remote_code": True} if auto_map else {}
     kind, cls = model_kind(config)

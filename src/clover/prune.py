@@ -64,6 +64,10 @@ class PruneConfig:
     min_dims: int = 1  # per KV group and pair: no head is emptied unless the user sets 0
     ridge: float = 1e-4  # calibrated: relative ridge added to each input second moment before Cholesky
     stacks: tuple[str, ...] | None = None  # only these attention stacks (AttentionSite.stack names); None = all
+    # one pair in fewer stacks than the other, e.g. Q-K in Mllama's vision encoder (exact there) and V-O everywhere;
+    # None: ``stacks``
+    qk_stacks: tuple[str, ...] | None = None
+    vo_stacks: tuple[str, ...] | None = None
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -82,9 +86,24 @@ class PruneConfig:
             raise CloverError("give either a ratio or a threshold for each pair, not both")
         if self.min_dims < 0:
             raise CloverError(f"min dims must be ≥ 0, got {self.min_dims}")
+        for pair, label in (("qk", "Q-K"), ("vo", "V-O")):
+            own = getattr(self, f"{pair}_stacks")
+            if own is not None and not self.prunes(pair):
+                raise CloverError(f"--{pair}-stacks given but {label} is not pruned: add --{pair}-ratio or a threshold")
+            if own is not None and self.stacks is not None and (outside := set(own) - set(self.stacks)):
+                raise CloverError(
+                    f"--{pair}-stacks {','.join(sorted(outside))}: not among --stacks {','.join(self.stacks)} (the "
+                    "stacks pruned at all); drop --stacks or add them to it"
+                )
 
     def prunes(self, pair: str) -> bool:
         return getattr(self, f"{pair}_ratio") > 0 or getattr(self, f"{pair}_threshold") is not None
+
+    def prunes_in(self, pair: str, stack: str) -> bool:
+        """Whether ``pair`` is pruned in attention stack ``stack``."""
+        chosen = getattr(self, f"{pair}_stacks")
+        chosen = self.stacks if chosen is None else chosen
+        return self.prunes(pair) and (chosen is None or stack in chosen)
 
 
 # ----------------------------------------------------------------------------------------------- allocation
@@ -386,6 +405,14 @@ class PruneReport:
     sites: dict
 
 
+def set_clover_record(model: nn.Module, record: dict) -> None:
+    """Store ``record`` as the model's ``config.clover`` (what was done to it, and its source), which saving writes."""
+    if hasattr(model, "register_to_config"):  # diffusers: a frozen config; only registered keys are saved
+        model.register_to_config(**{CONFIG_KEY: record})
+    else:
+        setattr(model.config, CONFIG_KEY, record)
+
+
 def check_prunable(model: nn.Module, config: PruneConfig, *, check_values: bool = True) -> list[AttentionSite]:
     """The sites ``config`` prunes; raises CloverError for bad options, RoPE Q-K requests, non-finite weights
     or an already pruned model. Cheap: call it before collecting calibration data. ``check_values=False``
@@ -394,18 +421,22 @@ def check_prunable(model: nn.Module, config: PruneConfig, *, check_values: bool 
     family = family_for(model)
     every_site = attention_sites(model)
     present = list(dict.fromkeys(s.stack for s in every_site))
-    unknown = [name for name in config.stacks or () if name not in present]
-    if unknown:
-        raise CloverError(
-            f"--stacks {','.join(unknown)}: {type(model).__name__} has no such attention stack; "
-            f"its stacks are {', '.join(present)}"
-        )
-    sites = [s for s in every_site if config.stacks is None or s.stack in config.stacks]
-    blocked = next((s for s in sites if s.qk_blocker), None)
-    if config.prunes("qk") and blocked is not None:
+    for option in ("stacks", "qk_stacks", "vo_stacks"):
+        unknown = [name for name in getattr(config, option) or () if name not in present]
+        if unknown:
+            raise CloverError(
+                f"--{option.replace('_', '-')} {','.join(unknown)}: {type(model).__name__} has no such attention "
+                f"stack; its stacks are {', '.join(present)}"
+            )
+    sites = [s for s in every_site if config.prunes_in("qk", s.stack) or config.prunes_in("vo", s.stack)]
+    blocked = next((s for s in sites if s.qk_blocker and config.prunes_in("qk", s.stack)), None)
+    if blocked is not None:
         # stacks where every site's Q-K is exact (Mllama's vision encoder): Q-K pruning restricted to them works
         exact = [name for name in present if not any(s.qk_blocker for s in every_site if s.stack == name)]
-        elsewhere = f" Q-K is exact in its {', '.join(exact)} stack: prune Q-K there with --stacks {','.join(exact)}."
+        elsewhere = (
+            f" Q-K is exact in its {', '.join(exact)} stack: prune Q-K there with --qk-stacks {','.join(exact)} "
+            "(V-O stays in every stack unless --vo-stacks says otherwise)."
+        )
         raise CloverError(
             f"Q-K pruning is refused for {family.examples}: {blocked.qk_blocker}, so there is no exact "
             "Q-K product to truncate. V-O pruning works there: use --vo-ratio (or --vo-threshold) only."
@@ -460,12 +491,15 @@ def prune_(
     pairs = [p for p in ("qk", "vo") if config.prunes(p)]
     with torch.no_grad():
         scores = {p: [] for p in pairs}
+        index = {p: {} for p in pairs}  # site name -> its position in scores[p]: the sites where p is pruned
         bar = tqdm(total=len(sites), desc="scoring dims", unit="attn", disable=not progress)
         for loaded, unit in weights.units(sites, write=False):
             with loaded:
                 for site in unit:
                     for p in pairs:
-                        scores[p].append(_site_pair(site, p, config, moments, compute_dtype).scores.float())
+                        if config.prunes_in(p, site.stack):
+                            index[p][site.name] = len(scores[p])
+                            scores[p].append(_site_pair(site, p, config, moments, compute_dtype).scores.float())
                     bar.update()
         bar.close()
         keep = {
@@ -473,21 +507,25 @@ def prune_(
                              threshold=getattr(config, f"{p}_threshold"), min_dims=config.min_dims)
             for p in pairs
         }  # fmt: skip
-        specs, index = {}, {site.name: i for i, site in enumerate(sites)}
+        specs = {}
         bar = tqdm(total=len(sites), desc="pruning", unit="attn", disable=not progress)
         for loaded, unit in weights.units(sites, write=True):
             with loaded:
                 for site in unit:
-                    kept = {p: keep[p][index[site.name]] if p in keep else None for p in ("qk", "vo")}
+                    kept = {p: keep[p][index[p][site.name]] if site.name in index.get(p, {}) else None
+                            for p in ("qk", "vo")}  # fmt: skip
                     specs[site.name] = _rebuild_site(model, site, config, moments, kept, compute_dtype)
                     bar.update()
         bar.close()
 
-    total_groups = sum(s.num_kv_heads * s.head_dim for s in sites)
-    # Q-K shares count the dims Q-K pruning can remove: partial RoPE's rotary dims are neither total nor removed
-    total_qk = sum(s.num_kv_heads * (s.head_dim - s.rotary_dims) for s in sites)
-    qk_dims = sum(sum(spec["qk_dims"]) - spec["num_kv_heads"] * spec["rotary_dims"] for spec in specs.values())
-    vo_dims = sum(sum(spec["vo_dims"]) for spec in specs.values())
+    # each pair's shares count the sites where it was pruned; Q-K's count the dims Q-K pruning can remove
+    # (partial RoPE's rotary dims are neither total nor removed)
+    qk_sites = [s for s in sites if config.prunes_in("qk", s.stack)]
+    total_qk = sum(s.num_kv_heads * (s.head_dim - s.rotary_dims) for s in qk_sites)
+    qk_dims = sum(sum(specs[s.name]["qk_dims"]) - s.num_kv_heads * s.rotary_dims for s in qk_sites)
+    vo_sites = [s for s in sites if config.prunes_in("vo", s.stack)]
+    total_vo = sum(s.num_kv_heads * s.head_dim for s in vo_sites)
+    vo_dims = sum(sum(specs[s.name]["vo_dims"]) for s in vo_sites)
     # per-head caches only: an MLA cache holds a latent shared by all heads, which per-head pruning leaves as it is
     cached = [s for s in sites if s.cached and (s.family is None or s.family.per_head_cache)]
     kv_before = sum(2 * s.num_kv_heads * s.head_dim for s in cached)
@@ -499,10 +537,7 @@ def prune_(
         "options": asdict(config),
         "sites": specs,
     }
-    if hasattr(model, "register_to_config"):  # diffusers: a frozen config; only registered keys are saved
-        model.register_to_config(**{CONFIG_KEY: record})
-    else:
-        setattr(model.config, CONFIG_KEY, record)
+    set_clover_record(model, record)
     attention_after = sum(
         p.numel()
         for name, spec in specs.items()
@@ -516,7 +551,7 @@ def prune_(
         attention_params_before=attention_before,
         attention_params_after=attention_after,
         qk_removed=1 - qk_dims / total_qk if total_qk else 0.0,
-        vo_removed=1 - vo_dims / total_groups,
+        vo_removed=1 - vo_dims / total_vo if total_vo else 0.0,
         kv_dims_per_token_before=kv_before,
         kv_dims_per_token_after=kv_after,
         sites={name: {"qk_dims": s["qk_dims"], "vo_dims": s["vo_dims"]} for name, s in specs.items()},

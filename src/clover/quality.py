@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from . import evaluate, vision
 from .errors import CloverError
+from .families import Family, attention_sites, checkpoint_family
 from .io import process_alive
 from .models import LoadedModel, load_model, model_cache_dir
 from .prune import InputMoments
@@ -33,6 +34,16 @@ SPEECH_CALIBRATION_SENTENCES = 20  # Harvard sentences 21-40: after the evaluati
 def parameter_count(model: nn.Module) -> int:
     """Parameters as stored (tied embeddings counted once)."""
     return sum(p.numel() for p in model.parameters())
+
+
+def attention_parameter_count(model: nn.Module) -> int:
+    """Parameters of the attention projections (q, k, v and o of every site, pruned or not; a fused one once)."""
+    owners = {}
+    for site in attention_sites(model, allow_pruned=True):
+        for projection in (site.q, site.k, site.v, site.o):
+            module = projection.owner()[0]
+            owners[id(module)] = module
+    return sum(p.numel() for module in owners.values() for p in module.parameters(recurse=False))
 
 
 def source_name(loaded: LoadedModel) -> str | None:
@@ -67,8 +78,11 @@ def measure(
     model = loaded.model
     report: dict[str, Any] = {"model": loaded.name, "kind": loaded.kind, "parameters": parameter_count(model)}
     limit = evaluate.context_length(model)
+    own = checkpoint_family(loaded.kind)
     with torch.inference_mode():
-        if loaded.kind == "causal-lm":
+        if own is not None:  # a model that reads no text (a diffusers UNet): its own probe against the original's
+            report.update(_probe_quality(loaded, own))
+        elif loaded.kind == "causal-lm":
             if loaded.tokenizer is None:
                 report["skipped"] = f"wikitext2_test_ppl: {_no_tokenizer(loaded)}"
             else:
@@ -148,6 +162,23 @@ def _original(loaded: LoadedModel, report: dict[str, Any], metric: str) -> Loade
         return None
 
 
+def _probe_quality(loaded: LoadedModel, family: Family) -> dict[str, Any]:
+    """Attention parameters, and the relative error (Frobenius) of the family's probe output (a UNet: one seeded
+    denoising step) against the recorded original's, where the checkpoint records one."""
+    report: dict[str, Any] = {
+        "dtype": str(loaded.model.dtype).removeprefix("torch."),
+        "attention_parameters": attention_parameter_count(loaded.model),
+    }
+    original = _original(loaded, report, "relative_error_to_original")
+    if original is not None:
+        reference = family.probe_output(original.model)
+        error = (family.probe_output(loaded.model) - reference).norm() / reference.norm().clamp_min(1e-30)
+        report["relative_error_to_original"] = float(error)
+    elif "skipped" not in report:
+        report["skipped"] = "relative_error_to_original: no original recorded (an unpruned model is the original)"
+    return report
+
+
 def _vision_quality(loaded: LoadedModel, reference: torch.Tensor | None) -> dict[str, Any]:
     """Cosine similarity of the CLS and mean patch features to the original model's on the scoring photographs
     (``reference``: vision.image_features of the original; loaded from the recorded source when None)."""
@@ -177,6 +208,12 @@ def calibration_length(loaded: LoadedModel, seq_len: int) -> int:
     tokenizer, since calibration turns text into tokens. Vision models calibrate on whole images: unused."""
     if loaded.kind == "vision":
         return seq_len
+    own = checkpoint_family(loaded.kind)
+    if own is not None:  # no text, and clover ships no data of its inputs (a UNet's latents and prompts)
+        raise CloverError(
+            f"the command line has no calibration data for {own.examples} yet; use --method clover or vanilla, or "
+            "clover.prune.prune_ with your own calibrate(model) callback"
+        )
     if loaded.tokenizer is None or (loaded.kind == "speech-seq2seq" and loaded.decoder_prompt_ids is None):
         raise CloverError(f"calibration needs a tokenizer: {_no_tokenizer(loaded)}")
     limit = evaluate.context_length(loaded.model) if loaded.kind != "speech-seq2seq" else None

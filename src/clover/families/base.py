@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -252,6 +253,10 @@ class Family:
     # scales or gates multiply some attention outputs after O (DINOv2's layer scale, mllama's tanh gates):
     # the family's fold_output_scales moves them into O
     output_scales: ClassVar[bool] = False
+    # a family whose checkpoints transformers does not read (diffusers): the kind the CLI gives them (LoadedModel.kind),
+    # and the checkpoint hooks below, which the CLI calls instead of transformers' loading and writing; None: the
+    # kind comes from transformers' task tables
+    checkpoint_kind: ClassVar[str | None] = None
 
     @property
     def qk_blocker(self) -> str | None:
@@ -276,6 +281,24 @@ class Family:
         images and their masks for a model whose text reads images (it may also set the image token in
         ``input_ids``); nothing for the others. Used where no processor is at hand (the CLI's probe)."""
         return {}
+
+    def load_checkpoint(self, path: Path, dtype: torch.dtype | None) -> tuple[nn.Module, dict[str, list]]:
+        """A ``checkpoint_kind`` family's model read from a checkpoint directory (plain, decomposed or pruned by
+        clover), in eval mode, in ``dtype`` (None: the loading library's default), and its loading info
+        (``missing_keys``..., as ``from_pretrained(..., output_loading_info=True)`` gives it). Exceptions of the
+        loading library (a damaged file) are left for the caller to report."""
+        raise NotImplementedError(f"{self.name}: transformers reads this family's checkpoints")
+
+    def write_pruned_checkpoint(self, model: nn.Module, directory: Path) -> None:
+        """Write a ``checkpoint_kind`` family's pruned model into an existing (staging) directory, so that
+        ``load_checkpoint`` reads it back."""
+        raise NotImplementedError(f"{self.name}: clover.io writes this family's pruned checkpoints")
+
+    def probe_output(self, model: nn.Module) -> Tensor:
+        """A ``checkpoint_kind`` family's output on one fixed, seeded input, on the CPU in float64: what the CLI
+        compares before and after a rewrite, and a pruned model against its original (the transformers kinds are
+        probed on token ids, images or audio by the CLI itself)."""
+        raise NotImplementedError(f"{self.name}: the CLI probes this family on token ids")
 
     @staticmethod
     def attention_modules(model: nn.Module, *parts: str) -> Iterator[tuple[str, nn.Module]]:

@@ -45,6 +45,18 @@ def supported_families() -> str:
     )
 
 
+def checkpoint_family(kind: str | None = None, *, model_class: str | None = None) -> Family | None:
+    """The family that reads and writes its own checkpoints (``Family.checkpoint_kind``: a diffusers model) of this
+    LoadedModel kind, or whose ``model_classes`` hold ``model_class`` (a diffusers config's ``_class_name``); None
+    for transformers' kinds and classes no such family claims."""
+    for family in FAMILIES:
+        if family.checkpoint_kind is not None and (
+            kind == family.checkpoint_kind or model_class in family.model_classes
+        ):
+            return family
+    return None
+
+
 def family_for(model: nn.Module) -> Family:
     """The family of a model: by ``config.model_type`` (transformers), else by its class name (diffusers)."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)

@@ -13,6 +13,10 @@ widths would break its views. A pruned site therefore keeps its ``Attention`` mo
 and tooling stay), with packed projections of the kept widths and ``CloverAttnProcessor``, which attends head by
 head with HeadLayout's widths and the original scale.
 
+The command line reads, writes and probes UNet checkpoints through this family's checkpoint hooks (kind "unet"):
+diffusers' from_pretrained (the Clover class where config.clover lists pruned sites), ``write_pruned_unet``, and
+one seeded denoising step as the probe.
+
 diffusers is an optional extra (``clover-attention[diffusion]``): it is imported only inside functions, so this
 file, which the registry imports, loads without it.
 """
@@ -25,7 +29,8 @@ import os
 import textwrap
 from pathlib import Path
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from ..errors import CloverError, UnsupportedModelError
 from ..modeling_clover import CONFIG_KEY, PRUNED_ATTENTION, HeadLayout, install_pruned_attention
@@ -34,6 +39,9 @@ from .base import AttentionSite, Family, LinearProjection
 _PROJECTIONS = {"q": "to_q", "k": "to_k", "v": "to_v"}
 # the processors whose computation the pruned one reproduces (any other may add inputs, e.g. IP-Adapter's)
 _PLAIN_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor")
+PROBE_SIDE = 16  # the CLI's probe latent is at most 16 x 16 (SDXL's: 128 x 128): cheap, halved by each down block
+PROBE_TOKENS = 8  # text tokens of the probe's encoder_hidden_states
+SDXL_TIME_IDS = 6  # original size, crop corner, target size: the ids SDXL's text_time conditioning embeds
 
 
 class CloverAttnProcessor:
@@ -142,6 +150,38 @@ class UNet(Family):
     output = "to_out.0"
     pruned_attention = CloverAttnProcessor
     caches = "no cache (attn2's text K and V shrink)"
+    checkpoint_kind = "unet"
+
+    def load_checkpoint(self, path: Path, dtype: torch.dtype | None) -> tuple[nn.Module, dict[str, list]]:
+        config = json.loads((path / "config.json").read_text())
+        cls = _model_class(config, path / "config.json")
+        from diffusers.utils import logging as diffusers_logging
+
+        verbosity = diffusers_logging.get_verbosity()
+        # diffusers warns that config.clover (a decomposed UNet's record) is no init argument; it keeps it all the same
+        diffusers_logging.set_verbosity_error()
+        try:
+            model, info = cls.from_pretrained(path, torch_dtype=dtype, output_loading_info=True)
+        finally:
+            diffusers_logging.set_verbosity(verbosity)
+        return model.eval(), info
+
+    def write_pruned_checkpoint(self, model: nn.Module, directory: Path) -> None:
+        write_pruned_unet(model, directory)
+
+    def probe_output(self, model: nn.Module) -> Tensor:
+        """One denoising step's noise prediction on seeded inputs: latents of ``in_channels`` at most PROBE_SIDE
+        square, timestep 500, PROBE_TOKENS random text token states, and SDXL's pooled text embedding and time ids
+        where the config asks for them."""
+        parameter = next(model.parameters())
+        inputs = probe_inputs(model.config, torch.Generator().manual_seed(0))
+        inputs = {
+            key: value.to(parameter.device, parameter.dtype if value.is_floating_point() else value.dtype)
+            for key, value in inputs.items()
+        }
+        added = {key: inputs.pop(key) for key in ("text_embeds", "time_ids") if key in inputs}
+        with torch.no_grad():
+            return model(**inputs, added_cond_kwargs=added).sample.double().cpu()
 
     def attention_sites(self, model: nn.Module) -> list[AttentionSite]:
         from diffusers.models.attention_processor import Attention
@@ -174,6 +214,43 @@ class UNet(Family):
             )
             counts[stack] = counts.get(stack, 0) + 1
         return sites
+
+
+def probe_inputs(config: dict, generator: torch.Generator) -> dict[str, Tensor]:
+    """The probe's inputs for a UNet2DConditionModel ``config`` (batch 1; text_embeds and time_ids flat beside
+    the others); a conditioning the probe cannot invent (class labels, image embeddings) is refused."""
+    unsupported = [
+        f"{key}={config.get(key)!r}"
+        for key, allowed in (("addition_embed_type", (None, "text", "text_time")), ("class_embed_type", (None,)),
+                             ("num_class_embeddings", (None,)), ("encoder_hid_dim_type", (None, "text_proj")))
+        if config.get(key) not in allowed
+    ]  # fmt: skip
+    widths = config["cross_attention_dim"]
+    widths = set(widths) if isinstance(widths, (list, tuple)) else {widths}
+    if len(widths) > 1:
+        unsupported.append(f"cross_attention_dim={config['cross_attention_dim']!r}")
+    if unsupported:
+        raise CloverError(
+            f"the command line's probe builds SDXL-like inputs (latents, timestep, text states, text_time ids); this "
+            f"UNet needs other conditioning ({', '.join(unsupported)}): decompose it with --no-verify, or in Python"
+        )
+    size = config["sample_size"]
+    height, width = (min(PROBE_SIDE, side) for side in (size if isinstance(size, (list, tuple)) else (size, size)))
+    # encoder_hid_proj ("text_proj") maps text states of encoder_hid_dim to cross_attention_dim
+    text_width = config.get("encoder_hid_dim") or widths.pop()
+    inputs = {
+        "sample": torch.randn(1, config["in_channels"], height, width, generator=generator),
+        "timestep": torch.tensor([500]),
+        "encoder_hidden_states": torch.randn(1, PROBE_TOKENS, text_width, generator=generator),
+    }
+    if config.get("addition_embed_type") == "text_time":
+        # add_embedding reads [pooled text | each time id's embedding]; any split of its width runs: SDXL's six ids
+        # (in pixels, 8 per latent pixel) and the pooled embedding the rest
+        per_id, total = config["addition_time_embed_dim"], config["projection_class_embeddings_input_dim"]
+        time_ids = min(SDXL_TIME_IDS, (total - 1) // per_id)
+        inputs["text_embeds"] = torch.randn(1, total - time_ids * per_id, generator=generator)
+        inputs["time_ids"] = torch.tensor([[8 * height, 8 * width, 0, 0, 8 * height, 8 * width][:time_ids]]).float()
+    return inputs
 
 
 def _softmax_scale(module: nn.Module) -> float:
@@ -229,20 +306,31 @@ def save_pruned_unet(unet: nn.Module, out: str | os.PathLike, *, overwrite: bool
     refuses it: the attention projections are narrower than its config builds them.
     """
     from ..io import atomic_directory
+
+    _check_pruned(unet)  # before a staging directory exists
+    with atomic_directory(out, overwrite=overwrite) as staging:
+        write_pruned_unet(unet, staging)
+    return Path(out)
+
+
+def write_pruned_unet(unet: nn.Module, directory: Path) -> None:
+    """The files of ``save_pruned_unet``, written into an existing (staging) directory."""
     from .pruned import upgrade_pruned_specs
 
-    if not (unet.config.get(CONFIG_KEY) or {}).get("sites"):
-        raise CloverError("this UNet is not pruned by clover; save it with save_pretrained (nothing changed shape)")
+    _check_pruned(unet)
     upgrade_pruned_specs(unet)
     base = next(c.__name__ for c in type(unet).__mro__ if not c.__name__.startswith("Clover"))
-    with atomic_directory(out, overwrite=overwrite) as staging:
-        unet.save_pretrained(staging, safe_serialization=True)
-        config_path = staging / "config.json"
-        config = json.loads(config_path.read_text())
-        config.update(_class_name=base, auto_map={"AutoModel": f"modeling_clover.Clover{base}"})
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        (staging / "modeling_clover.py").write_text(pruned_modeling_source(base))
-    return Path(out)
+    unet.save_pretrained(directory, safe_serialization=True)
+    config_path = directory / "config.json"
+    config = json.loads(config_path.read_text())
+    config.update(_class_name=base, auto_map={"AutoModel": f"modeling_clover.Clover{base}"})
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (directory / "modeling_clover.py").write_text(pruned_modeling_source(base))
+
+
+def _check_pruned(unet: nn.Module) -> None:
+    if not (unet.config.get(CONFIG_KEY) or {}).get("sites"):
+        raise CloverError("this UNet is not pruned by clover; save it with save_pretrained (nothing changed shape)")
 
 
 def load_pruned_unet(path: str | os.PathLike, **kwargs) -> nn.Module:
@@ -254,14 +342,31 @@ def load_pruned_unet(path: str | os.PathLike, **kwargs) -> nn.Module:
     config = json.loads(config_path.read_text())
     if not (config.get(CONFIG_KEY) or {}).get("sites"):
         raise CloverError(f"{config_path} lists no pruned sites: load it with diffusers' from_pretrained")
+    return _model_class(config, config_path).from_pretrained(path, **kwargs).eval()
+
+
+def _model_class(config: dict, config_path: Path) -> type:
+    """The class that loads a UNet checkpoint's ``config``: diffusers' own, or its Clover subclass where the config
+    lists pruned sites."""
     base = str(config.get("_class_name", "")).removeprefix("Clover")
     try:
-        cls = pruned_diffusers_class(base)
+        import diffusers
+
+        return pruned_diffusers_class(base) if (config.get(CONFIG_KEY) or {}).get("sites") else getattr(diffusers, base)
     except ImportError:
-        raise CloverError("loading a pruned UNet needs diffusers: pip install 'clover-attention[diffusion]'") from None
+        raise CloverError(
+            f"{config_path} is a diffusers {base}, which needs diffusers: pip install 'clover-attention[diffusion]'"
+        ) from None
     except AttributeError:
         raise CloverError(f"{config_path}: diffusers has no model class {base!r}") from None
-    return cls.from_pretrained(path, **kwargs).eval()
 
 
-__all__ = ["CloverAttnProcessor", "UNet", "load_pruned_unet", "pruned_diffusers_class", "save_pruned_unet"]
+__all__ = [
+    "CloverAttnProcessor",
+    "UNet",
+    "load_pruned_unet",
+    "probe_inputs",
+    "pruned_diffusers_class",
+    "save_pruned_unet",
+    "write_pruned_unet",
+]
