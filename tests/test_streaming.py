@@ -163,6 +163,21 @@ def test_cli_streams_decompose_and_prune_and_an_interrupted_run_leaves_nothing(t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dec", "model", "pruned"], "nothing half-written left"
 
 
+@pytest.mark.parametrize("command", ["decompose", "prune"])
+def test_streaming_refuses_non_finite_weights_of_a_later_layer_in_one_line(command, tmp_path, capsys):
+    model = build_tiny("llama")
+    with torch.no_grad():
+        model.model.layers[-1].self_attn.v_proj.weight[0, 0] = float("nan")  # read only when that layer streams
+    model.save_pretrained(tmp_path / "model", max_shard_size="100KB")
+    capsys.readouterr()  # the save's own progress bar
+    ratio = ["--vo-ratio", "0.5"] if command == "prune" else []
+    out = tmp_path / "out"
+    assert main([command, str(tmp_path / "model"), *ratio, "--out", str(out), "--stream", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "layers.1.self_attn" in err and "NaN or Inf" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"], "nothing half-written left"
+
+
 MEMORY_PROBE = """
 import json, sys, torch
 from clover.streaming import StreamedModel, stream_decompose, stream_prune

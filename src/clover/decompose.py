@@ -37,14 +37,16 @@ def check_finite(site: AttentionSite) -> None:
 
 
 def decompose_site(
-    site: AttentionSite, *, compute_dtype: torch.dtype = torch.float64, write: bool = True
+    site: AttentionSite, *, compute_dtype: torch.dtype = torch.float64, write: bool = True, check: bool = True
 ) -> SiteSpectrum:
-    """Factorize one site's V-O pair and (where no rotation intervenes) its Q-K pair; write back if asked."""
+    """Factorize one site's V-O pair and (where no rotation intervenes) its Q-K pair; write back if asked.
+    ``check=False`` where the caller has already refused non-finite weights (streaming checks each layer it reads)."""
     w_q, b_q = site.q.read()
     w_k, b_k = site.k.read()
     w_v, b_v = site.v.read()
     w_o, b_o = site.o.read()
-    check_finite(site)
+    if check:
+        check_finite(site)
     groups = {"num_heads": site.num_heads, "num_kv_heads": site.num_kv_heads, "compute_dtype": compute_dtype}
     vo = factorize_vo(w_v, w_o, b_v, b_o, **groups)
     spectrum = SiteSpectrum(site.name, site.stack, site.layer_index, vo=vo.singular_values.float())

@@ -526,7 +526,7 @@ def _dinov2_state_dict(
                 biases = [i for n in following for i in n.input if i.startswith(prefix) and i.endswith(".bias")]
                 if biases:
                     key = biases[0].removeprefix(prefix).removesuffix(".bias")
-                else:  # "/backbone/encoder/layer.3/mlp/fc1/MatMul" -> encoder.layer.3.mlp.fc1
+                else:  # node "<node_path>encoder/layer.3/mlp/fc1/MatMul" -> encoder.layer.3.mlp.fc1
                     key = node.name.removeprefix(node_path).removesuffix("/MatMul").replace("/", ".")
                 sd[renamed(key + ".weight")] = torch.from_numpy(value.T.copy())
             elif node.name.startswith(node_path + "embeddings/") and value.ndim == 3 and value.dtype == np.float32:

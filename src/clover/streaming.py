@@ -370,7 +370,7 @@ def stream_decompose(
         for loaded, unit in streamed.units(sites, write=True):
             with loaded:
                 for site in unit:
-                    decompose_site(site, compute_dtype=compute_dtype, write=True)
+                    decompose_site(site, compute_dtype=compute_dtype, write=True, check=False)  # loaded() checked
                     bar.update()
         bar.close()
     streamed.copy_rest(progress)
