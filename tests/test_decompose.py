@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import auto_class, build_tiny, model_output
 
-from clover.decompose import decompose_, spectrum
+from clover.decompose import all_finite, decompose_, spectrum
 from clover.errors import CloverError, UnsupportedModelError
 from clover.factorize import product_singular_values, split_heads
 from clover.families import attention_sites, family_for
@@ -117,3 +117,14 @@ def test_non_finite_weights_are_refused():
         model.encoder.layer[1].attention.self.value.weight[0, 0] = float("nan")
     with pytest.raises(CloverError, match="NaN or Inf"):
         decompose_(model)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_all_finite_sees_every_nan_and_inf(dtype):
+    clean = torch.randn(64, 48).to(dtype)
+    assert all_finite(clean) and all_finite(clean[:0])
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for position in (0, 1000, clean.numel() - 1):
+            damaged = clean.clone().reshape(-1)
+            damaged[position] = bad
+            assert not all_finite(damaged.reshape(64, 48)), (bad, position)
