@@ -108,6 +108,8 @@ def test_pair_stacks_are_checked():
         prune_(build_tiny(ARCH), PruneConfig(qk_ratio=0.3, qk_stacks=("image",)))
     with pytest.raises(CloverError, match="Q-K is not pruned"):
         prune_(build_tiny(ARCH), PruneConfig(vo_ratio=0.3, qk_stacks=("vision",)))
+    with pytest.raises(CloverError, match="vo_stacks is empty"):  # would prune nothing, or crash the global cut
+        prune_(build_tiny(ARCH), PruneConfig(vo_ratio=0.3, vo_stacks=(), allocation="global"))
     with pytest.raises(CloverError, match="not among --stacks"):
         prune_(build_tiny(ARCH), PruneConfig(qk_ratio=0.3, qk_stacks=("vision",), stacks=("decoder",)))
 

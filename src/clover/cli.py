@@ -185,7 +185,9 @@ def cmd_decompose(args: argparse.Namespace) -> int:
         print(f"factorized {len(spectra)} attention blocks of {args.model} in {report['factorize_s']} s")
         if "max_abs_output_change" in report:
             print(f"largest change of the model's output on a probe input: {report['max_abs_output_change']:.3g}")
-        library = type(loaded.model).__module__.split(".")[0]  # transformers, or diffusers for a UNet
+        from .families import checkpoint_family
+
+        library = "diffusers" if checkpoint_family(loaded.kind) is not None else "transformers"
         print(f"wrote {args.out} (loads with {library}' from_pretrained)")
     return 0
 
@@ -416,8 +418,20 @@ def _prune_summary(args, report, elapsed, moments, moments_cached, seq_len) -> i
     )
     if report.kv_dims_per_token_before:
         print(f"KV cache dims per token {report.kv_dims_per_token_before} -> {report.kv_dims_per_token_after}")
-    print(f"wrote {args.out}: AutoModel*.from_pretrained(DIR, trust_remote_code=True) or clover eval {args.out}")
+    print(f"wrote {args.out}: {_pruned_loader(args.out)} or clover eval {args.out}")
     return 0
+
+
+def _pruned_loader(out: str) -> str:
+    """How to load the pruned checkpoint in ``out`` without clover, from what its config.json says."""
+    try:
+        config = json.loads((pathlib.Path(out) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = None
+    config = config if isinstance(config, dict) else {}
+    auto_class = next(iter(config.get("auto_map") or {}), "AutoModel*")
+    library = "diffusers" if "_class_name" in config else "transformers"  # diffusers configs name their class
+    return f"{library}' {auto_class}.from_pretrained(DIR, trust_remote_code=True)"
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -90,14 +90,13 @@ def factorize_pair(
     head_dim = left.shape[-1]
     left = whiten(left.to(compute_dtype), left_whitening)
     right = whiten(right.to(compute_dtype), right_whitening)
-    r_a, invertible_a = _cholesky_r(left)
-    r_b, invertible_b = _cholesky_r(right)
-    if invertible_a and invertible_b:
-        # A R_a⁻¹ is orthonormal, so A (R_a⁻¹ U √Σ) is Q_a U √Σ without forming Q_a: matmuls only
-        u, sigma, v_h = torch.linalg.svd(r_a @ r_b.mT, full_matrices=False)
+    fast_a, fast_b = _cholesky_qr2(left), _cholesky_qr2(right)
+    if fast_a is not None and fast_b is not None and bool(fast_a.good.all()) and bool(fast_b.good.all()):
+        # Q_a = X₁ R₂⁻¹ (X₁ = A R₁⁻¹, the first pass), so Q_a U √Σ = X₁ (R₂⁻¹ U √Σ): matmuls only
+        u, sigma, v_h = torch.linalg.svd(fast_a.r @ fast_b.r.mT, full_matrices=False)
         root = sigma.sqrt().unsqueeze(-2)
-        left = left @ torch.linalg.solve_triangular(r_a, u * root, upper=True)
-        right = right @ torch.linalg.solve_triangular(r_b, v_h.mT * root, upper=True)
+        left = fast_a.once @ torch.linalg.solve_triangular(fast_a.r_second, u * root, upper=True)
+        right = fast_b.once @ torch.linalg.solve_triangular(fast_b.r_second, v_h.mT * root, upper=True)
     else:  # a rank-deficient or ill-conditioned block (fewer rows than d_h, dims zeroed in place): Householder
         q_a, r_a = torch.linalg.qr(left)
         q_b, r_b = torch.linalg.qr(right)
@@ -135,31 +134,45 @@ def orthogonalize_heads(weight: Tensor, *, compute_dtype: torch.dtype = torch.fl
 _CHOLESKY_QR_TOLERANCE = 0.1
 
 
-def _cholesky_r(x: Tensor) -> tuple[Tensor, bool]:
-    """R of each block's thin QR (x = Q R, R upper-triangular with a positive diagonal) and whether every block
-    is well-conditioned enough that x R⁻¹ is orthonormal to rounding. Found by CholeskyQR2 (Gram matrix,
-    Cholesky, once more on x R₁⁻¹): matmuls, several times faster on a CPU than Householder QR at head shapes.
-    Blocks where it does not hold (rank-deficient, fewer rows than columns, condition number past ~1/√eps)
-    get Householder's R and the flag False."""
-    if x.shape[-2] < x.shape[-1]:  # fewer rows than columns: rank-deficient by shape, R is (rows × d_h)
-        return torch.linalg.qr(x)[1], False
+@dataclass
+class _CholeskyQR2:
+    """x = Q R per block, with Q = once R₂⁻¹ and R = R₂ R₁; ``good``: the blocks where Q is orthonormal to rounding."""
+
+    once: Tensor  # x R₁⁻¹, the first pass's nearly orthonormal columns
+    r_second: Tensor  # R₂, the second pass's factor (once = Q R₂)
+    r: Tensor  # R₂ R₁
+    good: Tensor  # bool per block
+
+
+def _cholesky_qr2(x: Tensor) -> _CholeskyQR2 | None:
+    """Each block's thin QR by CholeskyQR2 (Gram matrix and Cholesky, twice): matmuls, faster on a CPU than
+    Householder QR at head shapes. ``good`` is False for the blocks where it does not hold (rank-deficient,
+    condition number past ~1/√eps); None where no block can hold (fewer rows than columns)."""
+    if x.shape[-2] < x.shape[-1]:  # rank-deficient by shape; Householder's R is (rows × d_h) there
+        return None
     eye = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
     r_first, info_first = torch.linalg.cholesky_ex(x.mT @ x, upper=True)
     once = x @ torch.linalg.solve_triangular(r_first, eye.expand_as(r_first), upper=True)
     gram = once.mT @ once
     r_second, info_second = torch.linalg.cholesky_ex(gram, upper=True)
     good = (info_first == 0) & (info_second == 0) & ((gram - eye).abs().amax(dim=(-2, -1)) < _CHOLESKY_QR_TOLERANCE)
-    r = r_second @ r_first
-    if bool(good.all()):
-        return r, True
-    r = torch.where(good[..., None, None], r, torch.linalg.qr(x)[1])
-    return r, False
+    return _CholeskyQR2(once, r_second, r_second @ r_first, good)
 
 
 def triangular_factor(weight: Tensor, *, compute_dtype: torch.dtype = torch.float64) -> Tensor:
     """R of each head's thin QR, (heads, m, d_h) -> (heads, d_h, d_h): what the spectra and the small transforms
-    need, without Q. Same singular values as :func:`orthogonalize_heads`'s R (its rows may differ in sign)."""
-    return _cholesky_r(weight.to(compute_dtype))[0]
+    need, without Q. CholeskyQR2 where a block is well-conditioned, Householder QR for the others; the same R as
+    :func:`orthogonalize_heads`'s up to the sign of each row."""
+    x = weight.to(compute_dtype)
+    fast = _cholesky_qr2(x)
+    if fast is None:
+        return torch.linalg.qr(x)[1]
+    if bool(fast.good.all()):
+        return fast.r
+    blocks = x.reshape(-1, *x.shape[-2:])
+    r, bad = fast.r.reshape(-1, *fast.r.shape[-2:]).clone(), ~fast.good.reshape(-1)
+    r[bad] = torch.linalg.qr(blocks[bad])[1]  # Householder for the failed blocks only
+    return r.reshape(fast.r.shape)
 
 
 # Directions of a block's R below this fraction of its largest singular value count as rank-deficient (e.g. dims

@@ -86,6 +86,9 @@ class PruneConfig:
             raise CloverError("give either a ratio or a threshold for each pair, not both")
         if self.min_dims < 0:
             raise CloverError(f"min dims must be ≥ 0, got {self.min_dims}")
+        for option in ("stacks", "qk_stacks", "vo_stacks"):
+            if getattr(self, option) is not None and len(getattr(self, option)) == 0:
+                raise CloverError(f"{option} is empty: name at least one stack, or None for every stack")
         for pair, label in (("qk", "Q-K"), ("vo", "V-O")):
             own = getattr(self, f"{pair}_stacks")
             if own is not None and not self.prunes(pair):
@@ -435,7 +438,7 @@ def check_prunable(model: nn.Module, config: PruneConfig, *, check_values: bool 
         exact = [name for name in present if not any(s.qk_blocker for s in every_site if s.stack == name)]
         elsewhere = (
             f" Q-K is exact in its {', '.join(exact)} stack: prune Q-K there with --qk-stacks {','.join(exact)} "
-            "(V-O stays in every stack unless --vo-stacks says otherwise)."
+            "(V-O stays in the stacks --stacks / --vo-stacks choose)."
         )
         raise CloverError(
             f"Q-K pruning is refused for {family.examples}: {blocked.qk_blocker}, so there is no exact "

@@ -156,7 +156,8 @@ def _original(loaded: LoadedModel, report: dict[str, Any], metric: str) -> Loade
     if not source_name(loaded):
         return None
     try:
-        return load_model(source_name(loaded))
+        # in the pruned model's dtype, so that the comparison measures the pruning, not bf16's rounding
+        return load_model(source_name(loaded), dtype=loaded.model.dtype)
     except CloverError as error:
         report["skipped"] = f"{metric}: the original model cannot be loaded ({error})"
         return None

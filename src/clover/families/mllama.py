@@ -12,9 +12,10 @@ Three kinds of attention site, each with its own facts:
   vision K (normed, whole) and V (the kept dims) in the text layer's slot; later decoding steps read it back.
 
 Q-K is exact only in the vision stack, so Q-K pruning is accepted when the pruning is restricted to it
-(``PruneConfig(stacks=("vision",))``, ``clover prune --stacks vision --qk-ratio ...``) and refused, naming the
-text stacks, otherwise. The gated vision layers scale their attention output by ``tanh(gate_attn)`` and the text
-cross layers by ``tanh(cross_attn_attn_gate)``: scalars after O, folded into O before any spectrum is read.
+(``PruneConfig(qk_stacks=("vision",))``, ``clover prune --qk-ratio ... --qk-stacks vision``, V-O in every stack
+alongside) and refused, naming the text stacks, otherwise. The gated vision layers scale their attention output by
+``tanh(gate_attn)`` and the text cross layers by ``tanh(cross_attn_attn_gate)``: scalars after O, folded into O
+before any spectrum is read.
 """
 
 from __future__ import annotations

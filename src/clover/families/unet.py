@@ -232,7 +232,8 @@ def probe_inputs(config: dict, generator: torch.Generator) -> dict[str, Tensor]:
     if unsupported:
         raise CloverError(
             f"the command line's probe builds SDXL-like inputs (latents, timestep, text states, text_time ids); this "
-            f"UNet needs other conditioning ({', '.join(unsupported)}): decompose it with --no-verify, or in Python"
+            f"UNet needs other conditioning ({', '.join(unsupported)}); `clover decompose --no-verify` skips the "
+            "probe, and Python's decompose_ / prune_ take any UNet"
         )
     size = config["sample_size"]
     height, width = (min(PROBE_SIDE, side) for side in (size if isinstance(size, (list, tuple)) else (size, size)))
