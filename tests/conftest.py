@@ -83,7 +83,7 @@ class Row:
     # stacks whose Q-K is exact in a family whose other stacks' is not: Q-K prunes there with PruneConfig(stacks=...)
     qk_exact_stacks: tuple[str, ...] = ()
     # the library of ``model``: a "diffusers" row's config() is the model's init arguments (a diffusers model has no
-    # transformers config, auto class, generation, tokenizer or CLI; kind "diffusion")
+    # transformers config, auto class, generation or tokenizer; kind "unet", the CLI's LoadedModel kind for it)
     library: str = "transformers"
     # the checkpoint save_pretrained writes streams layer by layer (False: transformers converts stored tensors on
     # load, e.g. fuses MoE experts' per-expert weights into one tensor, which no single layer read can do)
@@ -200,7 +200,7 @@ _UNET = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, b
              attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2), cross_attention_dim=32,
              norm_num_groups=16, use_linear_projection=True, addition_embed_type="text_time",
              addition_time_embed_dim=8, projection_class_embeddings_input_dim=8 * 6 + 32)  # fmt: skip
-FAMILY_TABLE["unet"] = Row(lambda: dict(_UNET), "UNet2DConditionModel", kind="diffusion", library="diffusers")
+FAMILY_TABLE["unet"] = Row(lambda: dict(_UNET), "UNet2DConditionModel", kind="unet", library="diffusers")
 
 
 def unet_inputs(config: Any, generator: torch.Generator, batch: int = 2) -> dict[str, Any]:
@@ -271,7 +271,7 @@ def model_output(model: torch.nn.Module, seed: int = 1) -> torch.Tensor:
 
 TINY_ARCHS = list(FAMILY_TABLE)
 QK_EXACT = [arch for arch, row in FAMILY_TABLE.items() if row.qk_exact]
-GENERATIVE = [arch for arch, row in FAMILY_TABLE.items() if row.kind not in ("encoder", "vision", "diffusion")]
+GENERATIVE = [arch for arch, row in FAMILY_TABLE.items() if row.kind not in ("encoder", "vision", "unet")]
 
 
 def qk_ratio(arch: str, ratio: float) -> float:

@@ -77,8 +77,6 @@ def test_adapter_on_a_pruned_model_is_exact_trains_and_merges_into_the_pruned_la
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_healed_model_saves_as_a_pruned_checkpoint_and_heals_again_after_reload(arch, tmp_path):
-    if FAMILY_TABLE[arch].library != "transformers":
-        pytest.skip("transformers checkpoints (save_pruned_model, load_model); the UNet's is in test_unet.py")
     model = _pruned(arch)
     kind = FAMILY_TABLE[arch].kind
     save_pruned_model(LoadedModel(model, None, "tiny", kind), tmp_path / "pruned")
