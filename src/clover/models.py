@@ -506,7 +506,7 @@ def _dinov2_state_dict(
     for node in graph.node:
         for name in node.input:
             readers.setdefault(name, []).append(node)
-    node_path = "/" + prefix.rstrip(".") + "/"
+    node_path = _onnx_scope(prefix)
 
     def renamed(key: str) -> str:
         for old, new in _DINOV2_RENAMES.items():
@@ -537,9 +537,14 @@ def _dinov2_state_dict(
     return sd
 
 
+def _onnx_scope(prefix: str) -> str:
+    """The name scope of the exported graph's nodes under a weight prefix: "backbone." -> "/backbone/"."""
+    return "/".join(("", prefix.rstrip("."), ""))
+
+
 def _onnx_heads(graph: Any, tensors: dict[str, np.ndarray], hidden: int, prefix: str = "backbone.") -> int:
     """Attention heads, from the Reshape that splits the first layer's queries into (batch, tokens, heads, dim)."""
-    layer0 = "/" + prefix.rstrip(".") + "/encoder/layer.0/attention/"
+    layer0 = _onnx_scope(prefix) + "encoder/layer.0/attention/"
     for node in graph.node:
         if node.op_type == "Concat" and node.name.startswith(layer0) and len(node.input) == 4:
             tail = [tensors.get(name) for name in node.input[2:]]
