@@ -183,7 +183,7 @@ def _greedy(model, arch, use_cache):
 @pytest.mark.parametrize("arch", GENERATIVE)
 def test_generation_with_cache_equals_without_and_cache_holds_only_kept_dims(arch, allocation):
     model = build_tiny(arch)
-    prune_(model, PruneConfig(qk_ratio=qk_ratio(arch, 0.4), vo_ratio=0.5, allocation=allocation))
+    report = prune_(model, PruneConfig(qk_ratio=qk_ratio(arch, 0.4), vo_ratio=0.5, allocation=allocation))
     assert torch.equal(_greedy(model, arch, True), _greedy(model, arch, False))
     ids = torch.tensor([[5, 6, 7, 8]])
     if FAMILY_TABLE[arch].kind == "speech-seq2seq":
@@ -202,6 +202,14 @@ def test_generation_with_cache_equals_without_and_cache_holds_only_kept_dims(arc
             (b.keys.shape, b.values.shape) for b in before.layers
         ]
         return
+    if not shared and not model.config.is_encoder_decoder:
+        # the report's KV dims per token are what the caches really hold, before (the original's) and after
+        def dims_per_token(layers) -> float:
+            return sum((layer.keys.numel() + layer.values.numel()) / layer.keys.shape[-2] for layer in layers)
+
+        original = build_tiny(arch)(input_ids=ids, use_cache=True).past_key_values
+        assert report.kv_dims_per_token_before == dims_per_token(original.layers)
+        assert report.kv_dims_per_token_after == dims_per_token(cache.layers)
     stacks = ("decoder", "cross") if shared else ("decoder",)
     specs = {spec["layer_idx"]: spec for spec in model.config.clover["sites"].values() if spec["stack"] in stacks}
     assert sorted(specs) == list(range(len(cache.layers)))

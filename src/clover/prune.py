@@ -531,7 +531,7 @@ def prune_(
     vo_dims = sum(sum(specs[s.name]["vo_dims"]) for s in vo_sites)
     # per-head caches only: an MLA cache holds a latent shared by all heads, which per-head pruning leaves as it is
     cached = [s for s in sites if s.cached and (s.family is None or s.family.per_head_cache)]
-    kv_before = sum(2 * s.num_kv_heads * s.head_dim for s in cached)
+    kv_before = sum(2 * (s.original_cached_heads or s.num_kv_heads) * s.head_dim for s in cached)
     kv_after = sum(sum(specs[s.name]["qk_dims"]) + sum(specs[s.name]["vo_dims"]) for s in cached)
     record = {
         "format": FORMAT_VERSION,

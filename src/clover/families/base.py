@@ -205,6 +205,9 @@ class AttentionSite:
     q_reads_kv_input: bool = True
     # K and V of this site live in a KV cache (what pruning's KV report counts); None: every stack but "encoder"
     cached: bool | None = None
+    # K/V heads the original model caches per token, where it caches more than num_kv_heads (Falcon's new
+    # architecture broadcasts each KV group to every query head before caching); None: num_kv_heads
+    original_cached_heads: int | None = None
 
     def __post_init__(self) -> None:
         if self.cached is None:

@@ -157,6 +157,7 @@ class Falcon(Family):
                     is_causal=True,
                     num_heads=heads,
                     num_kv_heads=kv_heads,
+                    original_cached_heads=heads if config.new_decoder_architecture else None,
                     head_dim=head_dim,
                 )
             )
