@@ -149,7 +149,13 @@ def test_spectrum_rows_are_each_heads_singular_values(unet_dir, capsys):
 
 
 @pytest.mark.parametrize("method", ["calibrated", "vanilla-activation"])
-def test_calibrated_methods_are_refused_in_one_line(method, unet_dir, tmp_path, capsys):
+def test_calibrated_methods_are_refused_in_one_line(method, unet_dir, tmp_path, capsys, monkeypatch):
+    from clover import models
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("refused only after loading the UNet")
+
+    monkeypatch.setattr(models, "load_model", no_loading)  # the refusal comes before the load
     out = tmp_path / "pruned"
     code, _, err = _run(capsys, "prune", unet_dir, "--vo-ratio", "0.5", "--method", method, "--out", out, "--quiet")
     assert code == 2 and len(err) == 1 and "calibrate(model) callback" in err[0], err

@@ -286,9 +286,9 @@ def _stacks(option: str | None, flag: str = "--stacks") -> tuple[str, ...] | Non
 def cmd_prune(args: argparse.Namespace) -> int:
     from .errors import CloverError
     from .io import check_output_dir, save_pruned_model
-    from .models import load_model, resolve_device
+    from .models import directory_family, load_model, resolve_device
     from .prune import CALIBRATED, PruneConfig, check_prunable, prune_, set_clover_record
-    from .quality import calibration_length, calibration_moments, check_calibration_settings
+    from .quality import calibration_length, calibration_moments, check_calibration_settings, refuse_uncalibrated
 
     qk_threshold = args.qk_threshold if args.qk_threshold is not None else args.threshold
     vo_threshold = args.vo_threshold if args.vo_threshold is not None else args.threshold
@@ -302,6 +302,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise CloverError("nothing to prune: give --qk-ratio and/or --vo-ratio in (0, 1), or --threshold")
     check_calibration_settings(args.calibration_samples, args.calibration_length)
     check_output_dir(args.out, overwrite=args.overwrite, inputs=[args.model])
+    if args.method in CALIBRATED:  # a UNet's refusal comes before minutes of loading it
+        refuse_uncalibrated(directory_family(pathlib.Path(args.model)))
     device = resolve_device(args.device)
     if device.type == "mps" and args.compute_dtype == "float64":
         raise CloverError("--device mps: MPS lacks float64; add --compute-dtype float32, or prune on cpu or cuda")

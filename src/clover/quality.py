@@ -203,18 +203,24 @@ def check_calibration_settings(samples: int, seq_len: int) -> None:
         raise CloverError(f"--calibration-length {seq_len} must be at least 2 (tokens per sequence; default 512)")
 
 
+def refuse_uncalibrated(family: Family | None) -> None:
+    """Refuse calibration for a family that reads its own checkpoints (None: a transformers checkpoint, which
+    calibrates on text, speech or photographs): it has no text, and clover ships no data of its inputs (a UNet's
+    latents and prompts). The CLI asks this of the directory before loading the model."""
+    if family is not None:
+        raise CloverError(
+            f"the command line has no calibration data for {family.examples} yet; use --method clover or vanilla, "
+            "or clover.prune.prune_ with your own calibrate(model) callback"
+        )
+
+
 def calibration_length(loaded: LoadedModel, seq_len: int) -> int:
     """Tokens per calibration sequence of text: ``seq_len`` cut to the model's context (Whisper's calibration is
     whole transcripts: ``seq_len`` as given, unused). Raises the one-line CloverError of a checkpoint without a
     tokenizer, since calibration turns text into tokens. Vision models calibrate on whole images: unused."""
     if loaded.kind == "vision":
         return seq_len
-    own = checkpoint_family(loaded.kind)
-    if own is not None:  # no text, and clover ships no data of its inputs (a UNet's latents and prompts)
-        raise CloverError(
-            f"the command line has no calibration data for {own.examples} yet; use --method clover or vanilla, or "
-            "clover.prune.prune_ with your own calibrate(model) callback"
-        )
+    refuse_uncalibrated(checkpoint_family(loaded.kind))
     if loaded.tokenizer is None or (loaded.kind == "speech-seq2seq" and loaded.decoder_prompt_ids is None):
         raise CloverError(f"calibration needs a tokenizer: {_no_tokenizer(loaded)}")
     limit = evaluate.context_length(loaded.model) if loaded.kind != "speech-seq2seq" else None
