@@ -109,11 +109,11 @@ def test_pruned_attention_is_the_rank_r_truncation_at_the_original_scale():
     with torch.no_grad():
         torch.testing.assert_close(attn(x, encoder_hidden_states=text), reference(16**-0.5), atol=1e-10, rtol=0)
         processor = attn.processor
-        attn.set_processor(AttnProcessor2_0())
+        attn.processor = AttnProcessor2_0()  # past the guard that set_processor now is, to show what it prevents
         try:
             stock = attn(x, encoder_hidden_states=text)
         finally:
-            attn.set_processor(processor)
+            attn.processor = processor
     torch.testing.assert_close(stock, reference(8**-0.5), atol=1e-10, rtol=0)
     assert (reference(8**-0.5) - reference(16**-0.5)).abs().max() > 1e-3  # the temperature it would change
 
@@ -211,6 +211,29 @@ def test_a_reloaded_pruned_unet_heals_and_saves_as_a_pruned_unet_again(tmp_path)
     healed = load_pruned_unet(save_pruned_unet(merged, tmp_path / "healed"))
     torch.testing.assert_close(model_output(healed), expected, atol=0, rtol=0)
     assert healed.config.clover == loaded.config.clover
+
+
+@needs_diffusers
+def test_diffusers_cannot_replace_a_pruned_attentions_processor(tmp_path):
+    """set_attn_processor and its relatives would attend at 1/sqrt(kept dims): refused, the UNet left as it was,
+    in memory, after a reload with clover and after a deep copy."""
+    import copy
+
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    from clover.families.unet import load_pruned_unet
+
+    model, out = _saved(tmp_path)
+    expected = model_output(model)
+    for unet in (model, load_pruned_unet(out), copy.deepcopy(model)):
+        for method, argument in (
+            ("set_attn_processor", AttnProcessor2_0()),
+            ("set_attn_processor", AttnProcessor()),
+            ("set_attention_slice", 1),  # installs SlicedAttnProcessor in every attention
+        ):
+            with pytest.raises(ValueError, match="cannot replace the CloverAttnProcessor"):
+                getattr(unet, method)(argument)
+        torch.testing.assert_close(model_output(unet), expected, atol=0, rtol=0)
 
 
 @needs_diffusers

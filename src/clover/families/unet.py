@@ -71,6 +71,7 @@ class CloverAttnProcessor:
             new = nn.Linear(d_in, width, bias=spec["bias"][label], device=old.weight.device, dtype=old.weight.dtype)
             original.set_submodule(name, new.train(old.training))
         original.set_processor(processor)
+        original.set_processor = PrunedProcessorGuard(original)  # an instance attribute: shadows the method
         return original
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
@@ -111,6 +112,27 @@ class CloverAttnProcessor:
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
+
+
+class PrunedProcessorGuard:
+    """A pruned ``Attention``'s ``set_processor``: only another CloverAttnProcessor may replace its processor.
+
+    diffusers' ``set_attn_processor``, ``set_default_attn_processor``, ``fuse_qkv_projections`` and
+    ``enable_xformers_memory_efficient_attention`` all end in ``set_processor``, and each of their processors reads
+    the head width from the key and attends at 1/sqrt(kept dims): a silently different UNet. Copied by source
+    into pruned checkpoints, as CloverAttnProcessor is."""
+
+    def __init__(self, attention: nn.Module):
+        self.attention = attention
+
+    def __call__(self, processor) -> None:
+        if not isinstance(processor, CloverAttnProcessor):
+            raise ValueError(
+                f"{type(processor).__name__} cannot replace the CloverAttnProcessor of a pruned attention: it would "
+                "attend with each head's pruned width as the softmax scale and change the UNet's output; keep the "
+                "pruned UNet's processors (or use them on the unpruned UNet)"
+            )
+        self.attention.processor = processor
 
 
 PRUNED_ATTENTION[CloverAttnProcessor.__name__] = CloverAttnProcessor
@@ -291,7 +313,7 @@ def pruned_modeling_source(base_name: str) -> str:
     from .. import modeling_clover
 
     parts = [Path(modeling_clover.__file__).read_text().rstrip()]
-    for item in (CloverAttnProcessor, pruned_diffusers_class):
+    for item in (CloverAttnProcessor, PrunedProcessorGuard, pruned_diffusers_class):
         parts.append(f"# {item.__name__}: from {__name__}\n" + textwrap.dedent(inspect.getsource(item)).rstrip())
     parts.append(f"PRUNED_ATTENTION[{CloverAttnProcessor.__name__!r}] = {CloverAttnProcessor.__name__}")
     parts.append(f"pruned_diffusers_class({base_name!r})")
