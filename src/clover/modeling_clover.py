@@ -308,8 +308,10 @@ class PrunedAttention(nn.Module):
     def out_projection(self) -> nn.Linear | None:
         return getattr(self, self.spec["output"], None) if "." not in self.spec["output"] else None
 
-    def _attend(self, query, key, value, attention_mask, scaling=None, record: str = "attentions"):
-        """(output, attention probabilities or None); the probabilities only when the caller asked for them."""
+    def _attend(self, query, key, value, attention_mask, scaling=None, record: str = "attentions", layout=None):
+        """(output, attention probabilities or None); the probabilities only when the caller asked for them.
+        ``layout``: the heads' layout of the scores where it is not ``self.layout`` (MLA's rope dims)."""
+        layout = self.layout if layout is None else layout
         options = {
             "scaling": self.scaling if scaling is None else scaling,
             "is_causal": self.is_causal,
@@ -317,8 +319,8 @@ class PrunedAttention(nn.Module):
         }
         recorder = _recorded(record)
         if recorder is None:
-            return self.layout.attend(query, key, value, attention_mask, **options), None
-        out, weights = self.layout.attend_eager(query, key, value, attention_mask, **options)
+            return layout.attend(query, key, value, attention_mask, **options), None
+        out, weights = layout.attend_eager(query, key, value, attention_mask, **options)
         recorder.append(weights)
         return out, weights
 

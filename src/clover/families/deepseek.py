@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import CloverError, UnsupportedModelError
-from ..modeling_clover import HeadLayout, PrunedAttention, _recorded
+from ..modeling_clover import HeadLayout, PrunedAttention
 from .base import AttentionSite, Family, HeadColumns, LinearProjection, is_pruned_attention
 
 
@@ -97,14 +97,7 @@ class CloverDeepseekAttention(PrunedAttention):
         k_pe = k_pe[:, 0, :, None].expand(batch, kv_len, heads, rope)
         key = layout.cache_entry(layout.join_rotary(k_pe, self._heads(self.k_proj(latent)), "k"), "k")
         value = layout.cache_entry(self.v_proj(latent), "v")
-        dropout = self.dropout_p if self.training else 0.0
-        options = {"scaling": self.scaling, "is_causal": self.is_causal, "dropout": dropout}
-        recorder = _recorded("attentions")
-        if recorder is None:
-            out, weights = layout.attend(query, key, value, attention_mask, **options), None
-        else:
-            out, weights = layout.attend_eager(query, key, value, attention_mask, **options)
-            recorder.append(weights)
+        out, weights = self._attend(query, key, value, attention_mask, layout=layout)
         return self.o_proj(out), weights
 
 
