@@ -96,6 +96,32 @@ def test_latent_rotation_at_full_rank_is_exact_and_reloads_with_stock_transforme
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_latent_cut_reports_the_share_of_calibration_energy_it_keeps(arch):
+    """Per layer, the energy cut_latent_rank returns is the share of Σ σ² of what kv_b_proj read on the
+    calibration inputs (kv_a_layernorm's outputs, captured here independently) that its top ``rank`` axes hold."""
+    model = _with_random_norms(arch)
+    captured: dict[str, list[torch.Tensor]] = {}
+    handles = [
+        layer.self_attn.kv_a_layernorm.register_forward_hook(
+            lambda module, args, out, name=f"model.layers.{i}.self_attn": captured.setdefault(name, []).append(
+                out.detach().double().reshape(-1, out.shape[-1])
+            )
+        )
+        for i, layer in enumerate(model.model.layers)
+    ]
+    _calibrate(model)
+    for handle in handles:
+        handle.remove()
+    energy = cut_latent_rank(model, 24, _calibrate)
+    assert sorted(energy) == sorted(captured)
+    for name, outputs in captured.items():
+        power = torch.linalg.svdvals(torch.cat(outputs)).pow(2)
+        expected = float(power[:24].sum() / power.sum())
+        assert 0.5 < expected < 1  # a real cut: some energy kept, some dropped
+        assert energy[name] == pytest.approx(expected, rel=1e-5)  # float32 forward against float64 moments
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_latent_cut_shrinks_the_cache_beats_plain_truncation_and_prunes_after(arch, tmp_path):
     model = _with_random_norms(arch)
     reference = model_output(model)
