@@ -90,6 +90,10 @@ def test_rotary_sites_report_separate_q_and_k_spectra():
     spectra = decompose_(model)
     for s in spectra:
         assert s.qk is None and s.q.shape == (4, 16) and s.k.shape == (2, 16)
+        for label, heads in (("q", 4), ("k", 2)):  # each head's W (d, d_h): its singular values, descending
+            weight = reference[f"{s.name}.{label}_proj.weight"].double().T.reshape(-1, heads, 16).transpose(0, 1)
+            expected = torch.linalg.svdvals(weight).float()
+            torch.testing.assert_close(getattr(s, label), expected, rtol=1e-5, atol=1e-6 * float(expected.max()))
     for key, value in reference.items():  # RoPE: Q and K keep their weights (separate-QR form)
         torch.testing.assert_close(model.state_dict()[key], value, atol=0, rtol=0)
 

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .factorize import factorize_qk, factorize_vo, split_heads, triangular_factor
+from .factorize import factorize_qk, factorize_vo, head_singular_values, split_heads
 from .families import AttentionSite, attention_sites, family_for
 
 
@@ -66,8 +66,8 @@ def decompose_site(
             ("q", w_q, b_q, site.num_heads),
             ("k", w_k, b_k, site.num_kv_heads),
         ):
-            r = triangular_factor(split_heads(weight, bias, heads), compute_dtype=compute_dtype)
-            setattr(spectrum, label, torch.linalg.svdvals(r).float())
+            heads_sigma = head_singular_values(split_heads(weight, bias, heads), compute_dtype=compute_dtype)
+            setattr(spectrum, label, heads_sigma.float())
     else:
         # partial RoPE: only the pass-through dims meet through a fixed product; the rotary dims stay as they are
         q_part, k_part, _ = site.qk_pair()
