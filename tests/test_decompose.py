@@ -73,7 +73,7 @@ def test_new_factors_are_orthogonal_with_sorted_exact_singular_values(tiny_arch)
         for label in ("qk", "vo"):
             sigma = getattr(spectra[site.name], label)
             if sigma is None:
-                assert site.rotary and label == "qk"
+                assert site.qk_blocked and label == "qk"
                 continue
             left, right = pairs[label]
             assert (sigma[:, :-1] >= sigma[:, 1:]).all()

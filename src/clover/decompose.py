@@ -21,9 +21,9 @@ class SiteSpectrum:
     stack: str
     layer_index: int
     vo: Tensor
-    qk: Tensor | None = None  # None where RoPE sits between Q and K; partial RoPE: the pass-through dims only
-    q: Tensor | None = None  # rotary sites: singular values of each query head's W_q (separate-QR form)
-    k: Tensor | None = None  # rotary sites: same for each key head's W_k
+    qk: Tensor | None = None  # None where Q-K is blocked (RoPE, QK-norm); partial RoPE: the pass-through dims only
+    q: Tensor | None = None  # Q-K-blocked sites (RoPE, QK-norm): singular values of each query head's W_q
+    k: Tensor | None = None  # Q-K-blocked sites: same for each key head's W_k
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
@@ -60,8 +60,8 @@ def decompose_site(
     groups = {"num_heads": site.num_heads, "num_kv_heads": site.num_kv_heads, "compute_dtype": compute_dtype}
     vo = factorize_vo(w_v, w_o, b_v, b_o, **groups)
     spectrum = SiteSpectrum(site.name, site.stack, site.layer_index, vo=vo.singular_values.float())
-    if site.rotary:
-        # Separate-QR form (method section 4): the factors are exact but W_q, W_k stay as they are.
+    if site.qk_blocked:
+        # Separate-QR form (method section 4): W_q, W_k stay as they are; their spectra are reported
         for label, weight, bias, heads in (
             ("q", w_q, b_q, site.num_heads),
             ("k", w_k, b_k, site.num_kv_heads),

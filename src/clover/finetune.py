@@ -473,14 +473,14 @@ def _model_type(model: nn.Module) -> str:
 def resolve_targets(model: nn.Module, config: CloverConfig) -> tuple[str, ...]:
     """The targets that CloverModel trains on ``model``: the config's (checked) or the authors' recipe."""
     sites = attention_sites(model, allow_pruned=True)
-    rotary = any(site.rotary for site in sites)
+    qk_blocked = any(site.qk_blocked for site in sites)
     has_up = bool(_up_projections(model))
     if config.targets is None:
-        if not rotary:
+        if not qk_blocked:
             return ("qk", "vo")
         gqa = any(site.num_kv_heads < site.num_heads for site in sites)
         return ("q", "v" if gqa else "vo") + (("up",) if has_up else ())
-    if "qk" in config.targets and rotary:
+    if "qk" in config.targets and qk_blocked:
         blocker = next(site.qk_blocker for site in sites if site.qk_blocker)
         raise CloverError(
             f"target 'qk' needs Q and K to act through one fixed product, but in {_model_type(model)} {blocker}, "

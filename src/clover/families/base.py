@@ -214,8 +214,9 @@ class AttentionSite:
             self.cached = self.stack != "encoder"
 
     @property
-    def rotary(self) -> bool:
-        """No exact Q-K merge: the pair is only QR'd separately (fine-tuning) and never pruned."""
+    def qk_blocked(self) -> bool:
+        """No exact Q-K merge (RoPE, QK-norm...: ``qk_blocker`` says which): the pair is only QR'd separately
+        (fine-tuning, spectra) and never pruned."""
         return self.qk_blocker is not None
 
     def qk_pair(self) -> tuple[Projection, Projection, int]:
