@@ -287,6 +287,21 @@ def test_a_missing_shard_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("cut", ["half", "tail"])
+@pytest.mark.parametrize("command", ["decompose", "prune"])
+def test_a_truncated_shard_is_one_line_when_streaming(command, cut, tmp_path, capsys):
+    """--stream reads the shards itself: a shard cut in its header or in its last tensor's data is one line."""
+    path = tmp_path / "sharded"
+    build_tiny("llama").save_pretrained(path, max_shard_size="20KB")
+    shard = sorted(path.glob("model-*.safetensors"))[-1]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2] if cut == "half" else data[:-64])
+    extra = ["--vo-ratio", "0.5"] if command == "prune" else []
+    code, _, err = run(capsys, command, path, "--stream", "--out", tmp_path / "out", "--quiet", *extra)
+    assert "damaged or truncated" in one_line_error(code, err)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
 def test_a_tokenizer_that_is_not_the_models_is_refused(tmp_path, capsys):
     path = tmp_path / "gpt2"
     build_tiny("gpt2").save_pretrained(path)  # 96 ids: the byte tokenizer's 257 would index past them
