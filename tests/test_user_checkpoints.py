@@ -287,15 +287,27 @@ def test_a_missing_shard_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("cut", ["half", "tail"])
+def _header_end(data: bytes) -> int:
+    return 8 + int.from_bytes(data[:8], "little")
+
+
+SHARD_DAMAGE = {
+    "in-the-header": lambda data: data[: _header_end(data) // 2],
+    "in-the-data": lambda data: data[: len(data) // 2],
+    "in-the-last-tensor": lambda data: data[:-64],
+    "git-lfs-pointer": lambda data: b"version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n",
+    "header-not-json": lambda data: data[:8] + b"{" * (_header_end(data) - 8) + data[_header_end(data) :],
+}
+
+
+@pytest.mark.parametrize("damage", list(SHARD_DAMAGE))
 @pytest.mark.parametrize("command", ["decompose", "prune"])
-def test_a_truncated_shard_is_one_line_when_streaming(command, cut, tmp_path, capsys):
-    """--stream reads the shards itself: a shard cut in its header or in its last tensor's data is one line."""
+def test_a_damaged_shard_is_one_line_when_streaming(command, damage, tmp_path, capsys):
+    """--stream reads the shards itself: a shard cut anywhere, or not a safetensors file at all, is one line."""
     path = tmp_path / "sharded"
     build_tiny("llama").save_pretrained(path, max_shard_size="20KB")
     shard = sorted(path.glob("model-*.safetensors"))[-1]
-    data = shard.read_bytes()
-    shard.write_bytes(data[: len(data) // 2] if cut == "half" else data[:-64])
+    shard.write_bytes(SHARD_DAMAGE[damage](shard.read_bytes()))
     extra = ["--vo-ratio", "0.5"] if command == "prune" else []
     code, _, err = run(capsys, command, path, "--stream", "--out", tmp_path / "out", "--quiet", *extra)
     assert "damaged or truncated" in one_line_error(code, err)
