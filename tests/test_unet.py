@@ -184,11 +184,15 @@ def test_saved_unet_loads_with_diffusers_automodel_in_a_fresh_process_without_cl
         "from diffusers import AutoModel\n"
         f"m = AutoModel.from_pretrained({str(out)!r}, trust_remote_code=True).eval()\n"
         "assert 'clover' not in sys.modules, 'the checkpoint must not need clover'\n"
+        "from diffusers.models.attention_processor import AttnProcessor2_0\n"
+        "try:\n    m.set_attn_processor(AttnProcessor2_0())\n"
+        "    raise SystemExit('the stock processor was installed')\n"
+        "except ValueError as error:\n    assert 'cannot replace the CloverAttnProcessor' in str(error), error\n"
         f"torch.save(model_output(m), {str(tmp_path / 'out.pt')!r})\n"
     )
     env = {"HF_HUB_OFFLINE": "1", "PATH": "", "HF_MODULES_CACHE": str(tmp_path / "modules")}
     subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=str(REPO))
-    reloaded = torch.load(tmp_path / "out.pt", weights_only=True)
+    reloaded = torch.load(tmp_path / "out.pt", weights_only=True)  # the refused replacement changed nothing
     torch.testing.assert_close(reloaded, model_output(model), atol=1e-6, rtol=0)
 
 
@@ -230,6 +234,7 @@ def test_diffusers_cannot_replace_a_pruned_attentions_processor(tmp_path):
             ("set_attn_processor", AttnProcessor2_0()),
             ("set_attn_processor", AttnProcessor()),
             ("set_attention_slice", 1),  # installs SlicedAttnProcessor in every attention
+            ("set_attention_slice", None),  # a pipeline's disable_attention_slicing: the default processor
         ):
             with pytest.raises(ValueError, match="cannot replace the CloverAttnProcessor"):
                 getattr(unet, method)(argument)

@@ -303,7 +303,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     check_calibration_settings(args.calibration_samples, args.calibration_length)
     check_output_dir(args.out, overwrite=args.overwrite, inputs=[args.model])
     if args.method in CALIBRATED:  # a UNet's refusal comes before minutes of loading it
-        refuse_uncalibrated(directory_family(pathlib.Path(args.model)))
+        refuse_uncalibrated(directory_family(pathlib.Path(args.model).expanduser()))
     device = resolve_device(args.device)
     if device.type == "mps" and args.compute_dtype == "float64":
         raise CloverError("--device mps: MPS lacks float64; add --compute-dtype float32, or prune on cpu or cuda")

@@ -117,7 +117,7 @@ class CloverAttnProcessor:
 class PrunedProcessorGuard:
     """A pruned ``Attention``'s ``set_processor``: only another CloverAttnProcessor may replace its processor.
 
-    diffusers' ``set_attn_processor``, ``set_default_attn_processor``, ``fuse_qkv_projections`` and
+    diffusers' ``set_attn_processor``, ``set_attention_slice``, ``fuse_qkv_projections`` and
     ``enable_xformers_memory_efficient_attention`` all end in ``set_processor``, and each of their processors reads
     the head width from the key and attends at 1/sqrt(kept dims): a silently different UNet. Copied by source
     into pruned checkpoints, as CloverAttnProcessor is."""
@@ -125,7 +125,7 @@ class PrunedProcessorGuard:
     def __init__(self, attention: nn.Module):
         self.attention = attention
 
-    def __call__(self, processor) -> None:
+    def __call__(self, processor, *args, **kwargs) -> None:  # older diffusers pass _remove_lora=...
         if not isinstance(processor, CloverAttnProcessor):
             raise ValueError(
                 f"{type(processor).__name__} cannot replace the CloverAttnProcessor of a pruned attention: it would "
