@@ -61,7 +61,7 @@ def decompose_site(
     vo = factorize_vo(w_v, w_o, b_v, b_o, **groups)
     spectrum = SiteSpectrum(site.name, site.stack, site.layer_index, vo=vo.singular_values.float())
     if site.qk_blocked:
-        # Separate-QR form (method section 4): W_q, W_k stay as they are; their spectra are reported
+        # no Q-K product to factorize (method section 4): W_q, W_k stay as they are; their spectra are reported
         for label, weight, bias, heads in (
             ("q", w_q, b_q, site.num_heads),
             ("k", w_k, b_k, site.num_kv_heads),

@@ -177,10 +177,13 @@ def triangular_factor(weight: Tensor, *, compute_dtype: torch.dtype = torch.floa
 
 
 def head_singular_values(weight: Tensor, *, compute_dtype: torch.dtype = torch.float64) -> Tensor:
-    """Singular values of each head's factor, (heads, m, d_h) -> (heads, d_h), descending, from its d_h × d_h
-    Gram matrix: one matmul, a third of a QR's. A spectrum only (RoPE sites' separate Q and K spectra, which are
-    reported, never used to rewrite weights): squaring costs accuracy only for σ below about √eps·σ_max."""
+    """Singular values of each head's factor, (heads, m, d_h) -> (heads, d_h), descending. A spectrum only
+    (Q-K-blocked sites' separate Q and K spectra, reported, never used to rewrite weights): in float64 from each
+    head's d_h × d_h Gram matrix, one matmul, a third of a QR's, whose squaring costs accuracy only for σ below
+    about 1e-8·σ_max; in a lower precision (MPS's float32) that would be 3e-4·σ_max, so from QR's R there."""
     x = weight.to(compute_dtype)
+    if compute_dtype != torch.float64:
+        return torch.linalg.svdvals(triangular_factor(x, compute_dtype=compute_dtype))
     eigenvalues = torch.linalg.eigvalsh(x.mT @ x)  # ascending
     return eigenvalues.clamp_min(0).sqrt().flip(-1)
 

@@ -24,8 +24,8 @@ def plot_spectra(spectra: list[SiteSpectrum], out: str | Path, *, title: str = "
             label = "Q-K" if pair == "qk" else "V-O"
             for i, site in enumerate(sites):
                 values = getattr(site, pair)
-                if values is None:  # RoPE: show W_q's per-head spectrum, clearly labelled
-                    values, label = site.q, "W_q per head (RoPE: no Q-K merge)"
+                if values is None:  # Q-K blocked (RoPE, QK-norm): W_q's per-head spectrum, clearly labelled
+                    values, label = site.q, "W_q per head (no Q-K merge: RoPE or QK-norm)"
                 ax.semilogy(
                     values.mean(0).clamp_min(1e-12).numpy(), color=cmap(i), lw=1.2, label=f"layer {site.layer_index}"
                 )

@@ -215,8 +215,8 @@ class AttentionSite:
 
     @property
     def qk_blocked(self) -> bool:
-        """No exact Q-K merge (RoPE, QK-norm...: ``qk_blocker`` says which): the pair is only QR'd separately
-        (fine-tuning, spectra) and never pruned."""
+        """No exact Q-K merge (RoPE, QK-norm...: ``qk_blocker`` says which): Q and K are only QR'd separately
+        (fine-tuning), their spectra reported one by one, and never pruned."""
         return self.qk_blocker is not None
 
     def qk_pair(self) -> tuple[Projection, Projection, int]:
