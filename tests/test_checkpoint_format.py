@@ -34,7 +34,9 @@ def test_a_format1_checkpoint_loads_heals_and_is_rewritten_in_the_current_format
     source = tmp_path / "old"
     shutil.copytree(FIXTURE, source)
     loaded = load_model(str(source))  # its own (format-1) modeling file, through trust_remote_code
-    torch.testing.assert_close(_logits(loaded.model), torch.load(FIXTURE / "expected_logits.pt"), atol=0, rtol=0)
+    # the same weights; the logits were saved on another CPU, whose float32 kernels round differently (seen: 6e-7)
+    expected_then = torch.load(FIXTURE / "expected_logits.pt")
+    torch.testing.assert_close(_logits(loaded.model), expected_then, atol=1e-5, rtol=0)
     clover = CloverModel(loaded.model)  # reads the format-1 specs, upgraded in memory
     torch.testing.assert_close(_logits(clover), _logits(loaded.model), atol=1e-5, rtol=0)
     merged = clover.merge_and_unload()

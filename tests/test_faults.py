@@ -153,7 +153,10 @@ def test_two_concurrent_prune_processes_one_wins_the_other_says_so(gpt2_dir, tmp
 def _interruptible(model: Path, out: Path, marker: Path) -> str:
     return textwrap.dedent(
         f"""
-        import pathlib, sys, time, clover.io
+        import pathlib, signal, sys, time, clover.io
+        # Ctrl-C as in a terminal: a job started in the background (``cmd &``, as CI scripts may) inherits SIGINT
+        # ignored, and Python then installs no KeyboardInterrupt handler
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         real = clover.io.write_pruned_model
         def slow(loaded, directory):
             real(loaded, directory)
