@@ -21,6 +21,7 @@ import pathlib
 import shutil
 import sys
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
@@ -349,17 +350,28 @@ class StreamedModel:
     def sites(self) -> list[AttentionSite]:
         return attention_sites(self.model)
 
+    def _unit_names(self, unit: str) -> list[str]:
+        return [name for name in self.stored if name.startswith(unit + ".")]
+
+    def _read_unit(self, unit: str) -> list[tuple[str, torch.Tensor]]:
+        return list(self._read(self._unit_names(unit)))
+
     @contextmanager
-    def loaded(self, unit: str, sites: list[AttentionSite], *, write: bool) -> Iterator[None]:
-        """Read one layer's tensors into the model; on exit write the (rewritten) layer if asked, and free it."""
+    def loaded(
+        self, unit: str, sites: list[AttentionSite], *, write: bool, prefetched: Future | None = None
+    ) -> Iterator[None]:
+        """Read one layer's tensors into the model (or take them from ``prefetched``, a read already under way);
+        on exit write the (rewritten) layer if asked, and free it."""
         from accelerate.utils import set_module_tensor_to_device
 
         from .decompose import check_finite
 
         prefix = unit + "."
-        names = [name for name in self.stored if name.startswith(prefix)]
-        for name, tensor in self._read(names):
+        names = self._unit_names(unit)
+        tensors = prefetched.result() if prefetched is not None else list(self._read(names))
+        for name, tensor in tensors:
             set_module_tensor_to_device(self.model, name, self.device, value=tensor)
+        tensors.clear()  # the model holds them now; the future holds this very list, so it lets go of them too
         module = self.model.get_submodule(unit)
         try:
             self.family.fold_output_scales(module)  # only this layer is real: the others are meta, untouched
@@ -377,11 +389,18 @@ class StreamedModel:
             _return_freed_memory()
 
     def units(self, sites: list[AttentionSite], *, write: bool) -> Iterator[tuple[Any, list[AttentionSite]]]:
+        """One layer after another. The next layer's tensors are read in a background thread while this one is
+        rewritten (file reads and the factorization's matmuls both release the GIL), so reading overlaps the
+        math, for one more layer in memory."""
         groups: dict[str, list[AttentionSite]] = {}
         for site in sites:
             groups.setdefault(_unit_of(site.name), []).append(site)
-        for unit, unit_sites in groups.items():
-            yield self.loaded(unit, unit_sites, write=write), unit_sites
+        units = list(groups.items())
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="clover-read") as reader:
+            ahead = reader.submit(self._read_unit, units[0][0]) if units else None
+            for i, (unit, unit_sites) in enumerate(units):
+                current, ahead = ahead, reader.submit(self._read_unit, units[i + 1][0]) if i + 1 < len(units) else None
+                yield self.loaded(unit, unit_sites, write=write, prefetched=current), unit_sites
 
     def copy_rest(self, progress: bool = False) -> None:
         """Copy every tensor no rewritten layer holds, one at a time, into the writer."""
