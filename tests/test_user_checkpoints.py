@@ -314,6 +314,24 @@ def test_a_damaged_shard_is_one_line_when_streaming(command, damage, tmp_path, c
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
 
 
+@pytest.mark.parametrize("command", ["decompose", "prune"])
+def test_an_index_that_points_a_layer_tensor_to_the_wrong_shard_is_one_line_when_streaming(command, tmp_path, capsys):
+    """The layer's tensors are read in a background thread while the previous layer is rewritten: its error
+    reaches the command as one line all the same, and nothing is left behind."""
+    path = tmp_path / "sharded"
+    build_tiny("llama").save_pretrained(path, max_shard_size="20KB")
+    index_file = path / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    name = "model.layers.1.self_attn.v_proj.weight"
+    index["weight_map"][name] = next(shard for shard in shards if shard != index["weight_map"][name])
+    index_file.write_text(json.dumps(index))
+    extra = ["--vo-ratio", "0.5"] if command == "prune" else []
+    code, _, err = run(capsys, command, path, "--stream", "--out", tmp_path / "out", "--quiet", *extra)
+    assert f"holds no {name}" in one_line_error(code, err)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
 def test_a_tokenizer_that_is_not_the_models_is_refused(tmp_path, capsys):
     path = tmp_path / "gpt2"
     build_tiny("gpt2").save_pretrained(path)  # 96 ids: the byte tokenizer's 257 would index past them

@@ -4,8 +4,9 @@ The model is built without weights (every parameter on the meta device). For eac
 sites, its tensors are read from the checkpoint's safetensors files (one read call per tensor), the
 layer is rewritten by the same code as the in-memory path (``decompose_site``, ``prune_``), written into the
 output shards and dropped again. Every other tensor (embeddings, norms, the head) is copied through one at a
-time. Peak memory is about one layer (or the largest other tensor) plus one output shard, whatever the model's
-size; the output keeps the checkpoint's dtype unless asked otherwise.
+time. Peak memory is about two layers (the next one is read in a background thread while this one is rewritten;
+or the largest other tensor) plus one output shard, whatever the model's size; the output keeps the checkpoint's
+dtype unless asked otherwise.
 
 Calibration (``calibrated``, ``vanilla-activation``) runs the model with accelerate's disk offload: each
 module's weights are read from the checkpoint files just before its forward and dropped after it, so the
