@@ -48,6 +48,7 @@ class CheckpointReader:
 
     def __init__(self, directory: pathlib.Path):
         self.directory = directory
+        self._headers: dict[pathlib.Path, tuple[dict, int]] = {}
         index = directory / "model.safetensors.index.json"
         if index.is_file():
             try:
@@ -57,7 +58,7 @@ class CheckpointReader:
             self.files = {name: directory / file for name, file in weight_map.items()}
         elif (directory / "model.safetensors").is_file():
             path = directory / "model.safetensors"
-            self.files = dict.fromkeys(self._keys(path), path)
+            self.files = dict.fromkeys(self.header(path)[0], path)
         else:
             raise CloverError(
                 f"{directory}: streaming reads safetensors checkpoints (model.safetensors, or shards with "
@@ -67,13 +68,12 @@ class CheckpointReader:
         if missing:
             raise CloverError(f"{directory}: the index lists {', '.join(missing[:3])}, which is missing")
 
-    @staticmethod
-    def _keys(path: pathlib.Path) -> list[str]:
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                return list(f.keys())
-        except Exception as error:  # safetensors raises its own error types for damaged files
-            raise CloverError(f"cannot read {path}: {error}; the file is damaged or truncated") from None
+    def header(self, path: pathlib.Path) -> tuple[dict, int]:
+        """``path``'s header and where its data starts (see ``_safetensors_header``), read and checked once."""
+        if path not in self._headers:
+            with open(path, "rb") as f:
+                self._headers[path] = _safetensors_header(path, f)
+        return self._headers[path]
 
     def read(self, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, tensor) for each name, one file opened at a time.
@@ -85,8 +85,8 @@ class CheckpointReader:
         for name in names:
             by_file.setdefault(self.files[name], []).append(name)
         for path, file_names in by_file.items():
+            header, data_start = self.header(path)
             with open(path, "rb") as f:
-                header, data_start = _safetensors_header(path, f)
                 for name in file_names:
                     yield name, _read_tensor(path, f, data_start, header.get(name), name)
 
@@ -95,9 +95,7 @@ class CheckpointReader:
         file's header, so a damaged or truncated file is refused here, before anything is written."""
         sizes: dict[torch.dtype, int] = {}
         for path in dict.fromkeys(self.files.values()):
-            with open(path, "rb") as f:
-                header, _ = _safetensors_header(path, f)
-            for entry in header.values():
+            for entry in self.header(path)[0].values():
                 dtype = _DTYPES_BY_NAME.get(entry.get("dtype"))
                 if dtype is not None and dtype.is_floating_point:
                     sizes[dtype] = sizes.get(dtype, 0) + _numel(entry["shape"]) * dtype.itemsize
@@ -115,8 +113,9 @@ _DTYPES_BY_NAME = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
 def _safetensors_header(path: pathlib.Path, f) -> tuple[dict, int]:
     """A safetensors file's header ({name: {dtype, shape, data_offsets}}, without ``__metadata__``) and where its
     data starts; a header that does not parse, or data the file is too short to hold, is refused."""
+    file_size = os.fstat(f.fileno()).st_size
     size = int.from_bytes(f.read(8), "little")
-    if size > os.fstat(f.fileno()).st_size - 8:  # e.g. a Git LFS pointer saved in place of the shard
+    if size > file_size - 8:  # e.g. a Git LFS pointer saved in place of the shard
         raise CloverError(f"cannot read {path}: it is not a safetensors file, or it is damaged or truncated")
     try:
         header = json.loads(f.read(size))
@@ -126,7 +125,7 @@ def _safetensors_header(path: pathlib.Path, f) -> tuple[dict, int]:
         end = max((int(entry["data_offsets"][1]) for entry in header.values()), default=0)
     except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as error:
         raise CloverError(f"cannot read {path}: {error}; the file is damaged or truncated") from None
-    if 8 + size + end > os.fstat(f.fileno()).st_size:
+    if 8 + size + end > file_size:
         raise CloverError(f"cannot read {path}: the file ends before its tensors do; it is damaged or truncated")
     return header, 8 + size
 
