@@ -80,22 +80,22 @@ def gguf_to_checkpoint(
     del tokenizer
     _collect()
 
-    writer = ShardWriter(directory, dtype=dtype, shard_bytes=shard_bytes)
     written: set[str] = set()
     tensors = tqdm(_mapped(path, stored), total=len(stored), desc="converting GGUF", unit="tensor",
                    disable=not progress)  # fmt: skip
-    for info, data in tensors:
-        writer.reserve(info.numel * dtype.itemsize)  # the pending shard is written before this tensor is made
-        made = _processed(info, data, processor, names)
-        for name, tensor in made:
-            if name in written:  # a processor that fills one tensor over several calls (MoE experts)
-                raise _merged(path, name, architecture)
-            written.add(name)
-            writer.add(name, tensor)
-        data = made = tensor = None  # a tensor the writer has written is freed now, not after the next is made
-        _return_freed_memory()
-    _check_complete(model, written, path)
-    writer.close()
+    with ShardWriter(directory, dtype=dtype, shard_bytes=shard_bytes) as writer:
+        for info, data in tensors:
+            writer.reserve(info.numel * dtype.itemsize)  # the pending shard is handed off before this one is made
+            made = _processed(info, data, processor, names)
+            for name, tensor in made:
+                if name in written:  # a processor that fills one tensor over several calls (MoE experts)
+                    raise _merged(path, name, architecture)
+                written.add(name)
+                writer.add(name, tensor)
+            data = made = tensor = None  # a tensor the writer has written is freed now, not after the next is made
+            _return_freed_memory()
+        _check_complete(model, written, path)
+        writer.close()
 
     config.architectures = [type(model).__name__]
     config.dtype = dtype

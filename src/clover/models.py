@@ -379,15 +379,15 @@ def _whisper_from_ct2(model_bin: pathlib.Path, asset_dir: pathlib.Path, director
     with init_empty_weights():
         model = WhisperForConditionalGeneration(config)
     expected = set(model.state_dict()) - set(model.all_tied_weights_keys)  # the output head is the embedding
-    writer = ShardWriter(directory, dtype=torch.float32)
     written: set[str] = set()
-    for name, tensor in _ct2_tensors(w, d, layers):
-        writer.add(name, tensor)
-        written.add(name)
-    if written != expected:
-        missing, unexpected = sorted(expected - written), sorted(written - expected)
-        raise CloverError(f"Whisper conversion mismatch: missing {missing}, unexpected {unexpected}.")
-    writer.close()
+    with ShardWriter(directory, dtype=torch.float32) as writer:
+        for name, tensor in _ct2_tensors(w, d, layers):
+            writer.add(name, tensor)
+            written.add(name)
+        if written != expected:
+            missing, unexpected = sorted(expected - written), sorted(written - expected)
+            raise CloverError(f"Whisper conversion mismatch: missing {missing}, unexpected {unexpected}.")
+        writer.close()
     config.architectures, config.dtype = [type(model).__name__], torch.float32
     config.save_pretrained(directory)
     multilingual = vocab >= _WHISPER_MULTILINGUAL_VOCAB
