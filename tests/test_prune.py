@@ -22,7 +22,7 @@ from conftest import (
 )
 
 from clover.errors import CloverError
-from clover.factorize import split_heads
+from clover.factorize import merge_heads, split_heads
 from clover.families import (
     FAMILIES,
     HeadColumns,
@@ -35,6 +35,8 @@ from clover.families import (
 from clover.io import save_pruned_model
 from clover.models import LoadedModel, load_model
 from clover.prune import PruneConfig, allocate_dims, prune_
+
+OUTPUT_ATOL = 1e-4  # float32 tiny models, as the decomposition tests
 
 
 @pytest.mark.parametrize("method", ["clover", "vanilla"])
@@ -409,3 +411,31 @@ def test_pruned_sites_read_back_keep_their_stack_and_cache_facts(arch):
     before = [(site.name, site.stack, site.cached) for site in attention_sites(model)]
     prune_(model, PruneConfig(vo_ratio=0.5))
     assert [(site.name, site.stack, site.cached) for site in pruned_attention_sites(model)] == before
+
+
+def _zero_trailing_dims(projection, num_heads: int, width: int, cut: int) -> None:
+    """Zero the last ``cut`` of each head's ``width`` output dims of ``projection`` (weight and bias)."""
+    weight, bias = projection.read()
+    heads = split_heads(weight.clone(), None if bias is None else bias.clone(), num_heads)
+    heads[..., width - cut :] = 0
+    projection.write(*merge_heads(heads, bias is not None))
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_pruning_dims_whose_singular_values_are_zero_keeps_the_function(arch):
+    # Each K head (its pass-through dims under partial RoPE) and each V head loses its last dims, so every head's
+    # Q-K and V-O product has that many zero singular values; pruning exactly those dims must then leave the
+    # model's function as it is. This checks what truncation tests on weights cannot: that the pruned attention
+    # computes with the kept widths at the original softmax scale, its biases and its caches.
+    model = build_tiny(arch)
+    qk_share, vo_share = qk_ratio(arch, 0.25), 0.5
+    with torch.no_grad():
+        for site in attention_sites(model):
+            _zero_trailing_dims(site.v, site.num_kv_heads, site.head_dim, round(vo_share * site.head_dim))
+            if qk_share:
+                _, k, width = site.qk_pair()
+                _zero_trailing_dims(k, site.num_kv_heads, width, round(qk_share * width))
+    reference = model_output(model)
+    report = prune_(model, PruneConfig(qk_ratio=qk_share, vo_ratio=vo_share))
+    assert report.attention_params_after < report.attention_params_before
+    torch.testing.assert_close(model_output(model), reference, atol=OUTPUT_ATOL, rtol=0)
