@@ -234,3 +234,21 @@ def test_device_option_is_checked_and_used(tiny_checkpoint, tmp_path, capsys):
     assert cmd_finetune(args) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["options"]["device"] == "cpu" and "peak_cuda_mb" not in report["train"]
+
+
+def test_finetune_writes_a_float16_checkpoint_back_in_float16(tiny_checkpoint, tmp_path, capsys):
+    path, params = tiny_checkpoint
+    half = tmp_path / "half"
+    tf.AutoModelForCausalLM.from_pretrained(path).half().save_pretrained(half)
+    byte_tokenizer().save_pretrained(half)
+    out = tmp_path / "run"
+    args = _args(half, out, "--task", "wikitext", "--steps", "1", "--batch-size", "1", "--max-length", "32",
+                 "--no-eval", "--quiet")  # fmt: skip
+    assert cmd_finetune(args) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == "float16"
+    assert json.loads((out / "finetune_report.json").read_text())["saved_dtype"] == "float16"
+    from safetensors import safe_open
+
+    with safe_open(out / "model.safetensors", "pt") as weights:
+        assert {weights.get_tensor(name).dtype for name in weights.keys()} == {torch.float16}

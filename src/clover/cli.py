@@ -312,13 +312,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         return _stream_prune(args, config, source, device)
     loaded = load_model(args.model, dtype=_dtype(args.dtype), tokenizer=args.tokenizer)
     loaded.model.to(device)  # factorization, calibration and pruning all run where the weights are
-    sites = check_prunable(loaded.model, config)  # refusals come before minutes of calibration
-    head_dim = min(site.head_dim for site in sites)
-    if args.min_dims >= head_dim:  # every dim would be kept: a run that prunes nothing, silently
-        raise CloverError(
-            f"--min-dims {args.min_dims} keeps every dim of {args.model}'s heads (head_dim {head_dim}); "
-            f"choose 0..{head_dim - 1}"
-        )
+    check_prunable(loaded.model, config)  # refusals (--min-dims that keeps every dim too) before calibration
     start = time.perf_counter()
     moments, moments_cached, seq_len = None, False, None
     if args.method in CALIBRATED:
@@ -439,7 +433,7 @@ def _pruned_loader(out: str) -> str:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .errors import CloverError
     from .models import load_model, resolve_device
-    from .quality import measure, parameter_count
+    from .quality import SPEECH_EVAL_SENTENCES, measure, parameter_count
 
     tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
     # numbers are checked before minutes of loading; each message gives the valid range
@@ -447,7 +441,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise CloverError(f"--tokens {args.tokens} must be at least 2 (WikiText-2 tokens scored; default 4096)")
     if args.window < 2:
         raise CloverError(f"--window {args.window} must be at least 2 (tokens per scored window; default 512)")
-    if args.sentences < 1:
+    if args.sentences is not None and args.sentences < 1:
         raise CloverError(f"--sentences {args.sentences} must be in 1..20 (Whisper: spoken sentences scored)")
     if args.limit is not None and args.limit < 1:
         raise CloverError(f"--limit {args.limit} must be at least 1 (omit it to score every row)")
@@ -463,12 +457,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise CloverError(f"--tasks scores causal LMs with lm-evaluation-harness; {args.model} is a {loaded.kind}")
     if tasks and loaded.tokenizer is None:
         raise CloverError(f"--tasks needs a tokenizer and {args.model} has none; pass --tokenizer DIR")
+    if args.sentences is not None and loaded.kind != "speech-seq2seq":  # a note, not an error: scripts pass one
+        print(  # set of eval options to every model they score, like --window beyond a model's context
+            f"clover: note: --sentences applies to speech models (Whisper: spoken sentences scored); "
+            f"{args.model} is a {loaded.kind}, so it is ignored",
+            file=sys.stderr,
+        )
+    _refuse_non_finite_weights(loaded.model)
     if reads_text_and_images(loaded):  # text similarity alone would run one tower; paired data is not shipped yet
         report = {"model": loaded.name, "kind": loaded.kind, "parameters": parameter_count(loaded.model)}
         report["skipped"] = "no quality metric for text-image models (CLIP, SigLIP) yet; parameters only"
     else:
         report = measure(
-            loaded, tokens=args.tokens, window=args.window, sentences=args.sentences, progress=not args.quiet
+            loaded,
+            tokens=args.tokens,
+            window=args.window,
+            sentences=SPEECH_EVAL_SENTENCES if args.sentences is None else args.sentences,
+            progress=not args.quiet,
         )
     if report.get("ppl_window", args.window) < args.window:
         print(
@@ -493,6 +498,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for key, value in report.items():
         print(f"{key:26} {value:,.4f}" if isinstance(value, float) else f"{key:26} {value}")
     return 0
+
+
+def _refuse_non_finite_weights(model) -> None:
+    """Refuse NaN or Inf weights in one line, as prune and decompose do: every score would read nan."""
+    from .decompose import all_finite
+    from .errors import CloverError
+
+    for name, tensor in model.named_parameters():  # not buffers: some hold -inf masks on purpose
+        if tensor.is_floating_point() and not all_finite(tensor):
+            raise CloverError(f"{name}: the weights contain NaN or Inf; fix the checkpoint first")
 
 
 CACHE_KINDS = {
@@ -685,7 +700,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help=MODEL_HELP + ", including pruned ones")
     p.add_argument("--tokens", type=int, default=4096, help="causal LM: tokens of WikiText-2 test scored (≥ 2)")
     p.add_argument("--window", type=int, default=512, help="causal LM: window length (≥ 2; cut to the model's context)")
-    p.add_argument("--sentences", type=int, default=20, help="Whisper: number of spoken sentences (max 20)")
+    p.add_argument("--sentences", type=int, help="Whisper: number of spoken sentences (default and max 20)")
     p.add_argument(
         "--tasks",
         help="causal LM: also zero-shot accuracy with lm-evaluation-harness on the offline copies, comma list of "
@@ -725,11 +740,15 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``clover`` command."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    args = build_parser().parse_args(argv)
-    from safetensors import SafetensorError
-    from transformers.utils import logging as hf_logging
+    try:  # Ctrl-C while the parser and the libraries are imported (seconds) is said in one line too
+        args = build_parser().parse_args(argv)
+        from safetensors import SafetensorError
+        from transformers.utils import logging as hf_logging
 
-    from .errors import CloverError
+        from .errors import CloverError
+    except KeyboardInterrupt:
+        print("clover: interrupted; nothing was written", file=sys.stderr)
+        return 130
 
     bars_were_on = hf_logging.is_progress_bar_enabled()
     if getattr(args, "quiet", False):  # transformers' own bars too (loading weights, GGUF conversion)

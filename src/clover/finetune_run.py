@@ -166,6 +166,19 @@ def _write_log(rows: list[dict], path: Path) -> None:
         writer.writerows(rows)
 
 
+def saved_weights_dtype(checkpoint: Path | None) -> torch.dtype | None:
+    """The floating dtype a checkpoint directory's config.json says its weights were saved in, if it says one."""
+    if checkpoint is None or not (checkpoint / "config.json").is_file():
+        return None
+    try:
+        config = json.loads((checkpoint / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    name = config.get("dtype") or config.get("torch_dtype")
+    dtype = getattr(torch, str(name).removeprefix("torch."), None) if name else None
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
+
+
 def run_finetune(
     model_name: str, options: FinetuneOptions, out: str | os.PathLike | None, *, overwrite: bool = False,
     progress: bool = True, log: Any = print,
@@ -291,6 +304,12 @@ def run_finetune(
                 report["eval_seconds"] = round(time.perf_counter() - eval_started, 1)
             report["seconds"] = round(time.perf_counter() - started, 1)
             if out is not None:
+                # training runs in float32; the result is written back in the checkpoint's own dtype, as prune does
+                saved_dtype = saved_weights_dtype(loaded.source)
+                if saved_dtype is not None and saved_dtype != merged.dtype:
+                    merged.to(saved_dtype)
+                # the scores above are the float32 model's; the report says what the written weights are
+                report["saved_dtype"] = str(merged.dtype).removeprefix("torch.")
                 with atomic_directory(out, overwrite=overwrite) as staging:
                     if report["pruned"]:  # a healed pruned model stays a pruned checkpoint (auto_map + code)
                         write_pruned_model(replace(loaded, model=merged), staging)

@@ -132,6 +132,7 @@ def atomic_directory(
         if not carries_existing:
             entries = sorted(entry.name for entry in staging.iterdir())
             (staging / MARKER).write_text(json.dumps({"entries": entries}) + "\n")
+        _apply_umask_modes(staging, existing=final if carries_existing and final.is_dir() else None)
         with _directory_lock(final.parent):
             if final.exists() and any(final.iterdir()):
                 if not overwrite:
@@ -147,6 +148,37 @@ def atomic_directory(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _current_umask() -> int:
+    try:  # Linux states it; setting it to read it would change it for every thread of the process meanwhile
+        status = Path("/proc/self/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration, ValueError, IndexError):
+        umask = os.umask(0o022)
+        os.umask(umask)
+        return umask
+
+
+def _apply_umask_modes(staging: Path, *, existing: Path | None = None) -> None:
+    """Give what clover wrote the modes a plain mkdir/open would have (mkdtemp and some writers use 0700/0600).
+
+    ``existing``: the folder the staging directory replaces, whose files were linked or copied in (an adapter
+    saved into a user's folder): those keep their modes (a hard link is the user's very file), and the folder
+    keeps its own mode."""
+    umask = _current_umask()
+    directory_mode, file_mode = 0o777 & ~umask, 0o666 & ~umask
+    for root, _subdirectories, files in os.walk(staging):
+        relative = Path(root).relative_to(staging)
+        if existing is not None and (existing / relative).is_dir():
+            os.chmod(root, (existing / relative).stat().st_mode & 0o7777)
+        else:
+            os.chmod(root, directory_mode)
+        for name in files:
+            path = os.path.join(root, name)
+            if os.path.islink(path) or (existing is not None and os.path.lexists(existing / relative / name)):
+                continue
+            os.chmod(path, file_mode | (os.stat(path).st_mode & 0o111 & ~umask))  # keep executable bits
 
 
 def save_loaded_model(loaded, directory: Path) -> None:

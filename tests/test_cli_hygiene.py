@@ -1,0 +1,110 @@
+"""What a user sees around the real work: Ctrl-C at start-up, umask-respecting output modes, eval refusing NaN
+weights and options that do not apply, and no stray library warnings on stderr."""
+
+from __future__ import annotations
+
+import os
+import stat
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import build_tiny
+
+import clover.cli
+from clover.cli import main
+from clover.io import atomic_directory
+
+
+@pytest.fixture
+def llama_dir(tmp_path) -> Path:
+    path = tmp_path / "llama"
+    build_tiny("llama").save_pretrained(path)
+    return path
+
+
+def test_ctrl_c_while_the_parser_is_built_is_one_line_and_exit_130(monkeypatch, capsys):
+    def interrupted_parser():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(clover.cli, "build_parser", interrupted_parser)
+    assert main(["eval", "anything"]) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("clover: interrupted") and "Traceback" not in err
+
+
+@pytest.fixture
+def umask_027():
+    previous = os.umask(0o027)
+    yield
+    os.umask(previous)
+
+
+def test_committed_output_has_the_modes_of_a_plain_mkdir_and_open(tmp_path, umask_027):
+    out = tmp_path / "out"
+    with atomic_directory(out) as staging:
+        secret = staging / "weights.bin"
+        secret.write_bytes(b"x")
+        secret.chmod(0o600)  # as some writers (tempfile) leave their files
+        (staging / "nested").mkdir(mode=0o700)
+        (staging / "nested" / "config.json").write_text("{}")
+    assert stat.S_IMODE(out.stat().st_mode) == 0o750
+    assert stat.S_IMODE((out / "nested").stat().st_mode) == 0o750
+    for path in (out / "weights.bin", out / "nested" / "config.json", out / ".clover-output.json"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640, path
+
+
+def test_eval_refuses_nan_weights_in_one_line(tmp_path, capsys):
+    model = build_tiny("llama")
+    with torch.no_grad():
+        model.model.layers[0].self_attn.v_proj.weight[0, 0] = float("nan")
+    model.save_pretrained(tmp_path / "nan")
+    capsys.readouterr()  # transformers' saving bar
+    assert main(["eval", str(tmp_path / "nan"), "--quiet"]) == 2
+    out, err = capsys.readouterr()
+    assert "nan" not in out.lower()
+    assert err.count("\n") == 1 and "NaN or Inf" in err and "v_proj" in err
+
+
+def test_eval_notes_that_sentences_does_not_apply_to_a_causal_lm(llama_dir, capsys):
+    capsys.readouterr()  # transformers' saving bar
+    assert main(["eval", str(llama_dir), "--sentences", "5", "--tokens", "16", "--window", "8", "--quiet"]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "--sentences" in line]
+    assert notes == [
+        f"clover: note: --sentences applies to speech models (Whisper: spoken sentences scored); {llama_dir} is a "
+        "causal-lm, so it is ignored"
+    ]
+
+
+def test_eval_says_nothing_about_sentences_left_at_its_default(llama_dir, capsys):
+    capsys.readouterr()  # transformers' saving bar
+    assert main(["eval", str(llama_dir), "--tokens", "16", "--window", "8", "--quiet"]) == 0
+    assert "--sentences" not in capsys.readouterr().err
+
+
+def test_pruning_heads_to_zero_width_prints_no_torch_warning(llama_dir, tmp_path, capsys):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code = main(["prune", str(llama_dir), "--vo-ratio", "0.9999", "--min-dims", "0", "--quiet",
+                     "--out", str(tmp_path / "pruned")])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    assert not [w for w in caught if "zero-element" in str(w.message)]
+
+
+def test_saving_an_adapter_into_a_users_folder_keeps_the_modes_of_the_users_files(tmp_path, umask_027):
+    from clover.finetune import get_clover_model
+
+    folder = tmp_path / "mine"
+    (folder / "private").mkdir(parents=True)
+    folder.chmod(0o700)
+    (folder / "private").chmod(0o700)
+    notes = folder / "notes.txt"
+    notes.write_text("mine")
+    notes.chmod(0o600)
+    get_clover_model(build_tiny("llama")).save_pretrained(folder)
+    assert notes.read_text() == "mine"
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert stat.S_IMODE((folder / "private").stat().st_mode) == 0o700
+    assert stat.S_IMODE(notes.stat().st_mode) == 0o600  # a hard link of the user's file: chmod would change theirs
+    assert {stat.S_IMODE(p.stat().st_mode) for p in folder.glob("*.safetensors")} == {0o640}
