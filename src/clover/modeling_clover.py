@@ -18,6 +18,8 @@ probabilities (B, num_heads, L, S) are returned, as transformers' eager attentio
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -255,8 +257,16 @@ def _recorded(key: str) -> list | None:
 FORMAT_VERSION = 2  # config.clover["format"]: the site spec below; format 1 (no "format" key) named a family
 
 
+def zero_width_safe_linear(d_in: int, d_out: int, **kwargs) -> nn.Linear:
+    """``nn.Linear`` that may have no rows or columns: a head pruned to 0 dims is a valid layout, and torch's
+    "Initializing zero-element tensors is a no-op" warning would only leak onto the user's terminal."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
+        return nn.Linear(d_in, d_out, **kwargs)
+
+
 def _linear(spec: dict, name: str, d_in: int, d_out: int) -> nn.Linear:
-    return nn.Linear(d_in, d_out, bias=spec["bias"][name])
+    return zero_width_safe_linear(d_in, d_out, bias=spec["bias"][name])
 
 
 # class name -> what computes a pruned site, with ``pruned_from(original, spec)``: a PrunedAttention subclass
@@ -349,14 +359,20 @@ def install_pruned_attention(model: nn.Module, sites: dict[str, dict]) -> None:
         if "." in spec["output"]:  # an output projection outside the replaced module keeps its place, resized
             dense = site.get_submodule(spec["output"])
             out_width = spec["num_heads"] // spec["num_kv_heads"] * sum(spec["vo_dims"])  # every query head's V-O dims
-            resized = nn.Linear(out_width, dense.out_features, bias=dense.bias is not None)
+            resized = zero_width_safe_linear(out_width, dense.out_features, bias=dense.bias is not None)
             site.set_submodule(spec["output"], resized.train(dense.training))
 
 
 def _pruned_class(base: type) -> type:
     def __init__(self, config, *args, **kwargs):
+        sites = (getattr(config, CONFIG_KEY, None) or {}).get("sites")
+        if sites is None:  # an auto class can keep a remote class registered for a config class it lacks a model for
+            raise ValueError(
+                f"Clover{base.__name__} builds pruned clover checkpoints, and this config describes no pruned "
+                f"attention (no {CONFIG_KEY}.sites): load this model with transformers' {base.__name__}"
+            )
         base.__init__(self, config, *args, **kwargs)
-        install_pruned_attention(self, getattr(config, CONFIG_KEY)["sites"])
+        install_pruned_attention(self, sites)
 
     return type(f"Clover{base.__name__}", (base,), {"__init__": __init__, "__module__": __name__})
 

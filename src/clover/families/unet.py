@@ -33,7 +33,13 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CloverError, UnsupportedModelError
-from ..modeling_clover import CONFIG_KEY, PRUNED_ATTENTION, HeadLayout, install_pruned_attention
+from ..modeling_clover import (
+    CONFIG_KEY,
+    PRUNED_ATTENTION,
+    HeadLayout,
+    install_pruned_attention,
+    zero_width_safe_linear,
+)
 from .base import AttentionSite, Family, LinearProjection
 
 _PROJECTIONS = {"q": "to_q", "k": "to_k", "v": "to_v"}
@@ -68,7 +74,9 @@ class CloverAttnProcessor:
                                    ("v", spec["d_kv"], layout.v_width)):  # fmt: skip
             name = (spec.get("projections") or {}).get(label, f"to_{label}")
             old = original.get_submodule(name)
-            new = nn.Linear(d_in, width, bias=spec["bias"][label], device=old.weight.device, dtype=old.weight.dtype)
+            new = zero_width_safe_linear(
+                d_in, width, bias=spec["bias"][label], device=old.weight.device, dtype=old.weight.dtype
+            )
             original.set_submodule(name, new.train(old.training))
         original.set_processor(processor)
         original.set_processor = PrunedProcessorGuard(original)  # an instance attribute: shadows the method
