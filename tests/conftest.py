@@ -150,6 +150,10 @@ FAMILY_TABLE: dict[str, Row] = {
                                   num_decoder_layers=2, num_heads=4, relative_attention_num_buckets=8,
                                   relative_attention_max_distance=16, decoder_start_token_id=0, pad_token_id=0,
                                   eos_token_id=1), "T5ForConditionalGeneration", kind="seq2seq-lm"),
+    "mt5": Row(lambda: tf.MT5Config(vocab_size=VOCAB, d_model=64, d_kv=8, d_ff=128, num_layers=2, num_decoder_layers=2,
+                                    num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                                    decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, initializer_factor=0.1),
+               "MT5ForConditionalGeneration", kind="seq2seq-lm"),
     # image encoders read pixel_values (28x28: 4 patches of 14); build_tiny randomises DINOv2's layer scales
     "vit": Row(lambda: tf.ViTConfig(**_VISION, intermediate_size=128), "ViTModel", kind="vision"),
     "dinov2": Row(lambda: tf.Dinov2Config(**_VISION, mlp_ratio=2), "Dinov2Model", kind="vision", real="dinov2-small"),
@@ -160,6 +164,11 @@ FAMILY_TABLE: dict[str, Row] = {
                                       projection_dim=32), "CLIPModel", kind="encoder"),
     "siglip": Row(lambda: tf.SiglipConfig(text_config=_TEXT_TOWER, vision_config={**_VISION, "intermediate_size": 128}),
                   "SiglipModel", kind="encoder"),
+    # a tower saved alone (the model_types clip_text_model, clip_vision_model, siglip_text_model, siglip_vision_model)
+    **{f"{name}_{side}": Row(lambda config=config, side=side: getattr(tf, f"{config}{side.title()}Config")(
+        **(_TEXT_TOWER if side == "text" else {**_VISION, "intermediate_size": 128})),
+        f"{config}{side.title()}Model", kind="encoder" if side == "text" else "vision")
+       for name, config in (("clip", "CLIP"), ("siglip", "Siglip")) for side in ("text", "vision")},
     # LLaMA-3.2-Vision: 2 local + 1 gated global vision layers (head_dim 8), text layers self / cross / self (GQA
     # 4/2, head_dim 16); images of up to 2 tiles of 5 patches; Q-K exact in the vision stack only
     "mllama": Row(lambda: tf.MllamaConfig(
@@ -279,15 +288,21 @@ def qk_ratio(arch: str, ratio: float) -> float:
     return ratio if FAMILY_TABLE[arch].qk_exact else 0.0
 
 
-def auto_class(arch: str) -> type:
-    """The transformers auto class that loads a checkpoint of this row."""
+def auto_class(arch: str, *, pruned: bool = False) -> type:
+    """The transformers auto class that loads a checkpoint of this row (``pruned``: a pruned one, whose modeling
+    code the auto class finds through the config's auto_map)."""
     from clover.io import AUTO_CLASS  # not at import: fresh-process tests import this file without clover
 
     if FAMILY_TABLE[arch].library == "diffusers":  # its own class (diffusers' AutoModel refuses Path arguments)
         import diffusers
 
         return getattr(diffusers, FAMILY_TABLE[arch].model)
-    return getattr(tf, AUTO_CLASS[FAMILY_TABLE[arch].kind])
+    auto = getattr(tf, AUTO_CLASS[FAMILY_TABLE[arch].kind])
+    # a config the auto class has no entry for (a SigLIP text tower alone) loads through its own class. Asked of
+    # transformers' own table: loading a pruned one registers its remote class there for the rest of the process
+    if pruned or FAMILY_TABLE[arch].config().model_type in auto._model_mapping._model_mapping:
+        return auto
+    return getattr(tf, FAMILY_TABLE[arch].model)
 
 
 @pytest.fixture(params=TINY_ARCHS)

@@ -11,7 +11,6 @@ import torch
 from conftest import (
     FAMILY_TABLE,
     GENERATIVE,
-    QK_EXACT,
     TINY_ARCHS,
     VOCAB,
     auto_class,
@@ -241,7 +240,7 @@ def test_checkpoint_loads_with_trust_remote_code_in_a_fresh_process(arch, tmp_pa
     save_pruned_model(LoadedModel(model, None, "tiny", FAMILY_TABLE[arch].kind), out)
     config = json.loads((out / "config.json").read_text())
     assert config["clover"]["sites"] and "auto_map" in config and (out / "modeling_clover.py").exists()
-    auto = auto_class(arch).__name__
+    auto = auto_class(arch, pruned=True).__name__
     script = (
         "import sys, torch, transformers as tf; sys.path.insert(0, 'tests'); from conftest import model_output\n"
         f"m = tf.{auto}.from_pretrained({str(out)!r}, trust_remote_code=True).eval()\n"
@@ -253,7 +252,7 @@ def test_checkpoint_loads_with_trust_remote_code_in_a_fresh_process(arch, tmp_pa
     reloaded = torch.load(tmp_path / "out.pt", weights_only=True)
     # identical weights; a reloaded MoE may pick another expert kernel (seen: 9e-7 on Mixtral), so float32 rounding
     torch.testing.assert_close(reloaded, expected, atol=1e-5, rtol=0)
-    on_disk = sum(p.numel() for p in auto_class(arch).from_pretrained(
+    on_disk = sum(p.numel() for p in auto_class(arch, pruned=True).from_pretrained(
         out, trust_remote_code=True).parameters())  # fmt: skip
     assert on_disk == sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in build_tiny(arch).parameters())
 
@@ -326,9 +325,14 @@ def test_bad_options_are_refused_before_touching_the_model(options, message):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
-def test_rope_qk_pruning_is_refused_with_a_pointer_to_vo():
-    with pytest.raises(CloverError, match="RoPE.*V-O pruning works"):
-        prune_(build_tiny("llama"), PruneConfig(qk_ratio=0.3))
+@pytest.mark.parametrize("arch", [arch for arch in TINY_ARCHS if not FAMILY_TABLE[arch].qk_exact])
+def test_qk_pruning_where_it_is_not_exact_is_refused_naming_the_cause_and_pointing_to_vo(arch):
+    model = build_tiny(arch)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cause = family_for(model).qk_blocker.split()[0]  # "RoPE", "QK-norm"
+    with pytest.raises(CloverError, match=f"Q-K pruning is refused.*{cause}.*V-O pruning works"):
+        prune_(model, PruneConfig(qk_ratio=0.3))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_nan_weights_and_calibration_without_data_are_refused():
@@ -349,18 +353,20 @@ def test_already_pruned_model_is_refused():
         prune_(model, PruneConfig(vo_ratio=0.3))
 
 
-@pytest.mark.parametrize("arch", QK_EXACT)
+@pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_uniform_pruning_reduces_parameters_by_two_d_per_dim(arch):
+    # over every row: the count must not include what a pruned attention keeps unchanged (QK-norms)
     model = build_tiny(arch)
     sites = attention_sites(model)
-    report = prune_(model, PruneConfig(qk_ratio=0.25, vo_ratio=0.5))
+    qk_share = qk_ratio(arch, 0.25)
+    report = prune_(model, PruneConfig(qk_ratio=qk_share, vo_ratio=0.5))
     removed = report.attention_params_before - report.attention_params_after
     expected = 0
     for s in sites:
         # Q's input width may differ from K's and V's (MLA: hidden or q-LoRA vs the KV latent)
         d_q, d_kv, d_out = s.q.read()[0].shape[0], s.k.read()[0].shape[0], s.o.read()[0].shape[1]
         b_q, b_k, b_v, b_o = (p.read()[1] is not None for p in (s.q, s.k, s.v, s.o))
-        qk_cut = round(0.25 * (s.head_dim - s.rotary_dims))  # partial RoPE: a share of the pass-through dims
+        qk_cut = round(qk_share * (s.head_dim - s.rotary_dims))  # partial RoPE: a share of the pass-through dims
         vo_cut = round(0.5 * s.head_dim)
         # a Q-K dim: a column (+ bias) of each Q head and each K head; a V-O dim: a column of V, a row of O
         expected += qk_cut * (s.num_heads * (d_q + b_q) + s.num_kv_heads * (d_kv + b_k))
@@ -439,3 +445,14 @@ def test_pruning_dims_whose_singular_values_are_zero_keeps_the_function(arch):
     report = prune_(model, PruneConfig(qk_ratio=qk_share, vo_ratio=vo_share))
     assert report.attention_params_after < report.attention_params_before
     torch.testing.assert_close(model_output(model), reference, atol=OUTPUT_ATOL, rtol=0)
+
+
+def test_min_dims_is_bounded_by_the_widest_head_where_heads_differ_in_width():
+    # mllama: vision heads of 8 dims, text heads of 16: --min-dims 8 still prunes the text heads
+    model = build_tiny("mllama")
+    widths = {s.head_dim for s in attention_sites(model)}
+    assert widths == {8, 16}
+    report = prune_(model, PruneConfig(vo_ratio=0.5, min_dims=8))
+    assert report.attention_params_after < report.attention_params_before
+    with pytest.raises(CloverError, match=r"largest head_dim 16\); choose 0\.\.15"):
+        prune_(build_tiny("mllama"), PruneConfig(vo_ratio=0.5, min_dims=16))

@@ -27,10 +27,7 @@ def family_table() -> str:
         " fresh-process reload | weights tested |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    rows_by_type: dict[str, list[str]] = {}
-    for arch, row in FAMILY_TABLE.items():
-        # a diffusers row has no model_type: its family names the model class
-        rows_by_type.setdefault(getattr(row.config(), "model_type", None) or row.model, []).append(arch)
+    rows_by_type = _rows_by_type()
     for family in FAMILIES:
         keys = family.model_types + family.model_classes
         archs = [arch for model_type in keys for arch in rows_by_type.get(model_type, [])]
@@ -47,6 +44,14 @@ def family_table() -> str:
     return "\n".join(lines)
 
 
+def _rows_by_type() -> dict[str, list[str]]:
+    rows_by_type: dict[str, list[str]] = {}
+    for arch, row in FAMILY_TABLE.items():
+        # a diffusers row has no model_type: its family names the model class
+        rows_by_type.setdefault(getattr(row.config(), "model_type", None) or row.model, []).append(arch)
+    return rows_by_type
+
+
 def _qk_cell(family, archs: list[str]) -> str:
     if any(FAMILY_TABLE[a].qk_exact for a in archs):
         return "where exact (" + ", ".join(a for a in archs if FAMILY_TABLE[a].qk_exact) + ")"
@@ -60,6 +65,15 @@ def _section(text: str) -> str:
     match = re.search(re.escape(START) + r"\n(.*?)" + re.escape(END), text, re.S)
     assert match, f"README.md lacks the {START} ... {END} markers"
     return match.group(1).rstrip("\n")
+
+
+def test_every_model_type_a_family_claims_has_a_row_of_the_family_table():
+    # a family (or one of its model types) without a row would get none of the family-level tests, yet be claimed
+    from clover.families import FAMILIES
+
+    rows_by_type = _rows_by_type()
+    claimed = [key for family in FAMILIES for key in family.model_types + family.model_classes]
+    assert claimed and [key for key in claimed if key not in rows_by_type] == []
 
 
 def test_readme_family_table_matches_the_test_table():

@@ -6,6 +6,7 @@ nothing that looks complete."""
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import os
 import subprocess
@@ -69,7 +70,7 @@ def test_streamed_prune_equals_the_in_memory_one(arch, tmp_path):
         expected.kv_dims_per_token_before,
         expected.kv_dims_per_token_after,
     )
-    streamed = auto_class(arch).from_pretrained(tmp_path / "out", trust_remote_code=True).eval()
+    streamed = auto_class(arch, pruned=True).from_pretrained(tmp_path / "out", trust_remote_code=True).eval()
     torch.testing.assert_close(model_output(streamed), model_output(reference), atol=1e-5, rtol=0)
 
 
@@ -101,7 +102,7 @@ def test_calibrated_streamed_prune_equals_the_in_memory_one(tmp_path):
     stream_prune(tmp_path / "model", tmp_path / "out", config, input_moments=moments)
     reference = copy.deepcopy(model)
     prune_(reference, config, calibrate=model_output)
-    streamed = auto_class("llama").from_pretrained(tmp_path / "out", trust_remote_code=True).eval()
+    streamed = auto_class("llama", pruned=True).from_pretrained(tmp_path / "out", trust_remote_code=True).eval()
     torch.testing.assert_close(model_output(streamed), model_output(reference), atol=1e-5, rtol=0)
 
 
@@ -130,7 +131,7 @@ def test_shard_writer_output_reads_back_with_safetensors(tmp_path, background, d
     import clover.streaming as streaming
 
     monkeypatch.setattr(streaming, "DIRECT_WRITES", direct)
-    monkeypatch.setattr(streaming._OutputFile, "BLOCK", 8192)  # tensors span blocks, and blocks hold several
+    monkeypatch.setattr(streaming.OutputFile, "BLOCK", 8192)  # tensors span blocks, and blocks hold several
 
     tensors = {f"t{i}": torch.randn(64, 32 + i).to(dtype) for i, dtype in
                enumerate([torch.float32, torch.bfloat16, torch.float16, torch.float64])}  # fmt: skip
@@ -147,6 +148,50 @@ def test_shard_writer_output_reads_back_with_safetensors(tmp_path, background, d
     assert loaded.keys() == tensors.keys()
     for name, tensor in tensors.items():
         assert torch.equal(loaded[name], tensor), name
+
+
+def _direct_writes_failing_once(monkeypatch, errno_code: int, *, after_bytes: int) -> list[int]:
+    """Direct writes of 8 kB blocks; the second block's write puts ``after_bytes`` out, then fails with errno_code."""
+    import clover.streaming as streaming
+
+    monkeypatch.setattr(streaming, "DIRECT_WRITES", True)
+    monkeypatch.setattr(streaming.OutputFile, "BLOCK", 8192)
+    write_all, calls = streaming.OutputFile._write_all, []
+
+    def failing(self, data):
+        calls.append(len(data))
+        if len(calls) == 2:
+            os.write(self.fd, data[:after_bytes])
+            raise OSError(errno_code, os.strerror(errno_code))
+        write_all(self, data)
+
+    monkeypatch.setattr(streaming.OutputFile, "_write_all", failing)
+    return calls
+
+
+def test_a_direct_write_refused_mid_block_goes_on_through_the_page_cache_without_duplicating(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    calls = _direct_writes_failing_once(monkeypatch, errno.EINVAL, after_bytes=4096)  # half a block already out
+    tensors = {"a": torch.randn(40, 100), "b": torch.arange(900)}
+    with ShardWriter(tmp_path) as writer:
+        for name, tensor in tensors.items():
+            writer.add(name, tensor)
+        writer.close()
+    assert len(calls) > 2, "the failure hit a block in the middle of the file"
+    loaded = load_file(tmp_path / "model.safetensors")
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in tensors.items())
+
+
+def test_a_full_disk_under_direct_writes_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    _sharded("llama", tmp_path / "model")
+    capsys.readouterr()
+    _direct_writes_failing_once(monkeypatch, errno.ENOSPC, after_bytes=0)
+    arguments = ["decompose", str(tmp_path / "model"), "--out", str(tmp_path / "out"), "--stream", "--quiet"]
+    assert main(arguments) == 1
+    err = capsys.readouterr().err.strip()
+    assert "No space left" in err and len(err.splitlines()) == 1, err  # the OSError, not a BufferError traceback
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
 def test_cli_streams_decompose_and_prune_and_an_interrupted_run_leaves_nothing(tmp_path, capsys, monkeypatch):
@@ -272,3 +317,49 @@ def test_calibrated_streamed_prune_of_a_real_model_scores_as_the_in_memory_one(t
         assert main(["eval", str(out), "--tokens", "512", "--json", "--quiet"]) == 0
         perplexities.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["wikitext2_test_ppl"])
     assert perplexities[0] == pytest.approx(perplexities[1], rel=1e-6)
+
+
+def test_ctrl_c_again_while_the_writer_thread_finishes_still_waits_for_it(tmp_path, monkeypatch):
+    import threading
+
+    import clover.streaming as streaming
+
+    release, written = threading.Event(), []
+
+    def slow_write(path, header, tensors):
+        release.wait(10)
+        written.append(path.name)
+
+    monkeypatch.setattr(streaming, "_write_shard", slow_write)
+    writer = ShardWriter(tmp_path, shard_bytes=16)
+    writer.add("a", torch.zeros(8))  # a full shard: handed to the writer thread, which is still writing it
+
+    def interrupted_wait():  # the Ctrl-C that stopped the run is pressed again while the shard is waited for...
+        raise KeyboardInterrupt
+
+    join, calls = writer._writer.shutdown, []
+
+    def interrupted_join(wait=True):
+        calls.append(wait)
+        if len(calls) == 1:  # ...and once more while the thread is joined
+            raise KeyboardInterrupt
+        release.set()  # the thread finishes only if it is waited for again
+        join(wait=wait)
+
+    monkeypatch.setattr(writer, "_wait", interrupted_wait)
+    monkeypatch.setattr(writer._writer, "shutdown", interrupted_join)
+    with pytest.raises(KeyboardInterrupt):
+        writer.shutdown(raise_error=False)
+    assert written == ["shard-00000.tmp"], "shutdown returned while the thread could still write into the directory"
+
+
+def test_a_tower_without_an_auto_class_loads_stock_after_a_pruned_one_was_loaded_in_the_same_process(tmp_path):
+    # transformers registers the pruned remote class for SiglipTextConfig; stock checkpoints still load as stock
+    model = _sharded("siglip_text", tmp_path / "model")
+    (tmp_path / "pruned").mkdir()
+    stream_prune(tmp_path / "model", tmp_path / "pruned", PruneConfig(vo_ratio=0.5))
+    auto_class("siglip_text", pruned=True).from_pretrained(tmp_path / "pruned", trust_remote_code=True)
+    stock = auto_class("siglip_text").from_pretrained(tmp_path / "model").eval()
+    torch.testing.assert_close(model_output(stock), model_output(model), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="describes no pruned attention.*SiglipTextModel"):
+        tf.AutoModel.from_pretrained(tmp_path / "model")  # the registered remote class: one clear line

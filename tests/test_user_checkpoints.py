@@ -246,18 +246,40 @@ DAMAGE = {
     "wrong-shape": (lambda p: _edit_config(p, intermediate_size=100), "in the weights but config.json implies"),
     "heads-do-not-divide": (lambda p: _edit_config(p, num_attention_heads=5, head_dim=None), "not a multiple"),
     "truncated-tokenizer": (lambda p: _truncate(p / "tokenizer.json"), "cannot read the tokenizer"),
+    # transformers would fill what is missing at random and load: a model computing something else
+    "a-tensor-missing": (
+        lambda p: _drop_tensor(p / "model.safetensors", "model.layers.1.self_attn.k_proj.weight"),
+        "lacks 1 weight(s) the model needs (model.layers.1.self_attn.k_proj.weight)",
+    ),
+    "more-layers-in-config": (lambda p: _edit_config(p, num_hidden_layers=3), "lacks 9 weight(s) the model needs"),
 }
+# --stream reads the weights itself (and a prune without calibration reads no tokenizer): its own words for these
+STREAMED_DAMAGE = {"truncated-weights": "damaged or truncated", "truncated-tokenizer": None}
 
 
+def _drop_tensor(file: Path, name: str) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(file)
+    del tensors[name]
+    save_file(tensors, file, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["in-memory", "streamed"])
 @pytest.mark.parametrize("damage", list(DAMAGE))
-def test_a_damaged_checkpoint_is_one_line_and_writes_nothing(damage, workspace, tmp_path, capsys):
+def test_a_damaged_checkpoint_is_one_line_and_writes_nothing(damage, stream, workspace, tmp_path, capsys):
     path = tmp_path / "llama"
     _model("llama", {}).save_pretrained(path)
     _tokenizer("llama").save_pretrained(path)
     spoil, expected = DAMAGE[damage]
+    if stream:
+        expected = STREAMED_DAMAGE.get(damage, expected)
+        if expected is None:
+            pytest.skip("not read by this command")
     spoil(path)
     out_dir = tmp_path / "out"
-    code, _, err = run(capsys, "prune", path, "--vo-ratio", "0.5", "--out", out_dir, "--quiet")
+    code, _, err = run(capsys, "prune", path, "--vo-ratio", "0.5", "--out", out_dir, "--quiet",
+                       "--stream" if stream else "--no-stream")  # fmt: skip
     line = one_line_error(code, err)
     assert expected in line
     if damage in ("missing-model-type", "unknown-model-type"):
@@ -370,11 +392,13 @@ def test_a_number_outside_its_range_is_refused_before_loading(case, tmp_path, ca
 
 
 @pytest.mark.parametrize("min_dims", [16, 17])
-def test_min_dims_that_keep_every_dim_are_refused_with_the_head_dim(min_dims, tmp_path, capsys):
+@pytest.mark.parametrize("stream", ["--no-stream", "--stream"])
+def test_min_dims_that_keep_every_dim_are_refused_with_the_head_dim(min_dims, stream, tmp_path, capsys):
     path = tmp_path / "llama"
     build_tiny("llama").save_pretrained(path)  # head_dim 64 / 4 = 16
     out_dir = tmp_path / "out"
-    code, _, err = run(capsys, "prune", path, "--vo-ratio", "0.5", "--min-dims", min_dims, "--out", out_dir, "--quiet")
+    code, _, err = run(capsys, "prune", path, "--vo-ratio", "0.5", "--min-dims", min_dims, "--out", out_dir, "--quiet",
+                       stream)  # fmt: skip
     line = one_line_error(code, err)
     assert "head_dim 16" in line and "0..15" in line
     assert not out_dir.exists() and not list(tmp_path.glob(".out*"))
@@ -415,3 +439,17 @@ def test_a_tokenizer_from_elsewhere_keys_the_moments_and_travels_with_the_pruned
     code, out, err = run(capsys, "eval", tmp_path / "a", *EVAL)
     assert code == 0, err
     assert finite(report(out)["wikitext2_test_ppl"])
+
+
+@pytest.mark.parametrize("stream", ["--no-stream", "--stream"])
+def test_a_task_checkpoint_saved_without_the_base_models_pooler_decomposes(stream, tmp_path, capsys):
+    # BertForMaskedLM (run_mlm's output) and ViTForImageClassification have no pooler; AutoModel adds one
+    path, out = tmp_path / "mlm", tmp_path / "out"
+    torch.manual_seed(0)
+    tf.BertForMaskedLM(build_tiny("bert").config).eval().save_pretrained(path)
+    code, _, err = run(capsys, "decompose", path, "--out", out, "--quiet", stream)
+    assert code == 0, err
+    ids = torch.arange(3, 19).reshape(2, 8)
+    expected = tf.BertModel.from_pretrained(path, add_pooling_layer=False).eval()(ids).last_hidden_state
+    decomposed = tf.BertModel.from_pretrained(out).eval()(ids).last_hidden_state
+    torch.testing.assert_close(decomposed, expected, atol=1e-5, rtol=0)

@@ -712,16 +712,28 @@ def _load_own_checkpoint(family: Family, path: pathlib.Path, dtype: torch.dtype 
             f"cannot load the checkpoint in {path}: {_one_line(error)}. Check config.json against the weights, "
             "or save the model again with save_pretrained"
         ) from None
-    _warn_missing(path, info.get("missing_keys"))
+    _refuse_missing(path, info.get("missing_keys"))
     return model
 
 
-def _warn_missing(path: pathlib.Path, missing: list[str] | None) -> None:
+def _refuse_missing(path: pathlib.Path, missing: list[str] | None) -> None:
+    """transformers fills weights a checkpoint lacks at random (with a log line): a model that computes something
+    else, which clover would rewrite and write out as if complete, so it is refused. A pooler is the exception:
+    a task model (BertForMaskedLM, ViTForImageClassification) is saved without the one the base model adds on
+    top, and the hidden states clover reads and rewrites do not pass through it."""
+    missing = sorted(missing or [])
+    pooler = [name for name in missing if "pooler" in name.split(".")]
+    missing = [name for name in missing if name not in pooler]
     if missing:
-        missing = sorted(missing)
+        raise CloverError(
+            f"{path} lacks {len(missing)} weight(s) the model needs ({', '.join(missing[:3])}"
+            f"{', ...' if len(missing) > 3 else ''}): the checkpoint is incomplete, or its config.json does not "
+            "belong to these weights"
+        )
+    if pooler:
         print(
-            f"clover: warning: {len(missing)} weight(s) missing from {path} were initialised at random "
-            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})",
+            f"clover: note: {path} has no pooler ({', '.join(pooler[:2])}); the base model's pooler is initialised "
+            "at random and written as such (the hidden states do not pass through it)",
             file=sys.stderr,
         )
 
@@ -762,7 +774,7 @@ def _from_pretrained(cls: Any, path: pathlib.Path, dtype: torch.dtype | None, re
             f"{path}: tensor {name} has shape {list(stored)} in the weights but config.json implies {list(expected)} "
             f"({len(info['mismatched_keys'])} tensor(s) differ); the config does not belong to these weights"
         )
-    _warn_missing(path, info.get("missing_keys"))
+    _refuse_missing(path, info.get("missing_keys"))
     return model.eval()
 
 
@@ -812,9 +824,12 @@ def model_kind(config: dict[str, Any]) -> tuple[str, Any]:
     image_text = modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(model_type)
     if "AutoModelForImageTextToText" in auto_map or (image_text is not None and arch in ("", image_text)):
         return "image-text-to-text", AutoModelForImageTextToText
-    if "image_size" in config and "vocab_size" not in config:  # pixels in and no token vocabulary: an image encoder
-        return "vision", AutoModel
-    return "encoder", AutoModel
+    kind = "vision" if "image_size" in config and "vocab_size" not in config else "encoder"  # pixels, no vocabulary
+    # a model_type AutoModel has no entry for (SigLIP's text tower saved alone) loads as the class it was saved as
+    own_class = isinstance(getattr(transformers, arch, None), type)
+    if not auto_map and model_type not in modeling_auto.MODEL_MAPPING_NAMES and own_class:
+        return kind, getattr(transformers, arch)
+    return kind, AutoModel
 
 
 def _load_directory(

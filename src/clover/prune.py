@@ -432,6 +432,15 @@ def check_prunable(model: nn.Module, config: PruneConfig, *, check_values: bool 
                 f"stack; its stacks are {', '.join(present)}"
             )
     sites = [s for s in every_site if config.prunes_in("qk", s.stack) or config.prunes_in("vo", s.stack)]
+    # every dim of every head kept: a run that prunes nothing, silently. Heads of several widths (a UNet's 40, 80
+    # and 160) are pruned where wider than --min-dims, so only the widest bounds it
+    widths = sorted({s.head_dim for s in sites})
+    if widths and config.min_dims >= widths[-1]:
+        stated = f"head_dim {widths[0]}" if len(widths) == 1 else f"largest head_dim {widths[-1]}"
+        raise CloverError(
+            f"--min-dims {config.min_dims} keeps every dim of {type(model).__name__}'s heads ({stated}); "
+            f"choose 0..{widths[-1] - 1}"
+        )
     blocked = next((s for s in sites if s.qk_blocker and config.prunes_in("qk", s.stack)), None)
     if blocked is not None:
         # stacks where every site's Q-K is exact (Mllama's vision encoder): Q-K pruning restricted to them works

@@ -203,7 +203,7 @@ class ShardWriter:
                 raise
         finally:
             if self._writer is not None:
-                self._writer.shutdown(wait=True)
+                _join_through_interrupts(self._writer)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         tensor = tensor.detach().to("cpu")
@@ -266,9 +266,23 @@ class ShardWriter:
         (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
+def _join_through_interrupts(executor: ThreadPoolExecutor) -> None:
+    """Wait for the writer thread even through another Ctrl-C (then raised after it): the caller removes the
+    output directory next, and a thread still writing into it would leave a file behind."""
+    interrupted = False
+    while True:
+        try:
+            executor.shutdown(wait=True)
+            break
+        except KeyboardInterrupt:
+            interrupted = True
+    if interrupted:
+        raise KeyboardInterrupt
+
+
 def _write_shard(path: pathlib.Path, encoded_header: bytes, tensors: dict[str, torch.Tensor]) -> None:
     """Write one shard; each tensor is let go of once written (``tensors`` is the writer's, emptied here)."""
-    with _OutputFile(path) as f:
+    with OutputFile(path) as f:
         f.write(
             torch.frombuffer(bytearray(len(encoded_header).to_bytes(8, "little") + encoded_header), dtype=torch.uint8)
         )
@@ -284,7 +298,7 @@ def _write_shard(path: pathlib.Path, encoded_header: bytes, tensors: dict[str, t
 DIRECT_WRITES = os.environ.get("CLOVER_DIRECT_WRITES", "1") != "0"
 
 
-class _OutputFile:
+class OutputFile:
     """A file written past the page cache (O_DIRECT, through an aligned block buffer) where the OS and the
     filesystem allow it, else as a plain file. Copying gigabytes into the page cache costs the kernel more than
     the disk does: 5 GB took 38 s buffered (32 s of it system time) and 4.4 s direct on this project's VM, and the
@@ -294,7 +308,7 @@ class _OutputFile:
     ALIGN = 4096  # offsets and lengths of direct writes: a multiple of any disk's logical block size
 
     def __init__(self, path: pathlib.Path):
-        self.path, self.size, self.used = path, 0, 0
+        self.path, self.size, self.used, self.flushed = path, 0, 0, 0
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
         direct = getattr(os, "O_DIRECT", 0) if DIRECT_WRITES else 0
         self.fd = -1
@@ -306,11 +320,15 @@ class _OutputFile:
         self.direct = self.fd >= 0
         if not self.direct:
             self.fd = os.open(path, flags, 0o666)
-        else:
+            return
+        try:
             self.buffer = mmap.mmap(-1, self.BLOCK)  # page-aligned, as direct writes need
-            self.staged = torch.frombuffer(self.buffer, dtype=torch.uint8)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.staged = torch.frombuffer(self.buffer, dtype=torch.uint8)
 
-    def __enter__(self) -> _OutputFile:
+    def __enter__(self) -> OutputFile:
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -321,7 +339,10 @@ class _OutputFile:
             os.close(self.fd)
             if self.direct:
                 del self.staged
-                self.buffer.close()
+                try:
+                    self.buffer.close()
+                except BufferError:  # a failed write's traceback still holds a view: freed with it instead
+                    pass
 
     def write(self, data: torch.Tensor) -> None:
         """Append ``data`` (uint8, one dimension)."""
@@ -348,7 +369,9 @@ class _OutputFile:
             import fcntl
 
             fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+            os.lseek(self.fd, self.flushed, os.SEEK_SET)  # the block again from its start, had part of it gone out
             self._write_all(memoryview(self.buffer)[:length])
+        self.flushed += length
         self.used = 0
 
     def _finish(self) -> None:
@@ -391,11 +414,14 @@ class StreamedModel:
     algorithm rewrite it, writes it into ``writer`` and frees it again.
     """
 
-    def __init__(self, directory: str | os.PathLike, *, device: torch.device | str = "cpu"):
+    def __init__(
+        self, directory: str | os.PathLike, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+    ):
         from accelerate import init_empty_weights
+        from huggingface_hub.errors import StrictDataclassError  # a config field that fails its validator
         from transformers import AutoConfig
 
-        from .models import _read_config, model_kind
+        from .models import _one_line, _read_config, model_kind
 
         self.directory = pathlib.Path(directory)
         config_dict = _read_config(self.directory)
@@ -406,12 +432,20 @@ class StreamedModel:
             )
         self.reader = CheckpointReader(self.directory)
         self.kind, auto_class = model_kind(config_dict)
-        self.dtype = self.reader.dtype()
+        # the layers are read into the output's dtype when it differs (bf16 in, float32 out: the rewrite is made in
+        # float32, not rounded to bf16 first); the checkpoint's own otherwise
+        self.dtype = dtype or self.reader.dtype()
         self.device = torch.device(device)
-        config = AutoConfig.from_pretrained(self.directory)
-        # buffers stay real: rotary frequencies and the like are computed at construction, not stored
-        with init_empty_weights(include_buffers=False):
-            self.model = auto_class.from_config(config, dtype=self.dtype)
+        try:
+            config = AutoConfig.from_pretrained(self.directory)
+            # buffers stay real: rotary frequencies and the like are computed at construction, not stored
+            with init_empty_weights(include_buffers=False):
+                build = getattr(auto_class, "from_config", None) or auto_class._from_config  # an auto or model class
+                self.model = build(config, dtype=self.dtype)
+        except (ValueError, KeyError, TypeError, AttributeError, StrictDataclassError) as error:
+            raise CloverError(
+                f"cannot build the model of {self.directory / 'config.json'}: {_one_line(error)}; fix config.json"
+            ) from None
         self.model.tie_weights()  # a head that shares the embedding is one parameter, as in the loaded model
         self.model.eval()
         self._compute_unsaved()
@@ -468,16 +502,27 @@ class StreamedModel:
         return map(lambda item: (by_stored[item[0]], item[1]), self.reader.read(list(by_stored)))
 
     def _check_names(self) -> None:
+        """Every tensor the model needs is stored, with the shape the config implies (read from the files' headers,
+        so a checkpoint that does not fit is refused before anything is written)."""
+        from .models import _refuse_missing
+
         stored = set(self.stored)
         # tied weights (an output head sharing the embedding) are absent from the files by design
         tied = set(getattr(self.model, "all_tied_weights_keys", None) or {})
         missing = [name for name in self._names if name not in stored and name not in tied and self._is_meta(name)]
-        if missing:
-            raise CloverError(
-                f"{self.directory}: the weights are not named as transformers' {type(self.model).__name__} names "
-                f"them (no {missing[0]}, {len(missing)} in all); streaming needs a checkpoint written by "
-                "save_pretrained of this transformers version: run without --stream"
-            )
+        _refuse_missing(self.directory, missing)  # as the in-memory path says it
+        shapes = {name: tensor.shape for name, tensor in self.model.state_dict().items()}
+        for name, stored_name in self.stored.items():
+            path = self.reader.files[stored_name]
+            entry = self.reader.header(path)[0].get(stored_name)
+            if entry is not None and name in shapes and list(entry["shape"]) != list(shapes[name]):
+                raise CloverError(
+                    f"{path}: tensor {stored_name} has shape {entry['shape']} in the weights but config.json implies "
+                    f"{list(shapes[name])}; the config does not belong to these weights"
+                )
+
+    def _as_model_dtype(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(self.dtype) if tensor.is_floating_point() and tensor.dtype != self.dtype else tensor
 
     def _is_meta(self, name: str) -> bool:
         module_name, _, attr = name.rpartition(".")
@@ -507,7 +552,7 @@ class StreamedModel:
         names = self._unit_names(unit)
         tensors = prefetched.result() if prefetched is not None else list(self._read(names))
         for name, tensor in tensors:
-            set_module_tensor_to_device(self.model, name, self.device, value=tensor)
+            set_module_tensor_to_device(self.model, name, self.device, value=self._as_model_dtype(tensor))
         tensors.clear()  # the model holds them now; the future holds this very list, so it lets go of them too
         module = self.model.get_submodule(unit)
         try:
@@ -569,7 +614,7 @@ def stream_decompose(
     from .decompose import decompose_site
 
     directory = pathlib.Path(directory)
-    streamed = StreamedModel(source, device=device)
+    streamed = StreamedModel(source, device=device, dtype=dtype)
     sites = streamed.sites()
     with ShardWriter(directory, dtype=dtype, shard_bytes=shard_bytes) as streamed.writer, torch.no_grad():
         bar = tqdm(total=len(sites), desc="factorizing attention", unit="attn", disable=not progress)
@@ -610,7 +655,7 @@ def stream_prune(
     from .prune import prune_
 
     directory = pathlib.Path(directory)
-    streamed = StreamedModel(source, device=device)
+    streamed = StreamedModel(source, device=device, dtype=dtype)
     with ShardWriter(directory, dtype=dtype, shard_bytes=shard_bytes) as streamed.writer:
         report = prune_(
             streamed.model, config, input_moments=input_moments, compute_dtype=compute_dtype, progress=progress,
