@@ -72,7 +72,10 @@ def test_adapter_on_a_pruned_model_is_exact_trains_and_merges_into_the_pruned_la
     assert (trained - reference).abs().max() > 1e-3  # training changed the function
     merged = clover.merge_and_unload()
     assert _count(merged) == count and merged.config.clover == specs  # same pruned dims, same parameter count
-    torch.testing.assert_close(model_output(merged), trained, atol=ATOL, rtol=0)
+    # the merge rounds each weight to float32 once more, an error that grows with the activations' scale (T5, whose
+    # attention has no 1/sqrt(d): 1.3e-5 at outputs up to 3.7 on an Intel Xeon, 3.5e-6 of the scale)
+    scale = max(1.0, float(trained.abs().max()))
+    torch.testing.assert_close(model_output(merged), trained, atol=ATOL * scale, rtol=0)
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
