@@ -85,6 +85,8 @@ def test_prune_writes_a_smaller_checkpoint_and_reports_json(tiny_checkpoint, tmp
         (["--vo-ratio", "1.5"], "[0, 1)"),
         (["--qk-ratio", "-0.2"], "[0, 1)"),
         (["--threshold", "nan"], "finite"),
+        (["--threshold", "inf"], "--threshold inf must be a finite"),  # the flag typed, not the pair it sets
+        (["--vo-threshold", "-1"], "--vo-threshold -1.0 must be a finite singular value ≥ 0"),
         ([], "nothing to prune"),
         (["--vo-ratio", "0.5", "--device", "gpu0"], "--device 'gpu0' is not supported; use cpu, cuda"),
     ],

@@ -108,3 +108,18 @@ def test_saving_an_adapter_into_a_users_folder_keeps_the_modes_of_the_users_file
     assert stat.S_IMODE((folder / "private").stat().st_mode) == 0o700
     assert stat.S_IMODE(notes.stat().st_mode) == 0o600  # a hard link of the user's file: chmod would change theirs
     assert {stat.S_IMODE(p.stat().st_mode) for p in folder.glob("*.safetensors")} == {0o640}
+
+
+def test_ctrl_c_after_the_output_was_committed_says_it_is_complete(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+
+    def prune_then_interrupted(args):
+        with atomic_directory(out) as staging:
+            (staging / "config.json").write_text("{}")
+        raise KeyboardInterrupt  # pressed while the report is printed
+
+    monkeypatch.setattr(clover.cli, "cmd_prune", prune_then_interrupted)
+    assert main(["prune", "anything", "--vo-ratio", "0.5", "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert err == f"clover: interrupted after {out} was written (complete); nothing else was written\n"
+    assert (out / "config.json").read_text() == "{}"

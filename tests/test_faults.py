@@ -286,6 +286,16 @@ def test_spectrum_out_names_the_file_it_wrote_and_refuses_unknown_formats(gpt2_d
     assert "is a directory" in one_line(capsys)
 
 
+def test_spectrum_never_replaces_an_existing_file_unless_told(gpt2_dir, tmp_path, capsys):
+    mine = tmp_path / "mine.png"
+    mine.write_text("precious")
+    assert main(["spectrum", str(gpt2_dir), "--out", str(mine), "--quiet"]) == 2
+    assert "already exists; pass --overwrite" in one_line(capsys) and mine.read_text() == "precious"
+    assert main(["spectrum", str(gpt2_dir), "--out", str(mine), "--quiet", "--overwrite"]) == 0
+    assert mine.read_bytes().startswith(b"\x89PNG")
+    assert not list(tmp_path.glob(".mine*"))  # no partial file beside it
+
+
 # ---------------------------------------------------------------- cache command, dtype
 
 

@@ -441,15 +441,107 @@ def test_a_tokenizer_from_elsewhere_keys_the_moments_and_travels_with_the_pruned
     assert finite(report(out)["wikitext2_test_ppl"])
 
 
-@pytest.mark.parametrize("stream", ["--no-stream", "--stream"])
-def test_a_task_checkpoint_saved_without_the_base_models_pooler_decomposes(stream, tmp_path, capsys):
-    # BertForMaskedLM (run_mlm's output) and ViTForImageClassification have no pooler; AutoModel adds one
-    path, out = tmp_path / "mlm", tmp_path / "out"
+def _vit_classifier() -> torch.nn.Module:
+    from conftest import FAMILY_TABLE
+
+    return tf.ViTForImageClassification(FAMILY_TABLE["vit"].config())
+
+
+# checkpoints saved with a task head: AutoModel would load their base model and drop the head
+TASK_HEADS = {
+    "bert-masked-lm": lambda: tf.BertForMaskedLM(build_tiny("bert").config),
+    "bert-classifier": lambda: tf.BertForSequenceClassification(build_tiny("bert").config),
+    "llama-classifier": lambda: tf.LlamaForSequenceClassification(
+        build_tiny("llama").config.__class__(**{**build_tiny("llama").config.to_dict(), "pad_token_id": 0})
+    ),
+    "vit-classifier": _vit_classifier,
+}
+
+
+def _task_output(model: torch.nn.Module) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        if model.main_input_name == "pixel_values":
+            return model(pixel_values=torch.randn(2, 3, 28, 28, generator=generator)).logits
+        return model(input_ids=torch.randint(3, 90, (2, 8), generator=generator)).logits
+
+
+@pytest.mark.parametrize("head", list(TASK_HEADS))
+def test_a_checkpoint_with_a_task_head_keeps_it_through_decompose_and_prune_streamed_or_not(head, tmp_path, capsys):
+    path = tmp_path / "model"
     torch.manual_seed(0)
-    tf.BertForMaskedLM(build_tiny("bert").config).eval().save_pretrained(path)
-    code, _, err = run(capsys, "decompose", path, "--out", out, "--quiet", stream)
-    assert code == 0, err
-    ids = torch.arange(3, 19).reshape(2, 8)
-    expected = tf.BertModel.from_pretrained(path, add_pooling_layer=False).eval()(ids).last_hidden_state
-    decomposed = tf.BertModel.from_pretrained(out).eval()(ids).last_hidden_state
-    torch.testing.assert_close(decomposed, expected, atol=1e-5, rtol=0)
+    original = TASK_HEADS[head]().eval()
+    original.save_pretrained(path)
+    expected = _task_output(original)
+    outputs = {}
+    for stream in ("--no-stream", "--stream"):
+        out = tmp_path / f"decomposed{stream}"
+        code, _, err = run(capsys, "decompose", path, "--out", out, "--quiet", stream)
+        assert code == 0, err
+        assert json.loads((out / "config.json").read_text())["architectures"] == [type(original).__name__]
+        outputs[stream] = _task_output(type(original).from_pretrained(out).eval())
+        torch.testing.assert_close(outputs[stream], expected, atol=1e-5, rtol=0)  # the head's output: exact
+        pruned = tmp_path / f"pruned{stream}"
+        code, _, err = run(capsys, "prune", path, "--vo-ratio", "0.5", "--out", pruned, "--quiet", stream)
+        assert code == 0, err
+        reloaded = tf.AutoModel.from_pretrained(pruned, trust_remote_code=True).eval()
+        assert type(reloaded).__name__ == f"Clover{type(original).__name__}"
+        outputs[f"pruned{stream}"] = _task_output(reloaded)
+    torch.testing.assert_close(outputs["pruned--stream"], outputs["pruned--no-stream"], atol=1e-5, rtol=0)
+    code, out, err = run(capsys, "eval", tmp_path / "pruned--stream", "--json", "--quiet")
+    assert code == 0 and json.loads(out)["parameters"] > 0, err
+
+
+@pytest.mark.parametrize("stream", ["--no-stream", "--stream"])
+def test_stored_tensors_the_config_has_no_place_for_are_refused_or_left_out(stream, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    fewer, extra = tmp_path / "fewer-layers", tmp_path / "extra-tensor"
+    for path in (fewer, extra):
+        build_tiny("llama").save_pretrained(path)
+    _edit_config(fewer, num_hidden_layers=1)  # layer 1's tensors stay in the file
+    code, _, err = run(capsys, "prune", fewer, "--vo-ratio", "0.5", "--out", tmp_path / "o1", "--quiet", stream)
+    line = one_line_error(code, err)
+    assert "has no place for" in line and "model.layers.1." in line
+    assert not (tmp_path / "o1").exists()
+    tensors = load_file(extra / "model.safetensors")
+    tensors["value_head.weight"] = torch.ones(1, 64)
+    save_file(tensors, extra / "model.safetensors", metadata={"format": "pt"})
+    code, _, err = run(capsys, "decompose", extra, "--out", tmp_path / "o2", "--quiet", stream)
+    assert code == 0 and "1 tensor(s)" in err and "value_head.weight" in err and "left out" in err, err
+    index = tmp_path / "o2" / "model.safetensors.index.json"
+    names = json.loads(index.read_text())["weight_map"] if index.exists() else load_file(
+        tmp_path / "o2" / "model.safetensors")  # fmt: skip
+    assert "value_head.weight" not in names and "model.layers.1.self_attn.q_proj.weight" in names
+
+
+def test_streaming_says_nothing_but_clovers_own_line_for_a_config_transformers_warns_about(tmp_path):
+    # GPT-2's default bos/eos id 50256 lies outside a small vocabulary: transformers warns on every config load.
+    # In a subprocess: in pytest's process transformers' log handler is not where a terminal would see it
+    import subprocess
+    import sys
+
+    path = tmp_path / "gpt2"
+    tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=96, n_positions=64, n_embd=64, n_layer=2, n_head=4)).save_pretrained(
+        path
+    )
+    clover = [sys.executable, "-m", "clover.cli"]
+    refused = subprocess.run([*clover, "prune", str(path), "--vo-ratio", "0.5", "--min-dims", "17", "--stream",
+                              "--quiet", "--out", str(tmp_path / "out")], capture_output=True, text=True)  # fmt: skip
+    one_line_error(refused.returncode, refused.stderr)
+    done = subprocess.run([*clover, "decompose", str(path), "--stream", "--quiet", "--out", str(tmp_path / "dec")],
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+
+
+def test_a_whisper_written_streamed_or_not_carries_the_same_feature_extractor(tmp_path, capsys):
+    path = tmp_path / "whisper"
+    build_tiny("whisper").save_pretrained(path)  # no preprocessor_config.json, as save_pretrained of a model alone
+    written = {}
+    for stream in ("--no-stream", "--stream"):
+        out = tmp_path / f"out{stream}"
+        code, _, err = run(capsys, "prune", path, "--vo-ratio", "0.5", "--out", out, "--quiet", stream)
+        assert code == 0, err
+        written[stream] = json.loads((out / "preprocessor_config.json").read_text())
+    assert written["--stream"] == written["--no-stream"]
+    assert written["--stream"]["feature_size"] == build_tiny("whisper").config.num_mel_bins

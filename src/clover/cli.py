@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import pathlib
 import signal
@@ -43,7 +44,7 @@ def probe_output(loaded):
     context. A family that reads its own checkpoints (a diffusers UNet) probes itself: one seeded denoising step."""
     import torch
 
-    from .evaluate import context_length
+    from .evaluate import context_length, encoder_of
     from .families import checkpoint_family, family_for
 
     model = loaded.model
@@ -66,7 +67,7 @@ def probe_output(loaded):
 
         with torch.no_grad():
             pixels = pixel_values(loaded, SCORING_IMAGES[:1]).to(device, model.dtype)
-            return model(pixel_values=pixels).last_hidden_state.double()
+            return encoder_of(model)(pixel_values=pixels).last_hidden_state.double()
     generator = torch.Generator().manual_seed(0)
     tokens = min(16, context_length(model) or 16)
     vocab = model.config.get_text_config().vocab_size  # an image-text model's sits in its text_config
@@ -222,7 +223,7 @@ def cmd_spectrum(args: argparse.Namespace) -> int:
     from .decompose import spectrum
     from .models import load_model
 
-    plot_path = _plot_path(args.out) if args.out else None  # refused before minutes of work, not after
+    plot_path = _plot_path(args.out, overwrite=args.overwrite) if args.out else None  # refused before the work
     loaded = load_model(args.model)
     spectra = spectrum(loaded.model, progress=not args.quiet)
     rows = _summary_rows(spectra)
@@ -249,8 +250,9 @@ def cmd_spectrum(args: argparse.Namespace) -> int:
 PLOT_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg")
 
 
-def _plot_path(out: str) -> os.PathLike:
-    """The file a plot goes to: --out as given, with .png added when it names no image format."""
+def _plot_path(out: str, *, overwrite: bool = False) -> os.PathLike:
+    """The file a plot goes to: --out as given, with .png added when it names no image format; an existing file
+    is replaced only with ``overwrite``."""
     from pathlib import Path
 
     from .errors import CloverError
@@ -263,6 +265,8 @@ def _plot_path(out: str) -> os.PathLike:
         path = path.with_name(path.name + ".png")
     elif suffix not in PLOT_FORMATS:
         raise CloverError(f"--out {out}: unsupported image format .{suffix}; use one of .{', .'.join(PLOT_FORMATS)}")
+    if path.exists() and not overwrite:
+        raise CloverError(f"--out {path} already exists; pass --overwrite to replace it, or choose another name")
     for parent in path.resolve().parents:
         if parent.exists():
             if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
@@ -290,6 +294,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .prune import CALIBRATED, PruneConfig, check_prunable, prune_, set_clover_record
     from .quality import calibration_length, calibration_moments, check_calibration_settings, refuse_uncalibrated
 
+    for flag in ("threshold", "qk_threshold", "vo_threshold"):  # named as the user typed it, before PruneConfig's check
+        value = getattr(args, flag)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise CloverError(f"--{flag.replace('_', '-')} {value} must be a finite singular value ≥ 0")
     qk_threshold = args.qk_threshold if args.qk_threshold is not None else args.threshold
     vo_threshold = args.vo_threshold if args.vo_threshold is not None else args.threshold
     config = PruneConfig(
@@ -586,7 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
         "spectrum",
         help="print per-layer singular-value summaries for Q-K and V-O, and plot them",
         description="Compute each head's Q-K and V-O singular values without changing the model; print one line "
-        "per layer and pair (largest, median, smallest σ, and how many dims hold 90%% of the energy).",
+        "per layer and pair (largest, median, smallest σ, and how many dims hold 90% of the energy).",
     )
     p.add_argument("model", help=MODEL_HELP)
     p.add_argument(
@@ -594,6 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="image file for the plot (.png, .pdf, .svg, .jpg; .png is added to a name without one): one panel per "
         "stack and pair, one line per layer",
     )
+    p.add_argument("--overwrite", action="store_true", help="replace the --out image if it exists")
     p.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_spectrum)
@@ -750,25 +759,39 @@ def main(argv: list[str] | None = None) -> int:
         print("clover: interrupted; nothing was written", file=sys.stderr)
         return 130
 
+    from .io import COMMITTED
+
     bars_were_on = hf_logging.is_progress_bar_enabled()
     if getattr(args, "quiet", False):  # transformers' own bars too (loading weights, GGUF conversion)
         hf_logging.disable_progress_bar()
     previous_term = signal.signal(signal.SIGTERM, _terminate) if _main_thread() else None
+    committed_before = len(COMMITTED)
+
+    def stopped(how: str) -> str:
+        # staging directories are removed on the way out (io.atomic_directory); a committed one is complete
+        written = [str(path) for path in COMMITTED[committed_before:]]
+        if written:
+            return f"clover: {how} after {', '.join(written)} was written (complete); nothing else was written"
+        return f"clover: {how}; nothing was written"
+
     try:
-        return args.func(args)
+        code = args.func(args)
+        if argv is None and _main_thread():  # the command's work is done: Ctrl-C while Python exits changes nothing
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        return code
     except CloverError as error:
         print(f"clover: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # staging directories are removed on the way out (io.atomic_directory)
-        print("clover: interrupted; nothing was written", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(stopped("interrupted"), file=sys.stderr)
         return 130
     except Terminated:
-        print("clover: terminated; nothing was written", file=sys.stderr)
+        print(stopped("terminated"), file=sys.stderr)
         return 143
     except (OSError, SafetensorError) as error:  # a full disk, a read-only folder: said in one line
         where = f" ({error.filename})" if getattr(error, "filename", None) else ""
         reason = getattr(error, "strerror", None) or error
-        print(f"clover: error: {reason}{where}; nothing was written", file=sys.stderr)
+        print(stopped(f"error: {reason}{where}"), file=sys.stderr)
         return 1
     finally:
         if previous_term is not None:

@@ -482,6 +482,13 @@ def similarity_sentences(n: int = 256) -> list[str]:
 
 
 @torch.inference_mode()
+def encoder_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The base model under a task head (BertForMaskedLM's BertModel), whose hidden states the similarity metrics
+    compare; the model itself when it has no head."""
+    base = getattr(model, "base_model", model)
+    return base if isinstance(base, torch.nn.Module) else model
+
+
 def sentence_embeddings(
     model: torch.nn.Module, tokenizer: Any, sentences: Sequence[str], batch_size: int = 32, max_length: int = 256
 ) -> torch.Tensor:
@@ -495,7 +502,7 @@ def sentence_embeddings(
             max_length=max_length,
             return_tensors="pt",
         ).to(device)
-        out = model(**enc)
+        out = encoder_of(model)(**enc)
         hidden = (out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]).float()
         mask = enc["attention_mask"].unsqueeze(-1).float()
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)

@@ -108,6 +108,10 @@ def _directory_lock(directory: Path) -> Iterator[None]:
         os.close(handle)
 
 
+# every directory this process has committed, in order: an interruption after a commit says what is complete
+COMMITTED: list[Path] = []
+
+
 @contextlib.contextmanager
 def atomic_directory(
     out: str | os.PathLike,
@@ -142,9 +146,11 @@ def atomic_directory(
                 trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-{os.getpid()}-", dir=final.parent))
                 final.rename(trash / final.name)
                 staging.rename(final)
+                COMMITTED.append(final)
                 shutil.rmtree(trash, ignore_errors=True)
             else:
                 staging.rename(final)  # an empty directory at the target is replaced by the rename
+                COMMITTED.append(final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

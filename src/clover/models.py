@@ -716,6 +716,36 @@ def _load_own_checkpoint(family: Family, path: pathlib.Path, dtype: torch.dtype 
     return model
 
 
+def _layout_of(name: str) -> str:
+    """A tensor name with its layer, head and expert indices blanked: ``model.layers.#.mlp.up_proj.weight``."""
+    return re.sub(r"(^|\.)\d+(?=\.|$)", r"\1#", name)
+
+
+def unused_tensors(path: pathlib.Path, unexpected: list[str], model: Any) -> list[str]:
+    """The stored tensors ``model`` has no place for, once those transformers drops by design are left out.
+
+    One that has the layout of the model's own tensors (a layer, head or expert index past the config's) means the
+    config does not belong to the weights: refused. Others (a task head this class lacks) are left out of the
+    output, as transformers leaves them out on load, with a note."""
+    ignored = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
+    unexpected = sorted(n for n in unexpected if not any(p.search(n) for p in ignored))
+    layouts = {_layout_of(name) for name in model.state_dict()}
+    misplaced = [name for name in unexpected if _layout_of(name) in layouts]
+    if misplaced:
+        raise CloverError(
+            f"{path} holds {len(misplaced)} tensor(s) that {type(model).__name__} built from config.json has no place "
+            f"for ({', '.join(misplaced[:3])}{', ...' if len(misplaced) > 3 else ''}): the config does not belong to "
+            "these weights (more layers, heads or experts stored than it says)"
+        )
+    if unexpected:
+        print(
+            f"clover: note: {len(unexpected)} tensor(s) in {path} are not part of {type(model).__name__} and are left "
+            f"out of the output ({', '.join(unexpected[:3])}{', ...' if len(unexpected) > 3 else ''})",
+            file=sys.stderr,
+        )
+    return unexpected
+
+
 def _refuse_missing(path: pathlib.Path, missing: list[str] | None) -> None:
     """transformers fills weights a checkpoint lacks at random (with a log line): a model that computes something
     else, which clover would rewrite and write out as if complete, so it is refused. A pooler is the exception:
@@ -744,20 +774,33 @@ def _one_line(error: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
+@contextmanager
+def transformers_errors_only() -> Iterator[None]:
+    """transformers logs errors only inside: its multi-line load reports and config warnings are replaced by
+    clover's one-line messages."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
 def _from_pretrained(cls: Any, path: pathlib.Path, dtype: torch.dtype | None, remote: dict) -> Any:
     """from_pretrained whose failures on a damaged checkpoint are one CloverError line, not a traceback or a
     logged load report."""
     from huggingface_hub.errors import StrictDataclassError  # a config field that fails its validator
     from safetensors import SafetensorError
-    from transformers.utils import logging as hf_logging
 
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the multi-line load report is replaced by the one-line messages below
     try:
-        # dtype None keeps the checkpoint's own (a bf16 checkpoint stays bf16 and is written back as bf16)
-        loaded = cls.from_pretrained(
-            path, dtype=dtype or "auto", ignore_mismatched_sizes=True, output_loading_info=True, **remote
-        )
+        # dtype None keeps the checkpoint's own (a bf16 checkpoint stays bf16 and is written back as bf16); the
+        # multi-line load report is replaced by the one-line messages below
+        with transformers_errors_only():
+            loaded = cls.from_pretrained(
+                path, dtype=dtype or "auto", ignore_mismatched_sizes=True, output_loading_info=True, **remote
+            )
     except (
         OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError, SafetensorError, StrictDataclassError
     ) as error:  # fmt: skip
@@ -765,8 +808,6 @@ def _from_pretrained(cls: Any, path: pathlib.Path, dtype: torch.dtype | None, re
             f"cannot load the checkpoint in {path}: {_one_line(error)}. Check config.json against the weights, "
             "or save the model again with save_pretrained"
         ) from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
     model, info = loaded if isinstance(loaded, tuple) else (loaded, {})
     if info.get("mismatched_keys"):
         name, stored, expected = sorted(info["mismatched_keys"])[0]
@@ -775,6 +816,7 @@ def _from_pretrained(cls: Any, path: pathlib.Path, dtype: torch.dtype | None, re
             f"({len(info['mismatched_keys'])} tensor(s) differ); the config does not belong to these weights"
         )
     _refuse_missing(path, info.get("missing_keys"))
+    unused_tensors(path, list(info.get("unexpected_keys") or []), model)
     return model.eval()
 
 
@@ -825,11 +867,29 @@ def model_kind(config: dict[str, Any]) -> tuple[str, Any]:
     if "AutoModelForImageTextToText" in auto_map or (image_text is not None and arch in ("", image_text)):
         return "image-text-to-text", AutoModelForImageTextToText
     kind = "vision" if "image_size" in config and "vocab_size" not in config else "encoder"  # pixels, no vocabulary
-    # a model_type AutoModel has no entry for (SigLIP's text tower saved alone) loads as the class it was saved as
-    own_class = isinstance(getattr(transformers, arch, None), type)
-    if not auto_map and model_type not in modeling_auto.MODEL_MAPPING_NAMES and own_class:
+    # loaded as the class it was saved as where transformers has it: a task head (BertForMaskedLM,
+    # ViTForImageClassification, LlamaForSequenceClassification) is kept, not dropped by AutoModel's base class, and
+    # a model_type AutoModel has no entry for (SigLIP's text tower saved alone) loads at all
+    if not auto_map and isinstance(getattr(transformers, arch, None), type):
         return kind, getattr(transformers, arch)
     return kind, AutoModel
+
+
+def whisper_feature_extractor(directory: pathlib.Path, config: Any) -> WhisperFeatureExtractor:
+    """The checkpoint's own feature extractor (preprocessor_config.json), else one with the config's mel bins; in
+    both, audio padded or cut to the frames the encoder takes (3000 for every released Whisper; a model with other
+    max_source_positions refuses any other length, and the file cannot say so: transformers recomputes the length
+    from chunk_length on load). Written with every Whisper clover writes: transformers' ASR pipeline needs it."""
+    if (directory / "preprocessor_config.json").is_file():
+        try:
+            feature_extractor = WhisperFeatureExtractor.from_pretrained(directory)
+        except (OSError, ValueError, TypeError) as error:
+            raise CloverError(f"cannot read {directory / 'preprocessor_config.json'}: {_one_line(error)}") from None
+    else:
+        feature_extractor = WhisperFeatureExtractor(feature_size=config.num_mel_bins)
+    feature_extractor.n_samples = 2 * config.max_source_positions * feature_extractor.hop_length
+    feature_extractor.nb_max_frames = 2 * config.max_source_positions
+    return feature_extractor
 
 
 def _load_directory(
@@ -848,11 +908,7 @@ def _load_directory(
     model = _from_pretrained(cls, path, dtype, remote)
     tokenizer, prompt = _load_tokenizer(tokenizer_dir or path, kind, model.config, remote)
     if kind == "speech-seq2seq":
-        feature_extractor = WhisperFeatureExtractor(feature_size=model.config.num_mel_bins)
-        # Pad / cut audio to the frames this encoder takes (3000 for every released Whisper; a model with
-        # other max_source_positions refuses any other length).
-        feature_extractor.n_samples = 2 * model.config.max_source_positions * feature_extractor.hop_length
-        feature_extractor.nb_max_frames = 2 * model.config.max_source_positions
+        feature_extractor = whisper_feature_extractor(path, model.config)
         return LoadedModel(
             model, tokenizer, name, kind, feature_extractor=feature_extractor, decoder_prompt_ids=prompt, source=path,
             tokenizer_source=tokenizer_dir,

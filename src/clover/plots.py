@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import matplotlib
@@ -39,6 +40,12 @@ def plot_spectra(spectra: list[SiteSpectrum], out: str | Path, *, title: str = "
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    # written beside the target and renamed over it: an interrupted save leaves no half-written image
+    partial = out.with_name(f".{out.name}.partial-{os.getpid()}{out.suffix}")
+    try:
+        fig.savefig(partial, dpi=110)
+        os.replace(partial, out)
+    finally:
+        plt.close(fig)
+        partial.unlink(missing_ok=True)
     return out

@@ -421,7 +421,7 @@ class StreamedModel:
         from huggingface_hub.errors import StrictDataclassError  # a config field that fails its validator
         from transformers import AutoConfig
 
-        from .models import _one_line, _read_config, model_kind
+        from .models import _one_line, _read_config, model_kind, transformers_errors_only
 
         self.directory = pathlib.Path(directory)
         config_dict = _read_config(self.directory)
@@ -437,9 +437,12 @@ class StreamedModel:
         self.dtype = dtype or self.reader.dtype()
         self.device = torch.device(device)
         try:
-            config = AutoConfig.from_pretrained(self.directory)
+            # transformers' config warnings (token ids outside a tiny vocabulary) stay off the terminal, as when the
+            # in-memory path loads the same checkpoint
+            with transformers_errors_only():
+                config = AutoConfig.from_pretrained(self.directory)
             # buffers stay real: rotary frequencies and the like are computed at construction, not stored
-            with init_empty_weights(include_buffers=False):
+            with init_empty_weights(include_buffers=False), transformers_errors_only():
                 build = getattr(auto_class, "from_config", None) or auto_class._from_config  # an auto or model class
                 self.model = build(config, dtype=self.dtype)
         except (ValueError, KeyError, TypeError, AttributeError, StrictDataclassError) as error:
@@ -504,8 +507,10 @@ class StreamedModel:
     def _check_names(self) -> None:
         """Every tensor the model needs is stored, with the shape the config implies (read from the files' headers,
         so a checkpoint that does not fit is refused before anything is written)."""
-        from .models import _refuse_missing
+        from .models import _refuse_missing, unused_tensors
 
+        for name in unused_tensors(self.directory, [n for n in self.stored if n not in self._names], self.model):
+            del self.stored[name]  # not copied through: the in-memory path drops them on load too
         stored = set(self.stored)
         # tied weights (an output head sharing the embedding) are absent from the files by design
         tied = set(getattr(self.model, "all_tied_weights_keys", None) or {})
@@ -597,6 +602,11 @@ class StreamedModel:
         for name in _SIDE_FILES:
             if (self.directory / name).is_file():
                 shutil.copy2(self.directory / name, directory / name)
+        if self.kind == "speech-seq2seq" and not (directory / "preprocessor_config.json").exists():
+            from .models import whisper_feature_extractor
+
+            # as the in-memory path writes it: transformers' ASR pipeline needs one
+            whisper_feature_extractor(self.directory, self.model.config).save_pretrained(directory)
 
 
 def stream_decompose(

@@ -250,7 +250,11 @@ class MeanPoolClassifier(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Class logits."""
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        output = self.encoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        # an encoder saved with a task head (BertForMaskedLM) returns its logits first: its last hidden states still
+        # come out as hidden_states[-1]
+        hidden = getattr(output, "last_hidden_state", None)
+        hidden = output.hidden_states[-1] if hidden is None else hidden
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return self.head((hidden * mask).sum(1) / mask.sum(1).clamp(min=1))
 

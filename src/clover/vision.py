@@ -14,6 +14,7 @@ from PIL import Image
 from torch import nn
 
 from .errors import CloverError
+from .evaluate import encoder_of
 
 IMAGE_DIR = pathlib.Path(__file__).resolve().parent / "data" / "images"
 # Calibration (the whitening statistics of calibrated pruning) and scoring never share an image.
@@ -61,7 +62,8 @@ def image_features(model: nn.Module, pixels: torch.Tensor, batch_size: int = 8) 
     rows = []
     for start in range(0, len(pixels), batch_size):
         batch = pixels[start : start + batch_size].to(parameter.device, parameter.dtype)
-        hidden = model(pixel_values=batch).last_hidden_state.float()  # (B, 1 + registers + patches, hidden)
+        # (B, 1 + registers + patches, hidden), under a classification head too
+        hidden = encoder_of(model)(pixel_values=batch).last_hidden_state.float()
         rows.append(torch.stack([hidden[:, 0], hidden[:, 1 + registers :].mean(1)], dim=1).cpu())
     return torch.cat(rows)
 
