@@ -299,16 +299,28 @@ def test_spectrum_never_replaces_an_existing_file_unless_told(gpt2_dir, tmp_path
 # ---------------------------------------------------------------- cache command, dtype
 
 
-def test_cache_lists_sizes_and_clears(tmp_path, capsys, monkeypatch):
+def test_cache_lists_sizes_and_clears_only_what_clover_wrote(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("CLOVER_CACHE", str(tmp_path))
+    key = "0123456789abcdef01234567"
     (tmp_path / "moments").mkdir()
-    (tmp_path / "moments" / "k.safetensors").write_bytes(b"\0" * 1000)
+    (tmp_path / "moments" / f"{key}.safetensors").write_bytes(b"\0" * 1000)
+    (tmp_path / "moments" / f".{key}.4242-ab_c1.tmp").write_bytes(b"\0" * 10)  # a killed run's temporary
+    (tmp_path / "models" / "smollm2-135m").mkdir(parents=True)
+    (tmp_path / "models" / "smollm2-135m" / "config.json").write_text("{}")
+    # a user's own files put inside clover's folders: neither counted nor cleared
+    (tmp_path / "models" / "my-vit").mkdir()
+    (tmp_path / "models" / "my-vit" / "model.safetensors").write_bytes(b"\0" * 500)
+    (tmp_path / "models" / "README.txt").write_text("mine")
     (tmp_path / "unrelated.txt").write_text("not clover's")
     assert main(["cache", "--json"]) == 0
-    sizes = {row["cache"]: row["bytes"] for row in json.loads(capsys.readouterr().out)["caches"]}
-    assert sizes == {"models": 0, "moments": 1000, "speech": 0}
+    rows = {row["cache"]: row for row in json.loads(capsys.readouterr().out)["caches"]}
+    assert {kind: row["bytes"] for kind, row in rows.items()} == {"models": 2, "moments": 1010, "speech": 0}
+    assert rows["models"]["entries"] == 1
     assert main(["cache", "--clear", "all"]) == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["unrelated.txt"]
+    assert "left 2 entries clover did not write" in capsys.readouterr().err
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
+        "models", "models/README.txt", "models/my-vit", "models/my-vit/model.safetensors", "moments", "unrelated.txt",
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -252,3 +252,13 @@ def test_finetune_writes_a_float16_checkpoint_back_in_float16(tiny_checkpoint, t
 
     with safe_open(out / "model.safetensors", "pt") as weights:
         assert {weights.get_tensor(name).dtype for name in weights.keys()} == {torch.float16}
+
+
+def test_finetune_never_overwrites_the_model_it_trains(tiny_checkpoint, tmp_path):
+    path, _ = tiny_checkpoint
+    before = {p.name: p.read_bytes() for p in path.iterdir() if p.is_file()}
+    args = _args(path, path, "--task", "wikitext", "--steps", "1", "--batch-size", "1", "--max-length", "32",
+                 "--no-eval", "--quiet", "--overwrite")  # fmt: skip
+    with pytest.raises(CloverError, match="is the input model"):
+        cmd_finetune(args)
+    assert {p.name: p.read_bytes() for p in path.iterdir() if p.is_file()} == before

@@ -537,16 +537,21 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
     root = model_cache_dir()
     chosen = list(CACHE_KINDS) if args.clear == "all" else [args.clear] if args.clear else list(CACHE_KINDS)
-    rows = []
+    rows, kept = [], []
     for kind in chosen:
         folder = root / kind
-        entries = sorted(folder.iterdir()) if folder.is_dir() else []
-        rows.append({"cache": kind, "path": str(folder), "entries": len(entries), "bytes": _tree_bytes(folder)})
-        if args.clear and folder.is_dir():
-            try:
-                shutil.rmtree(folder)  # clover's own subfolder of its cache: nothing else lives there
+        entries = [e for e in sorted(folder.iterdir()) if _written_by_clover_cache(kind, e)] if folder.is_dir() else []
+        rows.append({"cache": kind, "path": str(folder), "entries": len(entries),
+                     "bytes": sum(_tree_bytes(e) if e.is_dir() else e.stat().st_size for e in entries)})  # fmt: skip
+        if args.clear:
+            try:  # only what clover wrote: a file or folder of yours put there stays
+                for entry in entries:
+                    shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
             except OSError as error:
                 raise CloverError(f"could not clear {folder}: {error.strerror or error}") from None
+            kept += [str(e) for e in sorted(folder.iterdir())] if folder.is_dir() else []
+    if kept:
+        print(f"clover: note: left {len(kept)} entries clover did not write ({', '.join(kept[:3])})", file=sys.stderr)
     if args.json:
         print(json.dumps({"root": str(root), "cleared": bool(args.clear), "caches": rows}))
         return 0
@@ -555,6 +560,19 @@ def cmd_cache(args: argparse.Namespace) -> int:
         action = "cleared" if args.clear else f"{row['entries']:>4} entries"
         print(f"  {row['cache']:8} {row['bytes'] / 1e6:10.1f} MB  {action:13} {CACHE_KINDS[row['cache']]}")
     return 0
+
+
+def _written_by_clover_cache(kind: str, entry: pathlib.Path) -> bool:
+    """Whether a cache entry is one clover writes: a converted model under its short name, a moments or speech file
+    named by its key (24 hex digits), or a killed run's temporary file beside one."""
+    import re
+
+    from .models import SHORT_NAMES
+
+    if kind == "models":
+        return entry.is_dir() and not entry.is_symlink() and entry.name in SHORT_NAMES
+    named = re.fullmatch(r"\.?[0-9a-f]{24}(\.safetensors|\.npy|\.[0-9]+-\w+\.tmp)", entry.name)
+    return entry.is_file() and named is not None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -190,7 +190,7 @@ def run_finetune(
 
     options.validate()
     if out is not None:
-        check_output_dir(out, overwrite=overwrite)
+        check_output_dir(out, overwrite=overwrite, inputs=[model_name])  # never the model it trains
     if options.threads is not None:
         torch.set_num_threads(options.threads)
     started = time.perf_counter()
@@ -310,7 +310,7 @@ def run_finetune(
                     merged.to(saved_dtype)
                 # the scores above are the float32 model's; the report says what the written weights are
                 report["saved_dtype"] = str(merged.dtype).removeprefix("torch.")
-                with atomic_directory(out, overwrite=overwrite) as staging:
+                with atomic_directory(out, overwrite=overwrite, inputs=[model_name]) as staging:
                     if report["pruned"]:  # a healed pruned model stays a pruned checkpoint (auto_map + code)
                         write_pruned_model(replace(loaded, model=merged), staging)
                     else:
