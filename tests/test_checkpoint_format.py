@@ -55,9 +55,9 @@ def test_the_modeling_file_defines_only_what_the_checkpoint_needs(tmp_path):
     prune_(model, PruneConfig(vo_ratio=0.5))
     save_pruned_model(LoadedModel(model, None, "tiny", "causal-lm"), tmp_path / "p")
     source = (tmp_path / "p" / "modeling_clover.py").read_text()
-    # Qwen3's attention and its parent, one model class; no other family's attention or model class
+    # Qwen3's attention and its parent, its LM class and bare model; no other family's attention or model class
     assert "class CloverQwen3Attention(CloverLlamaAttention)" in source and "class CloverLlamaAttention(" in source
-    assert "define_model_classes(['Qwen3ForCausalLM'])" in source
+    assert "define_model_classes(['Qwen3ForCausalLM', 'Qwen3Model'])" in source  # the LM and its bare model
     for other in ("CloverSeq2SeqAttention", "CloverBertSelfAttention", "CloverSelfAttention(", "GPT2", "Whisper"):
         assert other not in source
     # it runs with torch and transformers alone

@@ -246,10 +246,20 @@ def test_checkpoint_loads_with_trust_remote_code_in_a_fresh_process(arch, tmp_pa
         f"m = tf.{auto}.from_pretrained({str(out)!r}, trust_remote_code=True).eval()\n"
         "assert 'clover' not in sys.modules, 'the checkpoint must not need clover'\n"
         f"torch.save(model_output(m), {str(tmp_path / 'out.pt')!r})\n"
+        # AutoModel gives the bare pruned model (a checkpoint with a head, like a stock one, loads its base)
+        f"bare = tf.AutoModel.from_pretrained({str(out)!r}, trust_remote_code=True)\n"
+        f"torch.save((type(bare).__name__, bare.state_dict()), {str(tmp_path / 'bare.pt')!r})\n"
     )
     env = {"HF_HUB_OFFLINE": "1", "PATH": "", "HF_MODULES_CACHE": str(tmp_path / "modules")}
     subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=str(_repo_root()))
     reloaded = torch.load(tmp_path / "out.pt", weights_only=True)
+    bare_class, bare_weights = torch.load(tmp_path / "bare.pt", weights_only=True)
+    weights, prefix = model.state_dict(), f"{model.base_model_prefix}."
+    assert bare_class.startswith("Clover") and bare_weights
+    for name, tensor in bare_weights.items():  # every weight of the bare model read from the file, none initialised
+        stored = weights.get(name, weights.get(prefix + name))
+        assert stored is not None, name
+        torch.testing.assert_close(tensor, stored, atol=0, rtol=0, msg=name)
     # identical weights; a reloaded MoE may pick another expert kernel (seen: 9e-7 on Mixtral), so float32 rounding
     torch.testing.assert_close(reloaded, expected, atol=1e-5, rtol=0)
     on_disk = sum(p.numel() for p in auto_class(arch, pruned=True).from_pretrained(

@@ -450,6 +450,10 @@ def _vit_classifier() -> torch.nn.Module:
 
 
 # checkpoints saved with a task head: AutoModel would load their base model and drop the head
+AUTO_TABLES = {
+    name: getattr(tf, name)._model_mapping._model_mapping
+    for name in ("AutoModelForMaskedLM", "AutoModelForSequenceClassification", "AutoModelForImageClassification")
+}
 TASK_HEADS = {
     "bert-masked-lm": lambda: tf.BertForMaskedLM(build_tiny("bert").config),
     "bert-classifier": lambda: tf.BertForSequenceClassification(build_tiny("bert").config),
@@ -486,8 +490,12 @@ def test_a_checkpoint_with_a_task_head_keeps_it_through_decompose_and_prune_stre
         pruned = tmp_path / f"pruned{stream}"
         code, _, err = run(capsys, "prune", path, "--vo-ratio", "0.5", "--out", pruned, "--quiet", stream)
         assert code == 0, err
-        reloaded = tf.AutoModel.from_pretrained(pruned, trust_remote_code=True).eval()
+        # the auto class a user of this head reaches for (AutoModelForSequenceClassification); AutoModel: the base
+        head_auto = next(auto for auto, table in AUTO_TABLES.items() if type(original).__name__ in table.values())
+        reloaded = getattr(tf, head_auto).from_pretrained(pruned, trust_remote_code=True).eval()
         assert type(reloaded).__name__ == f"Clover{type(original).__name__}"
+        bare = tf.AutoModel.from_pretrained(pruned, trust_remote_code=True)
+        assert type(bare).__name__ == f"Clover{type(original.base_model).__name__}"
         outputs[f"pruned{stream}"] = _task_output(reloaded)
     torch.testing.assert_close(outputs["pruned--stream"], outputs["pruned--no-stream"], atol=1e-5, rtol=0)
     code, out, err = run(capsys, "eval", tmp_path / "pruned--stream", "--json", "--quiet")

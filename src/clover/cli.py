@@ -428,12 +428,14 @@ def _prune_summary(args, report, elapsed, moments, moments_cached, seq_len) -> i
 
 def _pruned_loader(out: str) -> str:
     """How to load the pruned checkpoint in ``out`` without clover, from what its config.json says."""
+    from .models import model_kind
+
     try:
         config = json.loads((pathlib.Path(out) / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         config = None
     config = config if isinstance(config, dict) else {}
-    auto_class = next(iter(config.get("auto_map") or {}), "AutoModel*")
+    auto_class = model_kind(config)[1].__name__ if config.get("auto_map") else "AutoModel*"
     library = "diffusers" if "_class_name" in config else "transformers"  # diffusers configs name their class
     return f"{library}' {auto_class}.from_pretrained(DIR, trust_remote_code=True)"
 

@@ -233,6 +233,29 @@ AUTO_CLASS = {
 }
 
 
+def pruned_auto_map(base: str, kind: str) -> dict[str, str]:
+    """The auto classes a pruned checkpoint of transformers class ``base`` answers to, each with the transformers
+    class its ``Clover<name>`` builds on: every auto class whose table maps the model_type to ``base`` (a
+    BertForSequenceClassification loads with AutoModelForSequenceClassification), and AutoModel with the bare model
+    (BertModel: the head's weights are skipped, as transformers does for a stock checkpoint with a head)."""
+    import transformers
+    from transformers.models.auto import modeling_auto
+
+    model_type = getattr(getattr(getattr(transformers, base, None), "config_class", None), "model_type", None)
+    tables = {
+        name: getattr(modeling_auto, name)._model_mapping._model_mapping
+        for name in sorted(dir(modeling_auto))
+        if name.startswith("AutoModel") and hasattr(getattr(modeling_auto, name), "_model_mapping")
+    }
+    auto_map = {name: base for name, table in tables.items() if table.get(model_type) == base}
+    if not auto_map:  # a class transformers lists under no auto class for its model_type
+        auto_map = {AUTO_CLASS[kind]: base}
+    bare = tables["AutoModel"].get(model_type)
+    if "AutoModel" not in auto_map and isinstance(bare, str) and hasattr(transformers, bare):
+        auto_map["AutoModel"] = bare
+    return auto_map
+
+
 def save_pruned_model(
     loaded, out: str | os.PathLike, *, overwrite: bool = False, inputs: Sequence[str | os.PathLike] = ()
 ) -> Path:
@@ -265,7 +288,8 @@ def write_pruned_model(loaded, directory: Path) -> None:
     upgrade_pruned_specs(model)
     had_map = "auto_map" in model.config.to_dict()
     previous = getattr(model.config, "auto_map", None)
-    model.config.auto_map = {AUTO_CLASS[loaded.kind]: f"modeling_clover.{clover_class}"}
+    classes = pruned_auto_map(base, loaded.kind)
+    model.config.auto_map = {auto: f"modeling_clover.Clover{name}" for auto, name in classes.items()}
     try:
         save_loaded_model(loaded, directory)
     finally:
@@ -273,7 +297,7 @@ def write_pruned_model(loaded, directory: Path) -> None:
             model.config.auto_map = previous
         else:
             del model.config.auto_map  # the live model object is the plain class; only the files need the map
-    source = pruned_modeling_source(pruned_site_specs(model), [base])
+    source = pruned_modeling_source(pruned_site_specs(model), list(dict.fromkeys(classes.values())))
     (directory / "modeling_clover.py").write_text(source)
     _patch_architectures(directory / "config.json", clover_class)
 

@@ -344,7 +344,10 @@ def install_pruned_attention(model: nn.Module, sites: dict[str, dict]) -> None:
     QK-norms), taken over from the module it replaces. The class a spec names may instead prune the original
     module in place and return it (``pruned_from``: a diffusers Attention keeps its place with our processor).
     """
+    prefix = getattr(model, "base_model_prefix", "")
     for path, spec in sites.items():
+        if prefix and not hasattr(model, prefix) and path.startswith(f"{prefix}."):
+            path = path.removeprefix(f"{prefix}.")  # the bare model (AutoModel) read from a checkpoint with a head
         if spec.get("attention_class") not in PRUNED_ATTENTION:
             raise ValueError(
                 f"{path}: this checkpoint's pruned attention {spec.get('attention_class') or spec.get('family')!r} "

@@ -872,6 +872,10 @@ def model_kind(config: dict[str, Any]) -> tuple[str, Any]:
     # a model_type AutoModel has no entry for (SigLIP's text tower saved alone) loads at all
     if not auto_map and isinstance(getattr(transformers, arch, None), type):
         return kind, getattr(transformers, arch)
+    # a pruned checkpoint: the auto class its map gives the class it was written as (AutoModel loads the bare model)
+    own = [auto for auto, reference in auto_map.items() if str(reference).rpartition(".")[2] == arch]
+    if own and isinstance(getattr(transformers, own[0], None), type):
+        return kind, getattr(transformers, own[0])
     return kind, AutoModel
 
 
