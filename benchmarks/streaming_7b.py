@@ -6,8 +6,11 @@ Llama-2-7B (32 layers x 4096, MHA 32 heads, FFN 11008, vocab 32000) and Llama-3-
 vocab 128256); each is deleted after its runs. In the same run: the time of ``cat`` of the shards to /dev/null
 (one read), of writing the same number of bytes (one write), of the factorization alone (one layer's Q-K and V-O
 in float64, times the layer count) and this machine's float64 matmul throughput, against which the
-factorization's flops (about 8·d·d_h² per head and pair) are stated as a share. Where the OS lets it (root on
-Linux), the page cache is dropped before the read probe and before each run, so both read from the disk.
+factorization's flops are stated as a share: 8·m·d_h² per factor of m rows (CholeskyQR2's two Gram matrices
+and two products with a small triangular factor), so 16·d·d_h² per MHA head and pair, and with GQA 8·d·d_h² per
+query head plus 8·d·d_h² per shared K or V head (the group's query heads are stacked into one factor). Where the
+OS lets it (root on Linux), the page cache is dropped before the read probe and before each run, so both read
+from the disk.
 
     .venv/bin/python benchmarks/streaming_7b.py [--shapes llama2-7b,llama3-8b] [--workdir DIR]
 
@@ -102,7 +105,7 @@ def write_seconds(directory: pathlib.Path, total: int, *, direct: bool) -> float
 
 
 def factorization_seconds(shape: dict) -> tuple[float, float]:
-    """(seconds to factorize one layer's Q-K and V-O in float64, flops of that per the 8·d·d_h² count)."""
+    """(seconds to factorize one layer's Q-K and V-O in float64, the flops of that)."""
     d, heads, groups = shape["hidden_size"], shape["num_attention_heads"], shape["num_key_value_heads"]
     head_dim = d // heads
     generator = torch.Generator().manual_seed(0)
@@ -116,7 +119,15 @@ def factorization_seconds(shape: dict) -> tuple[float, float]:
     factorize_qk(w_q, w_k, None, None, **groups_args)
     factorize_vo(w_v, w_o.contiguous(), None, None, **groups_args)
     seconds = time.perf_counter() - start
-    return seconds, 2 * heads * 8 * d * head_dim**2
+    return seconds, factorization_flops(shape)
+
+
+def factorization_flops(shape: dict) -> int:
+    """One layer's Q-K and V-O factorization: 8·m·d_h² per factor of m rows, the query (output) side one factor of
+    group × d rows per KV group, the key (value) side one of d rows."""
+    d, heads, groups = shape["hidden_size"], shape["num_attention_heads"], shape["num_key_value_heads"]
+    head_dim = d // heads
+    return 2 * 8 * d * head_dim**2 * (heads + groups)
 
 
 def matmul_gflops() -> float:
