@@ -73,7 +73,7 @@ def test_eval_notes_that_sentences_does_not_apply_to_a_causal_lm(llama_dir, caps
     notes = [line for line in capsys.readouterr().err.splitlines() if "--sentences" in line]
     assert notes == [
         f"clover: note: --sentences applies to speech models (Whisper: spoken sentences scored); {llama_dir} is a "
-        "causal-lm, so it is ignored"
+        "causal LM, so it is ignored"
     ]
 
 

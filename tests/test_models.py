@@ -239,3 +239,13 @@ def test_whisper_transcribes(real, speech, name):
     feats = asr.feature_extractor(speech, sampling_rate=16000, return_tensors="pt").input_features
     out = asr.model.generate(feats, decoder_input_ids=torch.tensor([asr.decoder_prompt_ids]), max_new_tokens=30)
     assert "lazy dog" in asr.tokenizer.decode(out[0], skip_special_tokens=True).lower()
+
+
+def test_every_kind_of_the_family_table_has_words_for_messages():
+    from conftest import FAMILY_TABLE
+
+    from clover.io import AUTO_CLASS
+
+    kinds = {row.kind for row in FAMILY_TABLE.values()} | set(AUTO_CLASS)
+    described = {kind: LoadedModel(None, None, "m", kind).described for kind in kinds}
+    assert all(words == models.KIND_WORDS[kind] for kind, words in described.items()), described

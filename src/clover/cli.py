@@ -464,13 +464,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, dtype=_dtype(args.dtype), tokenizer=args.tokenizer)
     loaded.model.to(device)
     if tasks and loaded.kind != "causal-lm":
-        raise CloverError(f"--tasks scores causal LMs with lm-evaluation-harness; {args.model} is a {loaded.kind}")
+        raise CloverError(f"--tasks scores causal LMs with lm-evaluation-harness; {args.model} is {loaded.described}")
     if tasks and loaded.tokenizer is None:
         raise CloverError(f"--tasks needs a tokenizer and {args.model} has none; pass --tokenizer DIR")
     if args.sentences is not None and loaded.kind != "speech-seq2seq":  # a note, not an error: scripts pass one
         print(  # set of eval options to every model they score, like --window beyond a model's context
             f"clover: note: --sentences applies to speech models (Whisper: spoken sentences scored); "
-            f"{args.model} is a {loaded.kind}, so it is ignored",
+            f"{args.model} is {loaded.described}, so it is ignored",
             file=sys.stderr,
         )
     _refuse_non_finite_weights(loaded.model)

@@ -200,7 +200,7 @@ def run_finetune(
     if loaded.kind != wanted:
         raise CloverError(
             f"--task {options.task} needs a{'n' if sst2 else ''} {wanted} model (e.g. "
-            f"{'minilm-l6' if sst2 else 'smollm2-135m'}); {model_name} is a {loaded.kind} model"
+            f"{'minilm-l6' if sst2 else 'smollm2-135m'}); {model_name} is {loaded.described}"
         )
     if loaded.tokenizer is None:
         raise CloverError(f"{model_name} has no tokenizer files; save the tokenizer beside the checkpoint")

@@ -72,6 +72,22 @@ class LoadedModel:
     source: pathlib.Path | None = None  # the checkpoint directory the weights were read from
     tokenizer_source: pathlib.Path | None = None  # where the tokenizer came from, when not `source` (--tokenizer)
 
+    @property
+    def described(self) -> str:
+        """The kind in words for messages ("a causal LM")."""
+        return KIND_WORDS.get(self.kind, f"a {self.kind} model")
+
+
+KIND_WORDS = {
+    "causal-lm": "a causal LM",
+    "encoder": "a text encoder (or a model with a task head, no LM head)",
+    "vision": "a vision encoder",
+    "speech-seq2seq": "a speech-to-text model",
+    "seq2seq-lm": "a text-to-text (encoder-decoder) model",
+    "image-text-to-text": "an image-text-to-text model",
+    "unet": "a diffusers UNet",
+}
+
 
 def model_cache_dir() -> pathlib.Path:
     """Root of clover's cache: $CLOVER_CACHE or ~/.cache/clover."""
