@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import pathlib
 import signal
 import sys
 import time
+from typing import NoReturn
 
-from .cli_common import COMPUTE_DTYPE_HELP, DEVICE_HELP, DTYPE_HELP, MODEL_HELP, OVERWRITE_HELP, STREAM_HELP
+from .cli_common import (
+    COMPUTE_DTYPE_HELP,
+    DEVICE_HELP,
+    DTYPE_HELP,
+    MODEL_HELP,
+    OVERWRITE_HELP,
+    STREAM_HELP,
+    singular_value,
+)
 
 
 def _dtype(name: str | None):
@@ -294,10 +302,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .prune import CALIBRATED, PruneConfig, check_prunable, prune_, set_clover_record
     from .quality import calibration_length, calibration_moments, check_calibration_settings, refuse_uncalibrated
 
-    for flag in ("threshold", "qk_threshold", "vo_threshold"):  # named as the user typed it, before PruneConfig's check
-        value = getattr(args, flag)
-        if value is not None and not (math.isfinite(value) and value >= 0):
-            raise CloverError(f"--{flag.replace('_', '-')} {value} must be a finite singular value ≥ 0")
     qk_threshold = args.qk_threshold if args.qk_threshold is not None else args.threshold
     vo_threshold = args.vo_threshold if args.vo_threshold is not None else args.threshold
     config = PruneConfig(
@@ -577,8 +581,15 @@ def _written_by_clover_cache(kind: str, entry: pathlib.Path) -> bool:
     return entry.is_file() and named is not None
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A mistyped option is one line, like every other user mistake: the usage block is what --help is for."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="clover",
         description="CLOVER (Cross-Layer Orthogonal Vectors): rewrite, inspect, prune and fine-tune transformer "
         "attention through the SVD of each head's Q-K and V-O products. Nothing is fetched from a model hub.",
@@ -641,10 +652,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qk-ratio", type=float, default=0.0, help="share of Q-K dims to remove, in [0, 1)")
     p.add_argument("--vo-ratio", type=float, default=0.0, help="share of V-O dims to remove, in [0, 1)")
     p.add_argument(
-        "--threshold", type=float, help="remove every dim whose singular value is ≤ T (both pairs; overrides ratios)"
+        "--threshold",
+        type=singular_value,
+        help="remove every dim whose singular value is ≤ T (both pairs; overrides ratios)",
     )
-    p.add_argument("--qk-threshold", type=float, help="threshold for Q-K only (paper, Whisper: 5e-3)")
-    p.add_argument("--vo-threshold", type=float, help="threshold for V-O only (paper, Whisper: 6e-3)")
+    p.add_argument("--qk-threshold", type=singular_value, help="threshold for Q-K only (paper, Whisper: 5e-3)")
+    p.add_argument("--vo-threshold", type=singular_value, help="threshold for V-O only (paper, Whisper: 6e-3)")
     p.add_argument(
         "--method",
         default="clover",
@@ -778,6 +791,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("clover: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except SystemExit as done:  # --help, or a mistyped option (said in one line): a code, as every other outcome
+        return done.code if isinstance(done.code, int) else 2
 
     from .io import COMMITTED
 

@@ -22,3 +22,17 @@ STREAM_HELP = (
 )
 
 COMPUTE_DTYPE_HELP = "precision of the QR/SVD (results are written back in the weights' dtype); default float64"
+
+
+def singular_value(text: str) -> float:
+    """argparse type of a threshold: a finite singular value ≥ 0 (argparse then names the flag typed)."""
+    import argparse
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{text} must be a finite singular value ≥ 0")
+    return value
