@@ -21,6 +21,8 @@ from conftest import FAMILY_TABLE, auto_class, build_tiny, model_output, qk_rati
 from clover.cli import main
 from clover.decompose import decompose_
 from clover.errors import CloverError
+from clover.io import save_pruned_model
+from clover.models import LoadedModel
 from clover.prune import InputMoments, PruneConfig, prune_
 from clover.streaming import (
     CheckpointReader,
@@ -50,6 +52,8 @@ def test_streamed_decompose_equals_the_in_memory_one(arch, tmp_path):
     sites = stream_decompose(tmp_path / "model", tmp_path / "out")
     reference = copy.deepcopy(model)
     assert sites == len(decompose_(reference))
+    # the files name each tensor as the input's did (GPT-NeoX's embed_out, Mllama's language_model.model.*)
+    assert set(CheckpointReader(tmp_path / "out").files) == set(CheckpointReader(tmp_path / "model").files)
     streamed = auto_class(arch).from_pretrained(tmp_path / "out").eval().state_dict()
     assert list(streamed) == list(reference.state_dict())
     for name, tensor in reference.state_dict().items():
@@ -72,6 +76,8 @@ def test_streamed_prune_equals_the_in_memory_one(arch, tmp_path):
     )
     streamed = auto_class(arch, pruned=True).from_pretrained(tmp_path / "out", trust_remote_code=True).eval()
     torch.testing.assert_close(model_output(streamed), model_output(reference), atol=1e-5, rtol=0)
+    save_pruned_model(LoadedModel(reference, None, "tiny", FAMILY_TABLE[arch].kind), tmp_path / "in-memory")
+    assert set(CheckpointReader(tmp_path / "out").files) == set(CheckpointReader(tmp_path / "in-memory").files)
 
 
 @pytest.mark.parametrize("arch", CONVERTED)

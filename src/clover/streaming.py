@@ -498,6 +498,17 @@ class StreamedModel:
             names[name] = stored
         return names
 
+    def saved_name(self, name: str) -> str:
+        """The name a tensor of the model is written under: the one it had in the files, so that the output's names
+        are the input's (GPT-NeoX's ``embed_out``, ViT's ``attention.attention.query``), as save_pretrained writes
+        them in memory; a tensor the files did not have (a pruned attention's) by transformers' reverse renames."""
+        if name in self.stored:
+            return self.stored[name]
+        from transformers.core_model_loading import revert_weight_conversion
+
+        reverted = list(revert_weight_conversion(self.model, {name: torch.empty(0)}))
+        return reverted[0] if len(reverted) == 1 else name
+
     def _read(self, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
         """(model name, tensor) for each of the model's names, read from the files."""
         by_stored = {self.stored[name]: name for name in names}
@@ -567,7 +578,7 @@ class StreamedModel:
             yield
             if write:
                 for name, tensor in module.state_dict().items():
-                    self.writer.add(prefix + name, tensor)
+                    self.writer.add(self.saved_name(prefix + name), tensor)
                 self.written.update(names)
         finally:
             module.to("meta")  # frees the layer
@@ -594,7 +605,7 @@ class StreamedModel:
         rest = [name for name in self.stored if name not in self.written]
         with tqdm(total=len(rest), desc="copying", unit="tensor", disable=not progress) as bar:
             for name, tensor in self._read(rest):
-                self.writer.add(name, tensor)
+                self.writer.add(self.saved_name(name), tensor)
                 del tensor  # freed before the next one is read
                 bar.update()
 
