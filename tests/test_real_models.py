@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clover.cli import probe_output
 from clover.decompose import decompose_
 from clover.evaluate import perplexity, wikitext2_text
 from clover.models import load_model
+from clover.quality import probe_output
 
 # max |Δ output| allowed, relative to the output's own scale: float32 rounding of the rewritten weights,
 # accumulated over up to 30 layers (the float64 test below shows the rewrite itself is exact)

@@ -32,65 +32,6 @@ def _dtype(name: str | None):
     ]
 
 
-def reads_text_and_images(loaded) -> bool:
-    """A two-tower model that takes token ids and images together (CLIP, SigLIP): an encoder whose config holds a
-    ``text_config`` and a ``vision_config`` with an image size."""
-    config = loaded.model.config
-    return (
-        loaded.kind == "encoder"
-        and hasattr(config, "text_config")
-        and hasattr(getattr(config, "vision_config", None), "image_size")
-    )
-
-
-def probe_output(loaded):
-    """A fixed, cheap forward pass used to check that a rewrite kept the model's function.
-
-    Its input is seeded random token ids within the vocabulary (random log-mel features for a speech encoder, the
-    same ids as decoder input for a text encoder-decoder, one shipped photograph for an image encoder, ids and a
-    random image for a text-image model), so it needs no tokenizer, and at most 16 tokens, so it fits any model's
-    context. A family that reads its own checkpoints (a diffusers UNet) probes itself: one seeded denoising step."""
-    import torch
-
-    from .evaluate import context_length, encoder_of
-    from .families import checkpoint_family, family_for
-
-    model = loaded.model
-    own = checkpoint_family(loaded.kind)
-    if own is not None:
-        return own.probe_output(model)
-    device = next(model.parameters()).device
-    if reads_text_and_images(loaded):  # both towers' hidden states and the embeddings they compare
-        text, image = model.config.text_config, model.config.vision_config
-        generator = torch.Generator().manual_seed(0)
-        tokens = min(16, getattr(text, "max_position_embeddings", None) or 16)
-        ids = torch.randint(0, int(text.vocab_size), (1, tokens), generator=generator)
-        pixels = torch.randn(1, image.num_channels, image.image_size, image.image_size, generator=generator)
-        with torch.no_grad():
-            output = model(input_ids=ids.to(device), pixel_values=pixels.to(device, model.dtype))
-        towers = (output.text_model_output.last_hidden_state, output.vision_model_output.last_hidden_state)
-        return torch.cat([t.flatten() for t in (*towers, output.text_embeds, output.image_embeds)]).double()
-    if loaded.kind == "vision":
-        from .vision import SCORING_IMAGES, pixel_values
-
-        with torch.no_grad():
-            pixels = pixel_values(loaded, SCORING_IMAGES[:1]).to(device, model.dtype)
-            return encoder_of(model)(pixel_values=pixels).last_hidden_state.double()
-    generator = torch.Generator().manual_seed(0)
-    tokens = min(16, context_length(model) or 16)
-    vocab = model.config.get_text_config().vocab_size  # an image-text model's sits in its text_config
-    ids = torch.randint(0, int(vocab), (1, tokens), generator=generator).to(device)
-    images = family_for(model).probe_inputs(model, ids, generator)  # a model whose text reads images (Mllama)
-    with torch.no_grad():
-        if loaded.kind == "speech-seq2seq":
-            frames = 2 * model.config.max_source_positions
-            features = torch.randn(1, model.config.num_mel_bins, frames, generator=generator)
-            return model(input_features=features.to(device, model.dtype), decoder_input_ids=ids).logits.double()
-        decoder = {"decoder_input_ids": ids} if loaded.kind == "seq2seq-lm" else {}
-        output = model(input_ids=ids, attention_mask=torch.ones_like(ids), **decoder, **images)
-        return (output.logits if hasattr(output, "logits") else output.last_hidden_state).double()
-
-
 STREAM_FRACTION = 0.4  # stream by default when the weights take more than this share of physical memory
 
 
@@ -162,6 +103,7 @@ def cmd_decompose(args: argparse.Namespace) -> int:
     from .io import atomic_directory, check_output_dir, save_loaded_model
     from .models import load_model
     from .prune import set_clover_record
+    from .quality import probe_output
 
     check_output_dir(args.out, overwrite=args.overwrite, inputs=[args.model])
     source = _streaming_source(args)
@@ -300,7 +242,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .io import check_output_dir, save_pruned_model
     from .models import directory_family, load_model, resolve_device
     from .prune import CALIBRATED, PruneConfig, check_prunable, prune_, set_clover_record
-    from .quality import calibration_length, calibration_moments, check_calibration_settings, refuse_uncalibrated
+    from .quality import (
+        calibration_length,
+        calibration_moments,
+        check_calibration_settings,
+        reads_text_and_images,
+        refuse_uncalibrated,
+    )
 
     qk_threshold = args.qk_threshold if args.qk_threshold is not None else args.threshold
     vo_threshold = args.vo_threshold if args.vo_threshold is not None else args.threshold
@@ -447,7 +395,7 @@ def _pruned_loader(out: str) -> str:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .errors import CloverError
     from .models import load_model, resolve_device
-    from .quality import SPEECH_EVAL_SENTENCES, measure, parameter_count
+    from .quality import SPEECH_EVAL_SENTENCES, measure
 
     tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
     # numbers are checked before minutes of loading; each message gives the valid range
@@ -478,17 +426,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     _refuse_non_finite_weights(loaded.model)
-    if reads_text_and_images(loaded):  # text similarity alone would run one tower; paired data is not shipped yet
-        report = {"model": loaded.name, "kind": loaded.kind, "parameters": parameter_count(loaded.model)}
-        report["skipped"] = "no quality metric for text-image models (CLIP, SigLIP) yet; parameters only"
-    else:
-        report = measure(
-            loaded,
-            tokens=args.tokens,
-            window=args.window,
-            sentences=SPEECH_EVAL_SENTENCES if args.sentences is None else args.sentences,
-            progress=not args.quiet,
-        )
+    report = measure(
+        loaded,
+        tokens=args.tokens,
+        window=args.window,
+        sentences=SPEECH_EVAL_SENTENCES if args.sentences is None else args.sentences,
+        progress=not args.quiet,
+    )
     if report.get("ppl_window", args.window) < args.window:
         print(
             f"clover: note: --window {args.window} is longer than the model's context; scored in windows of "

@@ -233,7 +233,8 @@ def _probe_ids(model: torch.nn.Module, tokenizer_or_input_ids: Any, tokens: int)
 
 @dataclass
 class EncoderDecoderCacheBytes:
-    """KV-cache bytes of an encoder-decoder model: decoder self-attention per token, cross-attention per frame."""
+    """KV-cache bytes of an encoder-decoder model: decoder self-attention per token, cross-attention per encoder
+    position (frame or source token)."""
 
     self_attention_per_token: float
     cross_attention_per_frame: float
@@ -244,12 +245,17 @@ class EncoderDecoderCacheBytes:
 def encoder_decoder_cache_bytes(
     model: torch.nn.Module, tokenizer_or_input_ids: Any = None, *, tokens: int = 16
 ) -> EncoderDecoderCacheBytes:
-    """Measure a Whisper-style model's cache: self-attention bytes per decoded token, cross bytes per frame."""
+    """Measure an encoder-decoder's cache: self-attention bytes per decoded token, cross bytes per encoder position
+    (a Whisper frame, or a source token of a text encoder-decoder, whose encoder reads the same ids)."""
     ids = _probe_ids(model, tokenizer_or_input_ids, tokens).to(_model_device(model))
     cfg = model.config
-    frames_in = 2 * cfg.max_source_positions  # Whisper's two convolutions halve the mel frames
-    feats = torch.zeros(ids.shape[0], cfg.num_mel_bins, frames_in, dtype=_model_dtype(model), device=ids.device)
-    cache = _returned_cache(model(input_features=feats, decoder_input_ids=ids, use_cache=True))
+    if hasattr(cfg, "num_mel_bins"):
+        frames_in = 2 * cfg.max_source_positions  # Whisper's two convolutions halve the mel frames
+        feats = torch.zeros(ids.shape[0], cfg.num_mel_bins, frames_in, dtype=_model_dtype(model), device=ids.device)
+        encoder_input = {"input_features": feats}
+    else:
+        encoder_input = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    cache = _returned_cache(model(**encoder_input, decoder_input_ids=ids, use_cache=True))
     cross = list(_cache_tensors(cache.cross_attention_cache))
     frames = cross[0].shape[-2] if cross else 0
     per_batch = ids.shape[0]
