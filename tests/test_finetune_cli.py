@@ -262,3 +262,22 @@ def test_finetune_never_overwrites_the_model_it_trains(tiny_checkpoint, tmp_path
     with pytest.raises(CloverError, match="is the input model"):
         cmd_finetune(args)
     assert {p.name: p.read_bytes() for p in path.iterdir() if p.is_file()} == before
+
+
+@needs_olmo_eval
+def test_finetune_fits_examples_and_scoring_into_a_short_context(tmp_path, capsys):
+    # learned positions: a token past the 32th would index past the table (IndexError), so every example and
+    # perplexity window must be cut to the context, and the note says so
+    torch.manual_seed(0)
+    config = tf.GPT2Config(vocab_size=257, n_embd=32, n_layer=2, n_head=4, n_positions=32, eos_token_id=256,
+                           bos_token_id=256, pad_token_id=256)  # fmt: skip
+    path = tmp_path / "short"
+    tf.GPT2LMHeadModel(config).save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    args = _args(path, tmp_path / "run", "--task", "wikitext", "--steps", "1", "--batch-size", "1", "--quiet")
+    assert args.max_length > 32  # the default
+    assert cmd_finetune(args) == 0
+    assert "examples are cut to 32 tokens" in capsys.readouterr().err
+    report = json.loads((tmp_path / "run" / "finetune_report.json").read_text())
+    assert report["options"]["max_length"] == 32
+    assert report["heldout"]["wikitext2_test"]["window"] <= 32 and report["heldout"]["wikitext2_test"]["perplexity"] > 1

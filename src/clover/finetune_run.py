@@ -10,6 +10,7 @@ import csv
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -32,6 +33,7 @@ from clover.baselines import (
     wrap_model,
 )
 from clover.errors import CloverError
+from clover.evaluate import context_length
 from clover.training import (
     CausalLMTask,
     MeanPoolClassifier,
@@ -139,12 +141,11 @@ class FinetuneOptions:
 
 
 def wikitext2_test_perplexity(model: nn.Module, tokenizer: Any) -> dict[str, float]:
-    """WikiText-2 test perplexity (first 4096 tokens, 512-token windows, the model's dtype)."""
-    from clover.evaluate import perplexity, wikitext2_text
+    """WikiText-2 test perplexity (first 4096 tokens, 512-token windows or the model's context, the model's dtype)."""
+    from clover.evaluate import fitting_window, perplexity, wikitext2_text
 
-    result = perplexity(
-        model, tokenizer, wikitext2_text("test"), window=PERPLEXITY_WINDOW, max_tokens=PERPLEXITY_TOKENS
-    )
+    window = fitting_window(model, PERPLEXITY_WINDOW)  # a model with a shorter context: windows that fit it
+    result = perplexity(model, tokenizer, wikitext2_text("test"), window=window, max_tokens=PERPLEXITY_TOKENS)
     return {"perplexity": round(result.ppl, 4), "tokens": result.tokens_scored, "window": result.window}
 
 
@@ -205,6 +206,14 @@ def run_finetune(
     if loaded.tokenizer is None:
         raise CloverError(f"{model_name} has no tokenizer files; save the tokenizer beside the checkpoint")
     model, tokenizer = loaded.model.to(options.torch_device), loaded.tokenizer
+    limit = context_length(model)
+    if limit is not None and options.max_length > limit:  # past it: IndexError, or RoPE silently extrapolating
+        print(
+            f"clover: note: --max-length {options.max_length} is longer than {model_name}'s context; examples are "
+            f"cut to {limit} tokens",
+            file=sys.stderr,
+        )
+        options = replace(options, max_length=limit)
     params_before = count_trainable(model)[1]
     report: dict[str, Any] = {"model": model_name, "options": asdict(options), "out": None if out is None else str(out)}
     text = options.task == data.WIKITEXT
