@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers as tf
 from conftest import build_tiny
 
 import clover.cli
@@ -123,3 +124,43 @@ def test_ctrl_c_after_the_output_was_committed_says_it_is_complete(tmp_path, mon
     err = capsys.readouterr().err
     assert err == f"clover: interrupted after {out} was written (complete); nothing else was written\n"
     assert (out / "config.json").read_text() == "{}"
+
+
+def test_ctrl_c_while_finetune_scores_says_nothing_was_written_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    # the adapter is already saved (inside the output's staging folder) when scoring starts: it is not complete
+    from test_finetune_cli import byte_tokenizer
+
+    import clover.finetune_run
+
+    model = tmp_path / "model"
+    config = tf.LlamaConfig(vocab_size=257, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                            num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    tf.LlamaForCausalLM(config).save_pretrained(model)
+    byte_tokenizer().save_pretrained(model)
+    capsys.readouterr()  # transformers' saving bar
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(clover.finetune_run, "wikitext2_test_perplexity", interrupted)
+    out = tmp_path / "run"
+    arguments = ["finetune", str(model), "--task", "wikitext", "--steps", "1", "--batch-size", "1", "--max-length",
+                 "16", "--out", str(out), "--quiet"]  # fmt: skip
+    assert main(arguments) == 130
+    assert capsys.readouterr().err == "clover: interrupted; nothing was written\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+@pytest.mark.parametrize("out", ["", "/proc/clover-out"], ids=["empty", "no-folder-can-be-made"])
+def test_an_out_where_no_folder_can_be_made_is_refused_before_any_work(out, llama_dir, capsys, monkeypatch):
+    import clover.models
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(clover.models, "load_model", never)
+    capsys.readouterr()
+    for command in (["prune", str(llama_dir), "--vo-ratio", "0.5"], ["decompose", str(llama_dir)]):
+        assert main([*command, "--out", out, "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("clover: error: --out") and err.count("\n") == 1, err

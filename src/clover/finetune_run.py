@@ -11,9 +11,9 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -282,10 +282,12 @@ def run_finetune(
     }
     if cuda:
         report["train"]["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(options.torch_device) / 2**20, 1)
+    # the output's hidden staging folder: the adapter goes in before the merge spends it, the rest after scoring
+    staging_folder = nullcontext() if out is None else atomic_directory(out, overwrite=overwrite, inputs=[model_name])
     with torch.no_grad():
-        with tempfile.TemporaryDirectory(prefix="clover-adapter-") as tmp:
-            if out is not None:  # the adapter must be written before the merge spends it
-                save_adapter(wrapped, Path(tmp) / ADAPTER_DIR)
+        with staging_folder as staging:
+            if staging is not None:
+                save_adapter(wrapped, staging / ADAPTER_DIR)
             merged = merge(wrapped).eval()
             if sst2:
                 classifier.encoder = merged
@@ -312,26 +314,24 @@ def run_finetune(
                     report["selection_average_acc"] = round(average_accuracy(report["selection"]), 4)
                 report["eval_seconds"] = round(time.perf_counter() - eval_started, 1)
             report["seconds"] = round(time.perf_counter() - started, 1)
-            if out is not None:
+            if staging is not None:
                 # training runs in float32; the result is written back in the checkpoint's own dtype, as prune does
                 saved_dtype = saved_weights_dtype(loaded.source)
                 if saved_dtype is not None and saved_dtype != merged.dtype:
                     merged.to(saved_dtype)
                 # the scores above are the float32 model's; the report says what the written weights are
                 report["saved_dtype"] = str(merged.dtype).removeprefix("torch.")
-                with atomic_directory(out, overwrite=overwrite, inputs=[model_name]) as staging:
-                    if report["pruned"]:  # a healed pruned model stays a pruned checkpoint (auto_map + code)
-                        write_pruned_model(replace(loaded, model=merged), staging)
-                    else:
-                        merged.save_pretrained(staging)
-                        tokenizer.save_pretrained(staging)
-                    (Path(tmp) / ADAPTER_DIR).rename(staging / ADAPTER_DIR)
-                    if sst2:
-                        from safetensors.torch import save_file
+                if report["pruned"]:  # a healed pruned model stays a pruned checkpoint (auto_map + code)
+                    write_pruned_model(replace(loaded, model=merged), staging)
+                else:
+                    merged.save_pretrained(staging)
+                    tokenizer.save_pretrained(staging)
+                if sst2:
+                    from safetensors.torch import save_file
 
-                        state = {k: v.detach().contiguous() for k, v in classifier.head.state_dict().items()}
-                        save_file(state, staging / HEAD_FILE)
-                    _write_log(result.log, staging / TRAIN_LOG)
-                    (staging / REPORT).write_text(json.dumps(report, indent=2) + "\n")
+                    state = {k: v.detach().contiguous() for k, v in classifier.head.state_dict().items()}
+                    save_file(state, staging / HEAD_FILE)
+                _write_log(result.log, staging / TRAIN_LOG)
+                (staging / REPORT).write_text(json.dumps(report, indent=2) + "\n")
     report["log"] = result.log
     return report

@@ -51,6 +51,8 @@ def check_output_dir(
 
     An existing non-empty directory is replaced only with ``overwrite`` and only if clover wrote it (its files and
     nothing else), and never when it is one of ``inputs`` or holds one of them."""
+    if not str(out).strip():
+        raise CloverError("--out is empty; give a directory path")
     path = Path(out).expanduser().resolve()
     for parent in path.parents:
         if parent.exists():
@@ -58,6 +60,7 @@ def check_output_dir(
                 raise CloverError(f"--out {path}: {parent} is a file, not a directory; choose another path")
             if not os.access(parent, os.W_OK | os.X_OK):
                 raise CloverError(f"--out {path}: {parent} is not writable; choose another path")
+            _probe_folder(path, parent)
             break
     if path.exists() and not path.is_dir():
         raise CloverError(f"--out {path} exists and is a file; give a directory path")
@@ -74,6 +77,19 @@ def check_output_dir(
                 "directories. Choose another path or move those files away"
             )
     return path
+
+
+def _probe_folder(path: Path, parent: Path) -> None:
+    """Create and remove a folder where the output's staging folder will go, so that a place no folder can be made
+    in (a read-only mount, /proc) is refused before minutes of work, not after them."""
+    import tempfile
+
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".{path.name}.probe-", dir=parent))
+    except OSError as error:
+        raise CloverError(
+            f"--out {path}: cannot create a folder in {parent} ({error.strerror}); choose another path"
+        ) from None
 
 
 def process_alive(pid: int) -> bool:
@@ -146,14 +162,22 @@ def atomic_directory(
                 trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-{os.getpid()}-", dir=final.parent))
                 final.rename(trash / final.name)
                 staging.rename(final)
-                COMMITTED.append(final)
+                _record_commit(final)
                 shutil.rmtree(trash, ignore_errors=True)
             else:
                 staging.rename(final)  # an empty directory at the target is replaced by the rename
-                COMMITTED.append(final)
+                _record_commit(final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _record_commit(final: Path) -> None:
+    """Remember a committed directory, unless it sits inside a staging directory of this run (finetune's adapter):
+    that one is complete only once its parent is committed, and it vanishes with it otherwise."""
+    marker = f".partial-{os.getpid()}-"
+    if not any(parent.name.startswith(".") and marker in parent.name for parent in final.parents):
+        COMMITTED.append(final)
 
 
 def _current_umask() -> int:
