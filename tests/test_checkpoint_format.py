@@ -12,9 +12,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
-from conftest import build_tiny
+import transformers as tf
+from conftest import build_tiny, model_output
 
+from clover.errors import CloverError
 from clover.finetune import CloverModel
 from clover.io import save_pruned_model, write_pruned_model
 from clover.modeling_clover import FORMAT_VERSION
@@ -85,3 +88,19 @@ def test_an_unknown_attention_class_is_a_clear_error(tmp_path):
         assert "CloverFutureAttention" in str(error) and "clover version that wrote it" in str(error)
     else:
         raise AssertionError("loading a checkpoint with an unknown attention class must fail clearly")
+
+
+def test_save_pruned_model_takes_a_bare_model_and_refuses_one_with_nothing_pruned(tmp_path):
+    model = build_tiny("gpt2")
+    with pytest.raises(CloverError, match="nothing of this GPT2LMHeadModel is pruned"):
+        save_pruned_model(model, tmp_path / "unpruned")
+    prune_(model, PruneConfig())  # ratios of 0: nothing removed, nothing recorded
+    with pytest.raises(CloverError, match="is pruned"):
+        save_pruned_model(model, tmp_path / "unpruned")
+    assert list(tmp_path.iterdir()) == []  # not even a staging folder
+    with pytest.raises(CloverError, match="a clover.models.LoadedModel or a transformers model, not dict"):
+        save_pruned_model({"model": model}, tmp_path / "dict")
+    prune_(model, PruneConfig(vo_ratio=0.5))
+    save_pruned_model(model, tmp_path / "pruned")  # the model alone, without a LoadedModel around it
+    reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "pruned", trust_remote_code=True).eval()
+    torch.testing.assert_close(model_output(reloaded), model_output(model.eval()), atol=0, rtol=0)

@@ -288,9 +288,24 @@ def save_pruned_model(
     The directory loads with ``AutoModel*.from_pretrained(DIR, trust_remote_code=True)`` in a process that
     does not have clover installed: ``modeling_clover.py`` (torch + transformers only) is copied beside the weights.
     """
+    loaded = _as_loaded(loaded)
     with atomic_directory(out, overwrite=overwrite, inputs=inputs) as staging:
         write_pruned_model(loaded, staging)
     return Path(out)
+
+
+def _as_loaded(loaded):
+    """A ``LoadedModel``, or a transformers model given alone (``prune_(model, ...)`` then save), wrapped as one."""
+    from .models import LoadedModel, model_kind
+
+    if isinstance(loaded, LoadedModel):
+        return loaded
+    config = getattr(loaded, "config", None)
+    if not hasattr(config, "to_dict"):
+        raise CloverError(
+            f"save_pruned_model takes a clover.models.LoadedModel or a transformers model, not {type(loaded).__name__}"
+        )
+    return LoadedModel(loaded, None, type(loaded).__name__, model_kind(config.to_dict())[0])
 
 
 def write_pruned_model(loaded, directory: Path) -> None:
@@ -304,6 +319,11 @@ def write_pruned_model(loaded, directory: Path) -> None:
     if family is not None:  # a model transformers does not write (a diffusers UNet): its family's own files
         family.write_pruned_checkpoint(model, directory)
         return
+    if not pruned_site_specs(model):  # its modeling code would refuse to build it: nothing to install
+        raise CloverError(
+            f"nothing of this {type(model).__name__} is pruned (prune_ it first, with a ratio or threshold > 0); "
+            "an unpruned model is saved with save_pretrained and loads with stock transformers"
+        )
     # a pruned checkpoint loaded back with trust_remote_code has the Clover class already (healed models)
     base = type(model).__name__.removeprefix("Clover")
     if not hasattr(transformers, base):
