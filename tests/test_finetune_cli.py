@@ -212,6 +212,10 @@ def test_bad_task_lr_and_output_raise_clover_errors(tiny_checkpoint, tmp_path):
         (["--task", "piqa", "--steps", "0"], "--steps"),
         (["--task", "piqa", "--method", "lora", "--targets", "q,x"], "--targets"),
         (["--task", "sst2"], "encoder"),
+        (["--task", "wikitext", "--method", "lora", "--alpha", "nan"], "--alpha nan must be a finite number"),
+        (["--task", "wikitext", "--method", "lora", "--alpha", "-1"], "--alpha -1.0 must be > 0"),
+        # k_proj is 2 KV heads x 8 = 16 wide: a rank past it adds nothing (PSOFT refused it in PEFT's words)
+        (["--task", "wikitext", "--method", "psoft", "--rank", "17"], "--rank 17 exceeds the narrowest target layer"),
     ]:
         with pytest.raises(CloverError, match=match):
             cmd_finetune(_args(path, tmp_path / "never", *extra, "--quiet", "--no-eval"))
@@ -281,3 +285,26 @@ def test_finetune_fits_examples_and_scoring_into_a_short_context(tmp_path, capsy
     report = json.loads((tmp_path / "run" / "finetune_report.json").read_text())
     assert report["options"]["max_length"] == 32
     assert report["heldout"]["wikitext2_test"]["window"] <= 32 and report["heldout"]["wikitext2_test"]["perplexity"] > 1
+
+
+def test_options_a_method_does_not_use_are_noted_and_a_model_no_target_reaches_is_one_line(
+    tiny_checkpoint, tmp_path, capsys
+):
+    from clover.cli import main
+
+    path, _ = tiny_checkpoint
+    every_vo = tmp_path / "every-vo-pruned"  # V-O gone: q, k and v (PEFT's default targets) reach no output
+    prune = ["prune", str(path), "--vo-threshold", "1e9", "--min-dims", "0", "--out", str(every_vo), "--quiet"]
+    assert main(prune) == 0
+    capsys.readouterr()
+    arguments = ["--task", "wikitext", "--steps", "1", "--batch-size", "1", "--max-length", "16", "--no-eval"]
+    arguments.append("--quiet")
+    with pytest.raises(CloverError, match="no trainable parameter reaches the loss"):
+        cmd_finetune(_args(every_vo, tmp_path / "never", *arguments, "--method", "lora"))
+    assert not (tmp_path / "never").exists()
+    assert cmd_finetune(_args(path, tmp_path / "run", *arguments, "--rank", "4", "--alpha", "8")) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "note:" in line]
+    assert notes == [
+        "clover: note: --rank does not apply to --method clover, so it is ignored",
+        "clover: note: --alpha does not apply to --method clover, so it is ignored",
+    ]

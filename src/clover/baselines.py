@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,9 @@ import torch
 from torch import nn
 
 from clover.errors import CloverError
+
+# PEFT 0.21 asks transformers 5 the deprecated name on every wrap and save: a warning users can do nothing about
+warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 CLOVER = "clover"
 # PEFT baselines; the last three exist in PEFT 0.21 (HiRA, PSOFT, OSF) and are only sketched on CPU
@@ -161,6 +165,12 @@ def wrap_model(
 
         targets = targets or DEFAULT_PEFT_TARGETS
         modules = {name: min(model.get_submodule(name).weight.shape) for name in peft_target_modules(model, targets)}
+        narrowest = min(modules.items(), key=lambda item: item[1], default=None)
+        if rank and narrowest is not None and rank > narrowest[1]:  # past a layer's width a rank adds nothing
+            raise CloverError(
+                f"--rank {rank} exceeds the narrowest target layer ({narrowest[0]}: {narrowest[1]} features); "
+                f"use at most {narrowest[1]}, or omit it to match CLOVER's trainable count"
+            )
         rank = rank or matching_rank(model, method, modules, clover_trainable_count(model))
         # LoRA family: the authors' alpha = 2 r; PSOFT: PEFT's default scaling of 1 (alpha = r)
         alpha = alpha if alpha is not None else (1.0 if method == "psoft" else 2.0) * rank

@@ -134,7 +134,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     train = report["train"]
     print(
         f"{options.method} on {options.task}: {options.steps} steps in {report['seconds']} s, "
-        f"{'loss' if options.task == data.SST2 else 'answer-token loss'} "
+        f"{'answer-token loss' if options.task not in (data.SST2, data.WIKITEXT) else 'loss'} "
         f"{train['first_loss']:.4f} -> {train['final_loss']:.4f}, {train['median_step_seconds']} s/step"
     )
     for label, key in (("base model", "base_heldout"), ("fine-tuned", "heldout"), ("selection rows", "selection")):

@@ -291,7 +291,10 @@ def _read_heads(projection: Projection, num_blocks: int, label: str) -> tuple[Te
     """(blocks, d_in[+1], w) float64 with the bias as last row, the raw bias, and the projection's dtype."""
     weight, bias = projection.read()
     if weight.shape[1] % num_blocks:
-        raise CloverError(f"{label}: {weight.shape[1]} output features do not split into {num_blocks} blocks")
+        raise CloverError(
+            f"{label}: {weight.shape[1]} output features do not split into {num_blocks} blocks of the head width; "
+            "leave this layer out of --targets (e.g. --targets q,v)"
+        )
     heads = split_heads(weight.double(), None if bias is None else bias.double(), num_blocks)
     if heads.shape[1] < heads.shape[2]:
         raise CloverError(f"{label}: blocks of width {heads.shape[2]} exceed the {heads.shape[1]} input rows")

@@ -97,6 +97,10 @@ class FinetuneOptions:
             raise CloverError(f"--dropout {self.dropout} must be in [0, 1)")
         if self.rank is not None and self.rank < 1:
             raise CloverError(f"--rank {self.rank} must be at least 1 (or omit it to match CLOVER's count)")
+        if self.alpha is not None and not (isinstance(self.alpha, int | float) and math.isfinite(self.alpha)):
+            raise CloverError(f"--alpha {self.alpha} must be a finite number (or omit it: 2 x rank)")
+        if self.alpha is not None and self.alpha <= 0:
+            raise CloverError(f"--alpha {self.alpha} must be > 0: it scales the update (omit it: 2 x rank)")
         if self.eval_limit is not None and self.eval_limit < 1:
             raise CloverError(f"--eval-limit {self.eval_limit} must be at least 1 (omit it to score every row)")
         if self.selection_rows < 0:
@@ -190,6 +194,13 @@ def run_finetune(
     from clover.models import load_model
 
     options.validate()
+    ignored = {
+        "--rank": options.method == CLOVER and options.rank is not None,
+        "--alpha": options.method == CLOVER and options.alpha is not None,
+        "--dropout-placement": options.method != CLOVER and options.dropout_placement != "frozen_output",
+    }
+    for flag in (flag for flag, unused in ignored.items() if unused):  # a note: scripts pass one set to every method
+        print(f"clover: note: {flag} does not apply to --method {options.method}, so it is ignored", file=sys.stderr)
     if out is not None:
         check_output_dir(out, overwrite=overwrite, inputs=[model_name])  # never the model it trains
     if options.threads is not None:

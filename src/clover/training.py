@@ -130,6 +130,11 @@ def train(
         loss_sum = 0.0
         for batch in chosen.batches:
             loss = task.loss(batch)
+            if not loss.requires_grad:  # every trained weight is cut off from the output (all V-O dims pruned)
+                raise CloverError(
+                    "no trainable parameter reaches the loss: the adapted layers have no effect on this model's "
+                    "output (e.g. every V-O dim pruned); choose other --targets"
+                )
             (loss / chosen.divisor).backward()
             loss_sum += loss.item()
         norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
