@@ -20,6 +20,7 @@ from conftest import (
     qk_ratio,
 )
 
+from clover.decompose import decompose_
 from clover.errors import CloverError
 from clover.factorize import merge_heads, split_heads
 from clover.families import (
@@ -31,6 +32,7 @@ from clover.families import (
     pruned_attention_sites,
     pruned_projections,
 )
+from clover.finetune import get_clover_model
 from clover.io import save_pruned_model
 from clover.models import LoadedModel, load_model
 from clover.prune import PruneConfig, allocate_dims, prune_
@@ -466,3 +468,38 @@ def test_min_dims_is_bounded_by_the_widest_head_where_heads_differ_in_width():
     assert report.attention_params_after < report.attention_params_before
     with pytest.raises(CloverError, match=r"largest head_dim 16\); choose 0\.\.15"):
         prune_(build_tiny("mllama"), PruneConfig(vo_ratio=0.5, min_dims=16))
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (PruneConfig(vo_ratio="0.5"), "vo ratio must be a number, got '0.5' (str)"),
+        (PruneConfig(vo_threshold=True), "vo threshold must be a number, got True (bool)"),  # not taken as 1.0
+        (PruneConfig(qk_threshold="1e-3"), "qk threshold must be a number"),
+        (PruneConfig(vo_ratio=0.5, min_dims=1.5), "min dims must be a whole number, got 1.5"),
+        (PruneConfig(vo_ratio=0.5, min_dims="1"), "min dims must be a whole number"),
+        (PruneConfig(vo_ratio=0.5, method="calibrated", ridge=float("nan")), "ridge must be a finite number ≥ 0"),
+        (PruneConfig(vo_ratio=0.5, method="calibrated", ridge=-1), "ridge must be a finite number ≥ 0"),
+        ({"vo_ratio": 0.5}, "config must be a clover.prune.PruneConfig, not dict"),
+        (None, "config must be a clover.prune.PruneConfig, not NoneType"),
+    ],
+)
+def test_python_api_mistakes_are_clover_errors_and_leave_the_model_untouched(config, message):
+    model = build_tiny("gpt2")
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(CloverError) as error:
+        prune_(model, config, calibrate=lambda m: None)
+    assert message in str(error.value)
+    assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in before.items())
+
+
+def test_one_stack_named_alone_is_that_stack_and_a_model_without_values_is_refused():
+    model = build_tiny("whisper")
+    prune_(model, PruneConfig(vo_ratio=0.5, stacks="decoder"))  # not the letters d, e, c, o, ...
+    assert {spec["stack"] for spec in model.config.clover["sites"].values()} == {"decoder"}
+    with torch.device("meta"):
+        hollow = type(build_tiny("gpt2"))(build_tiny("gpt2").config)
+    for call in (lambda: prune_(hollow, PruneConfig(vo_ratio=0.5)), lambda: decompose_(hollow),
+                 lambda: get_clover_model(hollow)):  # fmt: skip
+        with pytest.raises(CloverError, match="on the meta device"):
+            call()

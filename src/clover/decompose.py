@@ -37,11 +37,16 @@ def all_finite(tensor: torch.Tensor) -> bool:
 
 
 def check_finite(site: AttentionSite) -> None:
-    """Refuse a site whose Q, K, V or O weights or biases hold NaN or Inf (the SVD would spread them)."""
+    """Refuse a site whose Q, K, V or O weights or biases hold NaN or Inf (the SVD would spread them), or have no
+    values yet (a model built on the meta device)."""
     from .errors import CloverError
 
     for label, projection in (("q", site.q), ("k", site.k), ("v", site.v), ("o", site.o)):
         for tensor in projection.read():
+            if tensor is not None and tensor.is_meta:
+                raise CloverError(
+                    f"{site.name}: the {label} weights are on the meta device (no values); load the weights first"
+                )
             if tensor is not None and not all_finite(tensor):
                 raise CloverError(f"{site.name}: the {label} weights contain NaN or Inf; fix the checkpoint first")
 

@@ -537,7 +537,11 @@ class CloverModel(nn.Module):
         super().__init__()
         if any(isinstance(m, CloverLinear | CloverConv1D) for m in model.modules()):
             raise CloverError("the model already has CLOVER layers; call merge_and_unload() before wrapping it again")
-        config = config or CloverConfig()
+        if any(parameter.is_meta for parameter in model.parameters()):
+            raise CloverError("the model's weights are on the meta device (no values); load the weights first")
+        config = CloverConfig() if config is None else config
+        if not isinstance(config, CloverConfig):
+            raise CloverError(f"config must be a clover.finetune.CloverConfig, not {type(config).__name__}")
         targets = resolve_targets(model, config)
         self.clover_config = replace(config, targets=targets)
         sites = attention_sites(model, allow_pruned=True, uniform=True)

@@ -69,7 +69,23 @@ class PruneConfig:
     qk_stacks: tuple[str, ...] | None = None
     vo_stacks: tuple[str, ...] | None = None
 
+    def __post_init__(self) -> None:
+        for option in ("stacks", "qk_stacks", "vo_stacks"):  # one stack named alone, as CloverConfig's targets
+            if isinstance(getattr(self, option), str):
+                setattr(self, option, (getattr(self, option),))
+
     def validate(self) -> None:
+        def number(value: object) -> bool:
+            return isinstance(value, int | float) and not isinstance(value, bool)
+
+        for name in ("qk_ratio", "vo_ratio", "qk_threshold", "vo_threshold", "ridge", "min_dims"):
+            value = getattr(self, name)
+            optional = name.endswith("threshold") and value is None
+            if not (optional or number(value)) or (name == "min_dims" and not isinstance(value, int)):
+                kind = "a whole number" if name == "min_dims" else "a number"
+                raise CloverError(f"{name.replace('_', ' ')} must be {kind}, got {value!r} ({type(value).__name__})")
+        if not (math.isfinite(self.ridge) and self.ridge >= 0):
+            raise CloverError(f"ridge must be a finite number ≥ 0 (relative, e.g. 1e-4), got {self.ridge}")
         if self.method not in METHODS:
             raise CloverError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.allocation not in ALLOCATIONS:
@@ -420,6 +436,8 @@ def check_prunable(model: nn.Module, config: PruneConfig, *, check_values: bool 
     """The sites ``config`` prunes; raises CloverError for bad options, RoPE Q-K requests, non-finite weights
     or an already pruned model. Cheap: call it before collecting calibration data. ``check_values=False``
     where the weights are not in memory yet (streaming: each unit is checked as it is read)."""
+    if not isinstance(config, PruneConfig):
+        raise CloverError(f"config must be a clover.prune.PruneConfig, not {type(config).__name__}")
     config.validate()
     family = family_for(model)
     every_site = attention_sites(model)
