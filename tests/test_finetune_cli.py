@@ -308,3 +308,19 @@ def test_options_a_method_does_not_use_are_noted_and_a_model_no_target_reaches_i
         "clover: note: --rank does not apply to --method clover, so it is ignored",
         "clover: note: --alpha does not apply to --method clover, so it is ignored",
     ]
+
+
+@needs_olmo_eval
+def test_finetune_reads_a_tokenizer_from_elsewhere_for_weights_saved_without_one(tiny_checkpoint, tmp_path, capsys):
+    path, params = tiny_checkpoint
+    bare = tmp_path / "weights-only"
+    tf.AutoModelForCausalLM.from_pretrained(path).save_pretrained(bare)
+    arguments = ["--task", "wikitext", "--steps", "1", "--batch-size", "1", "--max-length", "16", "--no-eval"]
+    with pytest.raises(CloverError, match="has no tokenizer files; pass --tokenizer DIR"):
+        cmd_finetune(_args(bare, tmp_path / "never", *arguments, "--quiet"))
+    with pytest.raises(CloverError, match="--eval-limit applies to held-out rows"):
+        cmd_finetune(_args(path, tmp_path / "never", *arguments, "--eval-limit", "5", "--quiet"))
+    assert not (tmp_path / "never").exists()
+    assert cmd_finetune(_args(bare, tmp_path / "run", *arguments, "--tokenizer", str(path), "--quiet")) == 0
+    assert tf.AutoTokenizer.from_pretrained(tmp_path / "run")("ab")["input_ids"] == byte_tokenizer()("ab")["input_ids"]
+    assert sum(p.numel() for p in tf.AutoModelForCausalLM.from_pretrained(tmp_path / "run").parameters()) == params

@@ -187,7 +187,7 @@ def cmd_spectrum(args: argparse.Namespace) -> int:
     print(f"{'stack':8} {'layer':>5} {'pair':4} {'σ max':>9} {'σ median':>9} {'σ min':>10} {'dims@90%':>9}")
     for r in rows:
         print(
-            f"{r['stack']:8} {r['layer']:>5} {r['pair']:4} {r['sigma_max']:9.3f} {r['sigma_median']:9.3f}"
+            f"{r['stack']:8} {r['layer']:>5} {r['pair']:4} {r['sigma_max']:9.3g} {r['sigma_median']:9.3g}"
             f" {r['sigma_min']:10.2e} {r['dims_for_90pct_energy']:>6}/{r['head_dim']}"
         )
     if any(r["pair"] == "q" for r in rows):

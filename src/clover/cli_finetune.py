@@ -9,7 +9,7 @@ from typing import Any
 
 from clover import finetune_data as data
 from clover.baselines import METHODS
-from clover.cli_common import DEVICE_HELP
+from clover.cli_common import DEVICE_HELP, OVERWRITE_HELP
 from clover.finetune_run import ADAPTER_DIR, REPORT, TRAIN_LOG, FinetuneOptions, average_accuracy, run_finetune
 
 
@@ -105,7 +105,11 @@ def add_finetune_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--no-eval", dest="evaluate", action="store_false", help="skip the held-out evaluation")
     p.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest when other jobs share the cores)")
     p.add_argument("--device", help=DEVICE_HELP)
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument(
+        "--tokenizer", metavar="DIR", help="read the tokenizer from DIR (e.g. the original model's directory), for "
+        "weights saved without one; it is written into --out"
+    )  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--json", action="store_true", help="print a JSON report instead of text")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_finetune)

@@ -79,6 +79,7 @@ class FinetuneOptions:
     grad_clip: float = 1.0
     threads: int | None = None  # torch CPU threads; None: torch's default
     device: str | None = None  # "cpu", "cuda", "cuda:1", ...; None: cuda when available, else cpu
+    tokenizer: str | None = None  # a directory to read the tokenizer from; None: the model's own
 
     def validate(self) -> None:
         """Raise CloverError for a value that cannot work, with what to use instead."""
@@ -117,6 +118,8 @@ class FinetuneOptions:
         if self.method != CLOVER and self.targets is not None:
             if bad := [t for t in self.targets if t not in PEFT_TARGETS]:
                 raise CloverError(f"--targets {bad} unknown for {self.method}; choose from {', '.join(PEFT_TARGETS)}")
+        if self.eval_limit is not None and self.task == data.WIKITEXT:
+            raise CloverError("--eval-limit applies to held-out rows; wikitext is scored on WikiText-2 test text")
         if self.eval_tasks is not None:
             if self.task in (data.SST2, data.WIKITEXT):
                 raise CloverError(
@@ -206,7 +209,7 @@ def run_finetune(
     if options.threads is not None:
         torch.set_num_threads(options.threads)
     started = time.perf_counter()
-    loaded = load_model(model_name)
+    loaded = load_model(model_name, tokenizer=options.tokenizer)
     sst2 = options.task == data.SST2
     wanted = "encoder" if sst2 else "causal-lm"
     if loaded.kind != wanted:
@@ -215,7 +218,9 @@ def run_finetune(
             f"{'minilm-l6' if sst2 else 'smollm2-135m'}); {model_name} is {loaded.described}"
         )
     if loaded.tokenizer is None:
-        raise CloverError(f"{model_name} has no tokenizer files; save the tokenizer beside the checkpoint")
+        raise CloverError(
+            f"{model_name} has no tokenizer files; pass --tokenizer DIR (e.g. the original model's directory)"
+        )
     model, tokenizer = loaded.model.to(options.torch_device), loaded.tokenizer
     limit = context_length(model)
     if limit is not None and options.max_length > limit:  # past it: IndexError, or RoPE silently extrapolating
