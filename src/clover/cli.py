@@ -362,8 +362,9 @@ def _prune_summary(args, report, elapsed, moments, moments_cached, seq_len) -> i
     if args.json:
         print(json.dumps(summary))
         return 0
+    allocated = args.allocation if args.qk_ratio or args.vo_ratio else "σ threshold"  # no share to allocate
     print(
-        f"pruned {args.model} ({args.method}, {args.allocation}) in {elapsed:.1f} s: "
+        f"pruned {args.model} ({args.method}, {allocated}) in {elapsed:.1f} s: "
         f"{100 * report.qk_removed:.1f}% of Q-K dims and {100 * report.vo_removed:.1f}% of V-O dims removed"
         + (" (calibration moments from the cache)" if moments_cached else "")
     )
