@@ -487,7 +487,6 @@ def similarity_sentences(n: int = 256) -> list[str]:
     return [row["sentence"].strip() for row in rows[:n]]
 
 
-@torch.inference_mode()
 def encoder_of(model: torch.nn.Module) -> torch.nn.Module:
     """The base model under a task head (BertForMaskedLM's BertModel), whose hidden states the similarity metrics
     compare; the model itself when it has no head."""
@@ -495,6 +494,7 @@ def encoder_of(model: torch.nn.Module) -> torch.nn.Module:
     return base if isinstance(base, torch.nn.Module) else model
 
 
+@torch.inference_mode()
 def sentence_embeddings(
     model: torch.nn.Module, tokenizer: Any, sentences: Sequence[str], batch_size: int = 32, max_length: int = 256
 ) -> torch.Tensor:

@@ -197,10 +197,11 @@ def run_finetune(
     from clover.models import load_model
 
     options.validate()
+    default_placement = FinetuneOptions.dropout_placement
     ignored = {
         "--rank": options.method == CLOVER and options.rank is not None,
         "--alpha": options.method == CLOVER and options.alpha is not None,
-        "--dropout-placement": options.method != CLOVER and options.dropout_placement != "frozen_output",
+        "--dropout-placement": options.method != CLOVER and options.dropout_placement != default_placement,
     }
     for flag in (flag for flag, unused in ignored.items() if unused):  # a note: scripts pass one set to every method
         print(f"clover: note: {flag} does not apply to --method {options.method}, so it is ignored", file=sys.stderr)

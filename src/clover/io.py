@@ -175,8 +175,8 @@ def atomic_directory(
 def _record_commit(final: Path) -> None:
     """Remember a committed directory, unless it sits inside a staging directory of this run (finetune's adapter):
     that one is complete only once its parent is committed, and it vanishes with it otherwise."""
-    marker = f".partial-{os.getpid()}-"
-    if not any(parent.name.startswith(".") and marker in parent.name for parent in final.parents):
+    own_staging = (_STAGING.fullmatch(parent.name) for parent in final.parents)
+    if not any(match and int(match["pid"]) == os.getpid() for match in own_staging):
         COMMITTED.append(final)
 
 
@@ -257,6 +257,14 @@ AUTO_CLASS = {
 }
 
 
+def pruned_model_code(sites: dict[str, dict], base: str, kind: str) -> tuple[dict[str, str], str]:
+    """The ``auto_map`` of a pruned checkpoint of transformers class ``base`` and the ``modeling_clover.py`` it
+    points at (the ``Clover<name>`` classes of every auto class it answers to)."""
+    classes = pruned_auto_map(base, kind)
+    auto_map = {auto: f"modeling_clover.Clover{name}" for auto, name in classes.items()}
+    return auto_map, pruned_modeling_source(sites, list(dict.fromkeys(classes.values())))
+
+
 def pruned_auto_map(base: str, kind: str) -> dict[str, str]:
     """The auto classes a pruned checkpoint of transformers class ``base`` answers to, each with the transformers
     class its ``Clover<name>`` builds on: every auto class whose table maps the model_type to ``base`` (a
@@ -332,8 +340,8 @@ def write_pruned_model(loaded, directory: Path) -> None:
     upgrade_pruned_specs(model)
     had_map = "auto_map" in model.config.to_dict()
     previous = getattr(model.config, "auto_map", None)
-    classes = pruned_auto_map(base, loaded.kind)
-    model.config.auto_map = {auto: f"modeling_clover.Clover{name}" for auto, name in classes.items()}
+    auto_map, source = pruned_model_code(pruned_site_specs(model), base, loaded.kind)
+    model.config.auto_map = auto_map
     try:
         save_loaded_model(loaded, directory)
     finally:
@@ -341,7 +349,6 @@ def write_pruned_model(loaded, directory: Path) -> None:
             model.config.auto_map = previous
         else:
             del model.config.auto_map  # the live model object is the plain class; only the files need the map
-    source = pruned_modeling_source(pruned_site_specs(model), list(dict.fromkeys(classes.values())))
     (directory / "modeling_clover.py").write_text(source)
     _patch_architectures(directory / "config.json", clover_class)
 

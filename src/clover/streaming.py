@@ -671,7 +671,7 @@ def stream_prune(
 ):
     """Prune the checkpoint ``source`` into the (staging) ``directory`` one layer at a time: scores in a first
     pass over the layers, the rewrite in a second. Returns the ``PruneReport``."""
-    from .io import pruned_auto_map, pruned_modeling_source
+    from .io import pruned_model_code
     from .modeling_clover import CONFIG_KEY
     from .prune import prune_
 
@@ -688,15 +688,12 @@ def stream_prune(
     base = type(streamed.model).__name__
     specs = getattr(streamed.model.config, CONFIG_KEY)
     written[CONFIG_KEY] = {**specs, "source": str(source), "streamed": True}
-    classes = pruned_auto_map(base, streamed.kind)
-    written["auto_map"] = {auto: f"modeling_clover.Clover{name}" for auto, name in classes.items()}
+    written["auto_map"], source = pruned_model_code(specs["sites"], base, streamed.kind)
     written["architectures"] = [f"Clover{base}"]
     if dtype is not None:
         written["dtype"] = str(dtype).removeprefix("torch.")
     (directory / "config.json").write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
-    (directory / "modeling_clover.py").write_text(
-        pruned_modeling_source(specs["sites"], list(dict.fromkeys(classes.values())))
-    )
+    (directory / "modeling_clover.py").write_text(source)
     streamed.copy_side_files(directory)
     return report
 
