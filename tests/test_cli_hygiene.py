@@ -3,6 +3,7 @@ weights and options that do not apply, and no stray library warnings on stderr."
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import warnings
@@ -12,6 +13,7 @@ import pytest
 import torch
 import transformers as tf
 from conftest import build_tiny
+from test_finetune_cli import byte_tokenizer
 
 import clover.cli
 from clover.cli import main
@@ -76,6 +78,31 @@ def test_eval_notes_that_sentences_does_not_apply_to_a_causal_lm(llama_dir, caps
         f"clover: note: --sentences applies to speech models (Whisper: spoken sentences scored); {llama_dir} is a "
         "causal LM, so it is ignored"
     ]
+
+
+def test_eval_notes_that_tokens_beyond_the_split_scored_the_whole_split(tmp_path, monkeypatch, capsys):
+    llama_dir = tmp_path / "llama"
+    tf.LlamaForCausalLM(tf.LlamaConfig(**{**build_tiny("llama").config.to_dict(), "vocab_size": 257})).save_pretrained(
+        llama_dir
+    )
+    byte_tokenizer().save_pretrained(llama_dir)
+    split = tmp_path / "wikitext-2-raw-v1"
+    split.mkdir()
+    (split / "test.jsonl").write_text('{"text": " = A short split = "}\n{"text": "of a few words."}\n')
+    monkeypatch.setenv("CLOVER_DATA_DIR", str(tmp_path))
+    capsys.readouterr()  # transformers' saving bar
+    assert main(["eval", str(llama_dir), "--tokens", "100000", "--window", "8", "--quiet", "--json"]) == 0
+    out, err = capsys.readouterr()
+    report = json.loads(out)
+    assert 2 <= report["ppl_split_tokens"] < 100_000 and report["ppl_tokens"] <= report["ppl_split_tokens"]
+    notes = [line for line in err.splitlines() if "--tokens" in line]
+    assert notes == [
+        f"clover: note: --tokens 100000 is more than WikiText-2's test split holds ({report['ppl_split_tokens']} "
+        "tokens with this tokenizer); scored all of it"
+    ]
+    assert main(["eval", str(llama_dir), "--tokens", "4", "--window", "8", "--quiet", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert "ppl_split_tokens" not in json.loads(out) and "--tokens" not in err
 
 
 def test_eval_says_nothing_about_sentences_left_at_its_default(llama_dir, capsys):

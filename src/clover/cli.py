@@ -440,6 +440,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
             f"{report['ppl_window']} tokens",
             file=sys.stderr,
         )
+    if "ppl_split_tokens" in report:
+        print(
+            f"clover: note: --tokens {args.tokens} is more than WikiText-2's test split holds "
+            f"({report['ppl_split_tokens']:,} tokens with this tokenizer); scored all of it",
+            file=sys.stderr,
+        )
     if tasks:
         import os
 

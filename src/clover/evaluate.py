@@ -90,6 +90,7 @@ class PerplexityResult:
     tokens_scored: int
     window: int
     dtype: str
+    text_tokens: int = 0  # tokens of the text read: below max_tokens when the text ran out first
 
 
 _CONTEXT_ATTRIBUTES = ("max_target_positions", "n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length")
@@ -173,7 +174,8 @@ def perplexity(
             count += len(row) - 1
         del logits
     nll = total / count
-    return PerplexityResult(math.exp(nll), nll, count, window, str(_model_dtype(model)).removeprefix("torch."))
+    dtype = str(_model_dtype(model)).removeprefix("torch.")
+    return PerplexityResult(math.exp(nll), nll, count, window, dtype, text_tokens=len(ids))
 
 
 # ---------------------------------------------------------------- KV cache size and decode speed

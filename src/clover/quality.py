@@ -149,6 +149,8 @@ def measure(
                     progress=progress,
                 )  # fmt: skip
                 report.update(wikitext2_test_ppl=result.ppl, ppl_tokens=result.tokens_scored, ppl_window=result.window)
+                if result.text_tokens < tokens:  # the whole split was scored: say how much there was
+                    report["ppl_split_tokens"] = result.text_tokens
             report["dtype"] = str(model.dtype).removeprefix("torch.")
             report["kv_bytes_per_token"] = evaluate.kv_cache_bytes_per_token(model, loaded.tokenizer)
         elif loaded.kind == "speech-seq2seq":
