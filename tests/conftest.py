@@ -250,6 +250,24 @@ def build_tiny(arch: str, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
+def numeric_modes() -> dict[str, str]:
+    """The process-wide torch settings that change a float32 forward's numbers (threads, reduced-precision
+    matmuls, default dtype): a fresh-process comparison states them so that a mismatch names its cause."""
+    modes = {
+        "threads": torch.get_num_threads(),
+        "default_dtype": torch.get_default_dtype(),
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
+        "mkldnn": torch.backends.mkldnn.enabled,
+    }
+    for backend in ("mkldnn.matmul", "mkldnn.conv", "mkldnn.rnn"):  # torch >= 2.9 spells precision per backend
+        owner = torch.backends
+        for part in backend.split("."):
+            owner = getattr(owner, part, None)
+        modes[backend] = getattr(owner, "fp32_precision", None)
+    return {name: str(value) for name, value in modes.items()}
+
+
 def model_output(model: torch.nn.Module, seed: int = 1) -> torch.Tensor:
     """Logits (causal LM, Whisper), last hidden states (encoder) or both towers' states and embeddings (text-image)
     on fixed random inputs."""

@@ -17,6 +17,7 @@ from conftest import (
     build_tiny,
     image_inputs,
     model_output,
+    numeric_modes,
     qk_ratio,
 )
 
@@ -244,17 +245,19 @@ def test_checkpoint_loads_with_trust_remote_code_in_a_fresh_process(arch, tmp_pa
     assert config["clover"]["sites"] and "auto_map" in config and (out / "modeling_clover.py").exists()
     auto = auto_class(arch, pruned=True).__name__
     script = (
-        "import sys, torch, transformers as tf; sys.path.insert(0, 'tests'); from conftest import model_output\n"
+        "import sys, torch, transformers as tf; sys.path.insert(0, 'tests')\n"
+        f"from conftest import model_output, numeric_modes; torch.set_num_threads({torch.get_num_threads()})\n"
         f"m = tf.{auto}.from_pretrained({str(out)!r}, trust_remote_code=True).eval()\n"
         "assert 'clover' not in sys.modules, 'the checkpoint must not need clover'\n"
-        f"torch.save(model_output(m), {str(tmp_path / 'out.pt')!r})\n"
+        f"torch.save((model_output(m), numeric_modes()), {str(tmp_path / 'out.pt')!r})\n"
         # AutoModel gives the bare pruned model (a checkpoint with a head, like a stock one, loads its base)
         f"bare = tf.AutoModel.from_pretrained({str(out)!r}, trust_remote_code=True)\n"
         f"torch.save((type(bare).__name__, bare.state_dict()), {str(tmp_path / 'bare.pt')!r})\n"
     )
     env = {"HF_HUB_OFFLINE": "1", "PATH": "", "HF_MODULES_CACHE": str(tmp_path / "modules")}
     subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=str(_repo_root()))
-    reloaded = torch.load(tmp_path / "out.pt", weights_only=True)
+    reloaded, modes = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert modes == numeric_modes()  # the same numeric settings on both sides, or the comparison below means little
     bare_class, bare_weights = torch.load(tmp_path / "bare.pt", weights_only=True)
     weights, prefix = model.state_dict(), f"{model.base_model_prefix}."
     assert bare_class.startswith("Clover") and bare_weights
@@ -262,10 +265,15 @@ def test_checkpoint_loads_with_trust_remote_code_in_a_fresh_process(arch, tmp_pa
         stored = weights.get(name, weights.get(prefix + name))
         assert stored is not None, name
         torch.testing.assert_close(tensor, stored, atol=0, rtol=0, msg=name)
-    # identical weights; a reloaded MoE may pick another expert kernel (seen: 9e-7 on Mixtral), so float32 rounding
-    torch.testing.assert_close(reloaded, expected, atol=1e-5, rtol=0)
-    on_disk = sum(p.numel() for p in auto_class(arch, pruned=True).from_pretrained(
-        out, trust_remote_code=True).parameters())  # fmt: skip
+    # identical weights; a reloaded MoE may pick another expert kernel (seen: 9e-7 on Mixtral), so float32 rounding.
+    # The same checkpoint reloaded in this process tells a difference of the fresh process from one of the checkpoint
+    # (seen twice, not reproduced since: GPT-2 5.5e-5 off after a full suite run in a fresh clone).
+    in_process = auto_class(arch, pruned=True).from_pretrained(out, trust_remote_code=True).eval()
+    torch.testing.assert_close(
+        model_output(in_process), expected, atol=1e-5, rtol=0, msg=lambda m: f"reloaded in this process: {m}"
+    )
+    torch.testing.assert_close(reloaded, expected, atol=1e-5, rtol=0, msg=lambda m: f"reloaded in a fresh process: {m}")
+    on_disk = sum(p.numel() for p in in_process.parameters())
     assert on_disk == sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in build_tiny(arch).parameters())
 
 
