@@ -299,14 +299,22 @@ def test_options_a_method_does_not_use_are_noted_and_a_model_no_target_reaches_i
     capsys.readouterr()
     arguments = ["--task", "wikitext", "--steps", "1", "--batch-size", "1", "--max-length", "16", "--no-eval"]
     arguments.append("--quiet")
-    with pytest.raises(CloverError, match="no trainable parameter reaches the loss"):
-        cmd_finetune(_args(every_vo, tmp_path / "never", *arguments, "--method", "lora"))
-    assert not (tmp_path / "never").exists()
+    for rank in ([], ["--rank", "4"]):  # v_proj, 0 features wide, bounds no rank: never "use at most 0"
+        with pytest.raises(CloverError, match="no trainable parameter reaches the loss"):
+            cmd_finetune(_args(every_vo, tmp_path / "never", *arguments, "--method", "lora", *rank))
+        assert not (tmp_path / "never").exists()
     assert cmd_finetune(_args(path, tmp_path / "run", *arguments, "--rank", "4", "--alpha", "8")) == 0
     notes = [line for line in capsys.readouterr().err.splitlines() if "note:" in line]
     assert notes == [
         "clover: note: --rank does not apply to --method clover, so it is ignored",
         "clover: note: --alpha does not apply to --method clover, so it is ignored",
+    ]
+    osf = ["--method", "osf", "--alpha", "8", "--dropout", "0.1", "--overwrite"]  # OSF has neither
+    assert cmd_finetune(_args(path, tmp_path / "run", *arguments, *osf)) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "note:" in line]
+    assert notes == [
+        "clover: note: --alpha does not apply to --method osf, so it is ignored",
+        "clover: note: --dropout does not apply to --method osf, so it is ignored",
     ]
 
 

@@ -501,6 +501,22 @@ def test_python_api_mistakes_are_clover_errors_and_leave_the_model_untouched(con
     assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in before.items())
 
 
+def test_numpy_and_torch_scalars_from_a_sweep_are_numbers():
+    import numpy as np
+
+    reference = build_tiny("gpt2")
+    prune_(reference, PruneConfig(vo_ratio=0.5, qk_threshold=0.01, min_dims=1))
+    for ratio, threshold, min_dims in ((np.float64(0.5), np.float32(0.01), np.int64(1)),
+                                       (torch.tensor(0.5), torch.tensor(0.01), torch.tensor(1))):  # fmt: skip
+        config = PruneConfig(vo_ratio=ratio, qk_threshold=threshold, min_dims=min_dims)
+        assert type(config.vo_ratio) is float and type(config.min_dims) is int
+        model = build_tiny("gpt2")
+        prune_(model, config)
+        assert model.config.clover["sites"] == reference.config.clover["sites"]
+    with pytest.raises(CloverError, match="vo ratio must be a number, got True"):
+        PruneConfig(vo_ratio=np.bool_(True)).validate()
+
+
 def test_one_stack_named_alone_is_that_stack_and_a_model_without_values_is_refused():
     model = build_tiny("whisper")
     prune_(model, PruneConfig(vo_ratio=0.5, stacks="decoder"))  # not the letters d, e, c, o, ...

@@ -27,6 +27,10 @@ CLOVER = "clover"
 # PEFT baselines; the last three exist in PEFT 0.21 (HiRA, PSOFT, OSF) and are only sketched on CPU
 PEFT_METHODS = ("lora", "dora", "pissa", "hira", "psoft", "osf")
 METHODS = (CLOVER, *PEFT_METHODS)
+# the methods each option reaches (peft_config below): a note tells a user who passes it to another
+RANKED = PEFT_METHODS
+SCALED = ("lora", "dora", "pissa", "psoft")  # --alpha
+WITH_DROPOUT = (CLOVER, "lora", "dora", "pissa", "hira", "psoft")  # OSF has no dropout
 PEFT_TARGETS = ("q", "k", "v", "o", "up", "gate", "down")
 DEFAULT_PEFT_TARGETS = ("q", "k", "v")  # the authors' LoRA / DoRA baselines
 
@@ -165,7 +169,8 @@ def wrap_model(
 
         targets = targets or DEFAULT_PEFT_TARGETS
         modules = {name: min(model.get_submodule(name).weight.shape) for name in peft_target_modules(model, targets)}
-        narrowest = min(modules.items(), key=lambda item: item[1], default=None)
+        # a layer pruned to 0 features bounds no rank (an adapter on it is empty at any rank)
+        narrowest = min(((n, w) for n, w in modules.items() if w > 0), key=lambda item: item[1], default=None)
         if rank and narrowest is not None and rank > narrowest[1]:  # past a layer's width a rank adds nothing
             raise CloverError(
                 f"--rank {rank} exceeds the narrowest target layer ({narrowest[0]}: {narrowest[1]} features); "

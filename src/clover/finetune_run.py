@@ -26,6 +26,9 @@ from clover.baselines import (
     CLOVER,
     METHODS,
     PEFT_TARGETS,
+    RANKED,
+    SCALED,
+    WITH_DROPOUT,
     count_trainable,
     inner_model,
     merge,
@@ -199,8 +202,9 @@ def run_finetune(
     options.validate()
     default_placement = FinetuneOptions.dropout_placement
     ignored = {
-        "--rank": options.method == CLOVER and options.rank is not None,
-        "--alpha": options.method == CLOVER and options.alpha is not None,
+        "--rank": options.method not in RANKED and options.rank is not None,
+        "--alpha": options.method not in SCALED and options.alpha is not None,
+        "--dropout": options.method not in WITH_DROPOUT and options.dropout != FinetuneOptions.dropout,
         "--dropout-placement": options.method != CLOVER and options.dropout_placement != default_placement,
     }
     for flag in (flag for flag, unused in ignored.items() if unused):  # a note: scripts pass one set to every method

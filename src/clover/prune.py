@@ -73,6 +73,10 @@ class PruneConfig:
         for option in ("stacks", "qk_stacks", "vo_stacks"):  # one stack named alone, as CloverConfig's targets
             if isinstance(getattr(self, option), str):
                 setattr(self, option, (getattr(self, option),))
+        for name in ("qk_ratio", "vo_ratio", "qk_threshold", "vo_threshold", "ridge", "min_dims"):
+            value = getattr(self, name)
+            if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # a numpy or torch scalar (a sweep's)
+                setattr(self, name, value.item())
 
     def validate(self) -> None:
         def number(value: object) -> bool:
