@@ -201,6 +201,19 @@ def test_what_a_killed_run_leaves_is_cleaned_by_the_next_run(gpt2_dir, tmp_path)
     assert not left.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["models", "out", "staging-written"]
 
 
+def test_a_killed_runs_probe_folder_is_cleaned_and_a_live_runs_kept(tmp_path):
+    from clover.io import remove_stale_staging
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale, live = tmp_path / f".out.probe-{dead.pid}-a1b2", tmp_path / f".out.probe-{os.getpid()}-c3d4"
+    other = tmp_path / f".other.probe-{dead.pid}-e5f6"  # another target's: not this run's to clean
+    for folder in (stale, live, other):
+        folder.mkdir()
+    remove_stale_staging(tmp_path / "out")
+    assert not stale.exists() and live.exists() and other.exists()
+
+
 def test_a_killed_runs_temporary_in_the_moments_cache_is_cleaned(tmp_path):
     from clover.quality import remove_stale_temporaries
 

@@ -80,6 +80,32 @@ def test_streamed_prune_equals_the_in_memory_one(arch, tmp_path):
     assert set(CheckpointReader(tmp_path / "out").files) == set(CheckpointReader(tmp_path / "in-memory").files)
 
 
+@pytest.mark.parametrize(("arch", "renamed"), [("bert", "with"), ("llama", "without")])
+def test_files_named_with_or_without_the_base_prefix_keep_their_convention(arch, renamed, tmp_path):
+    # transformers loads a BertModel from "bert.*" names (a head checkpoint's) and a LlamaForCausalLM from names
+    # without "model.": every output tensor, pruned or copied through, follows the files' convention
+    from safetensors.torch import load_file, save_file
+
+    model = build_tiny(arch)
+    model.save_pretrained(tmp_path / "model")
+    weights, prefix = load_file(tmp_path / "model" / "model.safetensors"), f"{model.base_model_prefix}."
+    if renamed == "with":
+        weights = {prefix + name: tensor for name, tensor in weights.items()}
+    else:
+        weights = {name.removeprefix(prefix): tensor for name, tensor in weights.items()}
+    save_file(weights, tmp_path / "model" / "model.safetensors", metadata={"format": "pt"})
+    config = PruneConfig(qk_ratio=qk_ratio(arch, 0.25), vo_ratio=0.5)
+    (tmp_path / "out").mkdir()
+    stream_prune(tmp_path / "model", tmp_path / "out", config)
+    names = set(CheckpointReader(tmp_path / "out").files)
+    assert all(name.startswith(prefix) for name in names) == (renamed == "with")
+    assert not any(name.startswith(prefix) for name in names) == (renamed == "without")
+    reference = build_tiny(arch)
+    prune_(reference, config)
+    streamed = auto_class(arch, pruned=True).from_pretrained(tmp_path / "out", trust_remote_code=True).eval()
+    torch.testing.assert_close(model_output(streamed), model_output(reference), atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("arch", CONVERTED)
 def test_checkpoints_transformers_converts_on_load_are_refused_in_one_line(arch, tmp_path):
     _sharded(arch, tmp_path / "model")

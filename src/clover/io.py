@@ -24,7 +24,7 @@ _LEGACY_NAMES = re.compile(
     r"|diffusion_pytorch_model(-\d+-of-\d+)?\.safetensors(\.index\.json)?"  # a diffusers UNet's weights
     r"|train_log\.csv|report\.json|adapter"
 )
-_STAGING = re.compile(r"\.(?P<name>.+)\.(partial|old)-(?P<pid>\d+)-\w+")
+_STAGING = re.compile(r"\.(?P<name>.+)\.(partial|old|probe)-(?P<pid>\d+)-\w+")
 
 
 def _written_by_clover(path: Path) -> bool:
@@ -85,7 +85,7 @@ def _probe_folder(path: Path, parent: Path) -> None:
     import tempfile
 
     try:
-        os.rmdir(tempfile.mkdtemp(prefix=f".{path.name}.probe-", dir=parent))
+        os.rmdir(tempfile.mkdtemp(prefix=f".{path.name}.probe-{os.getpid()}-", dir=parent))
     except OSError as error:
         raise CloverError(
             f"--out {path}: cannot create a folder in {parent} ({error.strerror}); choose another path"

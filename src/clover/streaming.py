@@ -16,6 +16,7 @@ moments are those of the in-memory path, with one module in memory at a time.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import logging
 import mmap
@@ -507,7 +508,25 @@ class StreamedModel:
         from transformers.core_model_loading import revert_weight_conversion
 
         reverted = list(revert_weight_conversion(self.model, {name: torch.empty(0)}))
-        return reverted[0] if len(reverted) == 1 else name
+        reverted = reverted[0] if len(reverted) == 1 else name
+        if self._stored_prefix is not None:  # the files' convention, not a mix: "bert.encoder…" beside "bert.pooler…"
+            drop, add = self._stored_prefix
+            reverted = add + reverted.removeprefix(drop) if reverted.startswith(drop) else reverted
+        return reverted
+
+    @functools.cached_property
+    def _stored_prefix(self) -> tuple[str, str] | None:
+        """(model prefix, stored prefix) where the files name the tensors with or without the base model's prefix
+        unlike the model (a ``BertModel`` saved as ``bert.*``, a ``LlamaForCausalLM`` without ``model.``)."""
+        prefix = getattr(self.model, "base_model_prefix", "")
+        if not prefix:
+            return None
+        for name, stored in self.stored.items():
+            if stored == f"{prefix}.{name}":
+                return "", f"{prefix}."
+            if name == f"{prefix}.{stored}":
+                return f"{prefix}.", ""
+        return None
 
     def _read(self, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
         """(model name, tensor) for each of the model's names, read from the files."""
@@ -688,12 +707,12 @@ def stream_prune(
     base = type(streamed.model).__name__
     specs = getattr(streamed.model.config, CONFIG_KEY)
     written[CONFIG_KEY] = {**specs, "source": str(source), "streamed": True}
-    written["auto_map"], source = pruned_model_code(specs["sites"], base, streamed.kind)
+    written["auto_map"], modeling_code = pruned_model_code(specs["sites"], base, streamed.kind)
     written["architectures"] = [f"Clover{base}"]
     if dtype is not None:
         written["dtype"] = str(dtype).removeprefix("torch.")
     (directory / "config.json").write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
-    (directory / "modeling_clover.py").write_text(source)
+    (directory / "modeling_clover.py").write_text(modeling_code)
     streamed.copy_side_files(directory)
     return report
 
