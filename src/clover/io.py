@@ -257,19 +257,22 @@ AUTO_CLASS = {
 }
 
 
-def pruned_model_code(sites: dict[str, dict], base: str, kind: str) -> tuple[dict[str, str], str]:
+def pruned_model_code(
+    sites: dict[str, dict], base: str, kind: str, *, has_base_model: bool = True
+) -> tuple[dict[str, str], str]:
     """The ``auto_map`` of a pruned checkpoint of transformers class ``base`` and the ``modeling_clover.py`` it
     points at (the ``Clover<name>`` classes of every auto class it answers to)."""
-    classes = pruned_auto_map(base, kind)
+    classes = pruned_auto_map(base, kind, has_base_model=has_base_model)
     auto_map = {auto: f"modeling_clover.Clover{name}" for auto, name in classes.items()}
     return auto_map, pruned_modeling_source(sites, list(dict.fromkeys(classes.values())))
 
 
-def pruned_auto_map(base: str, kind: str) -> dict[str, str]:
+def pruned_auto_map(base: str, kind: str, *, has_base_model: bool = True) -> dict[str, str]:
     """The auto classes a pruned checkpoint of transformers class ``base`` answers to, each with the transformers
     class its ``Clover<name>`` builds on: every auto class whose table maps the model_type to ``base`` (a
     BertForSequenceClassification loads with AutoModelForSequenceClassification), and AutoModel with the bare model
-    (BertModel: the head's weights are skipped, as transformers does for a stock checkpoint with a head)."""
+    (BertModel: the head's weights are skipped, as transformers does for a stock checkpoint with a head) where
+    ``base`` holds one (``has_base_model``; T5EncoderModel holds no T5Model, whose decoder it lacks)."""
     import transformers
     from transformers.models.auto import modeling_auto
 
@@ -283,7 +286,7 @@ def pruned_auto_map(base: str, kind: str) -> dict[str, str]:
     if not auto_map:  # a class transformers lists under no auto class for its model_type
         auto_map = {AUTO_CLASS[kind]: base}
     bare = tables["AutoModel"].get(model_type)
-    if "AutoModel" not in auto_map and isinstance(bare, str) and hasattr(transformers, bare):
+    if has_base_model and "AutoModel" not in auto_map and isinstance(bare, str) and hasattr(transformers, bare):
         auto_map["AutoModel"] = bare
     return auto_map
 
@@ -340,7 +343,8 @@ def write_pruned_model(loaded, directory: Path) -> None:
     upgrade_pruned_specs(model)
     had_map = "auto_map" in model.config.to_dict()
     previous = getattr(model.config, "auto_map", None)
-    auto_map, source = pruned_model_code(pruned_site_specs(model), base, loaded.kind)
+    has_base_model = model.base_model is not model
+    auto_map, source = pruned_model_code(pruned_site_specs(model), base, loaded.kind, has_base_model=has_base_model)
     model.config.auto_map = auto_map
     try:
         save_loaded_model(loaded, directory)

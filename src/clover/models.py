@@ -870,8 +870,18 @@ def model_kind(config: dict[str, Any]) -> tuple[str, Any]:
     arch = arch if isinstance(arch, str) else ""
     auto_map = config.get("auto_map") or {}
     model_type = config.get("model_type")
-    speech = model_type in modeling_auto.MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES
-    text_seq2seq = model_type in modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+    # a class transformers has that is neither the task's generation class nor the bare model is loaded as itself:
+    # an encoder alone (T5EncoderModel, the text encoder of many diffusion pipelines) or a task head
+    # (BartForSequenceClassification, WhisperForAudioClassification), not as a generator lacking the decoder
+    base = arch.removeprefix("Clover") if auto_map else arch  # a pruned checkpoint's class is Clover<its base>
+    own_class = isinstance(getattr(transformers, base, None), type)
+    bare = modeling_auto.MODEL_MAPPING_NAMES.get(model_type)
+
+    def generates(mapping: dict[str, str]) -> bool:
+        return model_type in mapping and (not own_class or base in (mapping[model_type], bare))
+
+    speech = generates(modeling_auto.MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES)
+    text_seq2seq = generates(modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES)
     if "AutoModelForCausalLM" in auto_map or arch.endswith(("ForCausalLM", "LMHeadModel")):
         return "causal-lm", AutoModelForCausalLM
     if "AutoModelForSpeechSeq2Seq" in auto_map or speech:
@@ -886,7 +896,7 @@ def model_kind(config: dict[str, Any]) -> tuple[str, Any]:
     # loaded as the class it was saved as where transformers has it: a task head (BertForMaskedLM,
     # ViTForImageClassification, LlamaForSequenceClassification) is kept, not dropped by AutoModel's base class, and
     # a model_type AutoModel has no entry for (SigLIP's text tower saved alone) loads at all
-    if not auto_map and isinstance(getattr(transformers, arch, None), type):
+    if own_class and not auto_map:
         return kind, getattr(transformers, arch)
     # a pruned checkpoint: the auto class its map gives the class it was written as (AutoModel loads the bare model)
     own = [auto for auto, reference in auto_map.items() if str(reference).rpartition(".")[2] == arch]

@@ -87,9 +87,16 @@ def probe_output(loaded: LoadedModel) -> torch.Tensor:
             pixels = vision.pixel_values(loaded, vision.SCORING_IMAGES[:1]).to(device, model.dtype)
             return encoder_of(model)(pixel_values=pixels).last_hidden_state.double()
     generator = torch.Generator().manual_seed(0)
+    if loaded.kind == "encoder" and model.main_input_name == "input_features":  # WhisperForAudioClassification
+        frames = 2 * model.config.max_source_positions
+        features = torch.randn(1, model.config.num_mel_bins, frames, generator=generator)
+        with torch.no_grad():
+            return model(input_features=features.to(device, model.dtype)).logits.double()
     tokens = min(16, context_length(model) or 16)
     vocab = model.config.get_text_config().vocab_size  # an image-text model's sits in its text_config
     ids = torch.randint(0, int(vocab), (1, tokens), generator=generator).to(device)
+    if loaded.kind == "encoder" and isinstance(model.config.eos_token_id, int):
+        ids[:, -1] = model.config.eos_token_id  # a sequence-classification head may pool at EOS (BART's needs one)
     images = family_for(model).probe_inputs(model, ids, generator)  # a model whose text reads images (Mllama)
     with torch.no_grad():
         if loaded.kind == "speech-seq2seq":
@@ -195,6 +202,8 @@ def measure(
             )
         elif loaded.kind == "vision":
             report.update(_vision_quality(loaded, reference_embeddings))
+        elif model.main_input_name != "input_ids":  # an audio encoder with a task head: no shipped data, the probe
+            report.update(_probe_quality(loaded))
         elif loaded.tokenizer is None:
             report["skipped"] = f"similarity_to_original: {_no_tokenizer(loaded)}"
         else:

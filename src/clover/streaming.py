@@ -707,7 +707,9 @@ def stream_prune(
     base = type(streamed.model).__name__
     specs = getattr(streamed.model.config, CONFIG_KEY)
     written[CONFIG_KEY] = {**specs, "source": str(source), "streamed": True}
-    written["auto_map"], modeling_code = pruned_model_code(specs["sites"], base, streamed.kind)
+    written["auto_map"], modeling_code = pruned_model_code(
+        specs["sites"], base, streamed.kind, has_base_model=streamed.model.base_model is not streamed.model
+    )
     written["architectures"] = [f"Clover{base}"]
     if dtype is not None:
         written["dtype"] = str(dtype).removeprefix("torch.")
