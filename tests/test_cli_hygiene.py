@@ -191,3 +191,14 @@ def test_an_out_where_no_folder_can_be_made_is_refused_before_any_work(out, llam
         assert main([*command, "--out", out, "--quiet"]) == 2
         err = capsys.readouterr().err
         assert err.startswith("clover: error: --out") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("stream", ["--no-stream", "--stream"])
+def test_the_recorded_source_is_the_absolute_folder_so_eval_compares_from_anywhere(
+    llama_dir, tmp_path, monkeypatch, stream
+):
+    monkeypatch.chdir(llama_dir.parent)
+    assert main(["prune", "llama", "--vo-ratio", "0.5", "--out", "pruned", "--quiet", stream]) == 0
+    config = json.loads((tmp_path / "pruned" / "config.json").read_text())
+    # eval reloads the source to compare against: "llama" would be another folder, or none, from elsewhere
+    assert config["clover"]["source"] == str(llama_dir.resolve())

@@ -216,6 +216,8 @@ def test_bad_task_lr_and_output_raise_clover_errors(tiny_checkpoint, tmp_path):
         (["--task", "wikitext", "--method", "lora", "--alpha", "-1"], "--alpha -1.0 must be > 0"),
         # k_proj is 2 KV heads x 8 = 16 wide: a rank past it adds nothing (PSOFT refused it in PEFT's words)
         (["--task", "wikitext", "--method", "psoft", "--rank", "17"], "--rank 17 exceeds the narrowest target layer"),
+        (["--task", "piqa", "--eval-base"], "--eval-base with --no-eval: nothing is scored"),  # (--no-eval below)
+        (["--task", "piqa", "--eval-tasks", "boolq", "--eval-limit", "4"], "--eval-tasks, --eval-limit with --no-eval"),
     ]:
         with pytest.raises(CloverError, match=match):
             cmd_finetune(_args(path, tmp_path / "never", *extra, "--quiet", "--no-eval"))

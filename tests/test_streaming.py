@@ -106,6 +106,25 @@ def test_files_named_with_or_without_the_base_prefix_keep_their_convention(arch,
     torch.testing.assert_close(model_output(streamed), model_output(reference), atol=1e-5, rtol=0)
 
 
+def test_a_single_file_beside_a_shard_index_is_read_as_from_pretrained_reads_it(tmp_path):
+    sharded = _sharded("llama", tmp_path / "model")
+    torch.manual_seed(1)
+    single = build_tiny("llama")
+    with torch.no_grad():
+        for tensor in single.parameters():
+            tensor.add_(0.01 * torch.randn_like(tensor))  # other weights in the single file than in the shards
+    single.save_pretrained(tmp_path / "single")
+    os.replace(tmp_path / "single" / "model.safetensors", tmp_path / "model" / "model.safetensors")
+    loaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    assert torch.equal(loaded.lm_head.weight, single.lm_head.weight) and not torch.equal(
+        loaded.lm_head.weight, sharded.lm_head.weight
+    )
+    (tmp_path / "out").mkdir()
+    stream_decompose(tmp_path / "model", tmp_path / "out")
+    streamed = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    torch.testing.assert_close(model_output(streamed), model_output(single), atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("arch", CONVERTED)
 def test_checkpoints_transformers_converts_on_load_are_refused_in_one_line(arch, tmp_path):
     _sharded(arch, tmp_path / "model")

@@ -101,7 +101,7 @@ def _stream_decompose(args: argparse.Namespace, source) -> int:
 def cmd_decompose(args: argparse.Namespace) -> int:
     from .decompose import decompose_
     from .io import atomic_directory, check_output_dir, save_loaded_model
-    from .models import load_model
+    from .models import load_model, recorded_source
     from .prune import set_clover_record
     from .quality import probe_output
 
@@ -120,7 +120,7 @@ def cmd_decompose(args: argparse.Namespace) -> int:
     spectra = decompose_(loaded.model, compute_dtype=_dtype(args.compute_dtype), progress=not args.quiet)
     factorized_at = time.perf_counter()
     loaded.model.to("cpu")
-    record = {"method": "decompose", "compute_dtype": args.compute_dtype, "source": args.model}
+    record = {"method": "decompose", "compute_dtype": args.compute_dtype, "source": recorded_source(args.model)}
     set_clover_record(loaded.model, record)
     report = {"model": args.model, "out": str(args.out), "attention_sites": len(spectra)}
     if reference is not None:
@@ -240,7 +240,7 @@ def _stacks(option: str | None, flag: str = "--stacks") -> tuple[str, ...] | Non
 def cmd_prune(args: argparse.Namespace) -> int:
     from .errors import CloverError
     from .io import check_output_dir, save_pruned_model
-    from .models import directory_family, load_model, resolve_device
+    from .models import directory_family, load_model, recorded_source, resolve_device
     from .prune import CALIBRATED, PruneConfig, check_prunable, prune_, set_clover_record
     from .quality import (
         calibration_length,
@@ -299,7 +299,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         loaded.model, config, input_moments=moments, compute_dtype=_dtype(args.compute_dtype), progress=not args.quiet
     )
     elapsed = time.perf_counter() - start
-    set_clover_record(loaded.model, {**loaded.model.config.clover, "source": args.model})
+    set_clover_record(loaded.model, {**loaded.model.config.clover, "source": recorded_source(args.model)})
     loaded.model.to("cpu")
     save_pruned_model(loaded, args.out, overwrite=args.overwrite, inputs=[args.model])
     return _prune_summary(args, report, elapsed, moments, moments_cached, seq_len)

@@ -132,6 +132,10 @@ class FinetuneOptions:
             for task in self.eval_tasks:
                 if task not in data.COMMONSENSE:
                     raise CloverError(f"unknown eval task {task!r}: use some of {', '.join(data.COMMONSENSE)}")
+        if not self.evaluate and (self.eval_base or self.eval_tasks is not None or self.eval_limit is not None):
+            given = [flag for flag, value in (("--eval-base", self.eval_base), ("--eval-tasks", self.eval_tasks),
+                     ("--eval-limit", self.eval_limit)) if value not in (False, None)]  # fmt: skip
+            raise CloverError(f"{', '.join(given)} with --no-eval: nothing is scored; drop one or the other")
 
         from clover.models import resolve_device
 

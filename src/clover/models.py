@@ -89,6 +89,15 @@ KIND_WORDS = {
 }
 
 
+def recorded_source(model: str | os.PathLike) -> str:
+    """How a written checkpoint names the model it came from (``config.clover.source``, which ``eval`` reloads to
+    compare against): a short name as given, a folder as its absolute path, so that it means the same model from
+    any working directory."""
+    if str(model) in SHORT_NAMES or not pathlib.Path(model).is_dir():
+        return str(model)
+    return str(pathlib.Path(model).resolve())
+
+
 def model_cache_dir() -> pathlib.Path:
     """Root of clover's cache: $CLOVER_CACHE or ~/.cache/clover."""
     env = os.environ.get("CLOVER_CACHE")

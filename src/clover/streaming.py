@@ -53,15 +53,15 @@ class CheckpointReader:
         self.directory = directory
         self._headers: dict[pathlib.Path, tuple[dict, int]] = {}
         index = directory / "model.safetensors.index.json"
-        if index.is_file():
+        if (directory / "model.safetensors").is_file():  # before an index beside it, as from_pretrained chooses
+            path = directory / "model.safetensors"
+            self.files = dict.fromkeys(self.header(path)[0], path)
+        elif index.is_file():
             try:
                 weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             except (ValueError, KeyError, TypeError) as error:
                 raise CloverError(f"{index} is damaged ({error}); restore it or save the model again") from None
             self.files = {name: directory / file for name, file in weight_map.items()}
-        elif (directory / "model.safetensors").is_file():
-            path = directory / "model.safetensors"
-            self.files = dict.fromkeys(self.header(path)[0], path)
         else:
             raise CloverError(
                 f"{directory}: streaming reads safetensors checkpoints (model.safetensors, or shards with "
@@ -652,6 +652,7 @@ def stream_decompose(
     """Write CLOVER's exact orthogonal rewrite of the checkpoint ``source`` into the (staging) ``directory``,
     one layer at a time. Returns the number of attention sites rewritten."""
     from .decompose import decompose_site
+    from .models import recorded_source
 
     directory = pathlib.Path(directory)
     streamed = StreamedModel(source, device=device, dtype=dtype)
@@ -668,7 +669,7 @@ def stream_decompose(
         streamed.writer.close()
     config = json.loads((streamed.directory / "config.json").read_text(encoding="utf-8"))
     config["clover"] = {"method": "decompose", "compute_dtype": str(compute_dtype).removeprefix("torch."),
-                        "source": str(source), "streamed": True}  # fmt: skip
+                        "source": recorded_source(source), "streamed": True}  # fmt: skip
     if dtype is not None:
         config["dtype"] = str(dtype).removeprefix("torch.")
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -703,10 +704,12 @@ def stream_prune(
         )  # fmt: skip
         streamed.copy_rest(progress)
         streamed.writer.close()
+    from .models import recorded_source
+
     written = json.loads((streamed.directory / "config.json").read_text(encoding="utf-8"))
     base = type(streamed.model).__name__
     specs = getattr(streamed.model.config, CONFIG_KEY)
-    written[CONFIG_KEY] = {**specs, "source": str(source), "streamed": True}
+    written[CONFIG_KEY] = {**specs, "source": recorded_source(source), "streamed": True}
     written["auto_map"], modeling_code = pruned_model_code(
         specs["sites"], base, streamed.kind, has_base_model=streamed.model.base_model is not streamed.model
     )
