@@ -318,8 +318,11 @@ def test_cache_lists_sizes_and_clears_only_what_clover_wrote(tmp_path, capsys, m
     (tmp_path / "moments").mkdir()
     (tmp_path / "moments" / f"{key}.safetensors").write_bytes(b"\0" * 1000)
     (tmp_path / "moments" / f".{key}.4242-ab_c1.tmp").write_bytes(b"\0" * 10)  # a killed run's temporary
-    (tmp_path / "models" / "smollm2-135m").mkdir(parents=True)
-    (tmp_path / "models" / "smollm2-135m" / "config.json").write_text("{}")
+    (tmp_path / "models" / "smollm2-135m" / "v3").mkdir(parents=True)
+    (tmp_path / "models" / "smollm2-135m" / "v3" / "config.json").write_text("{}")
+    (tmp_path / "models" / "gemma3-270m" / "v3").mkdir(parents=True)  # a short name's folder holding a user file
+    (tmp_path / "models" / "gemma3-270m" / "v3" / "config.json").write_text("{}")
+    (tmp_path / "models" / "gemma3-270m" / "notes.txt").write_text("mine")
     # a user's own files put inside clover's folders: neither counted nor cleared
     (tmp_path / "models" / "my-vit").mkdir()
     (tmp_path / "models" / "my-vit" / "model.safetensors").write_bytes(b"\0" * 500)
@@ -327,12 +330,13 @@ def test_cache_lists_sizes_and_clears_only_what_clover_wrote(tmp_path, capsys, m
     (tmp_path / "unrelated.txt").write_text("not clover's")
     assert main(["cache", "--json"]) == 0
     rows = {row["cache"]: row for row in json.loads(capsys.readouterr().out)["caches"]}
-    assert {kind: row["bytes"] for kind, row in rows.items()} == {"models": 2, "moments": 1010, "speech": 0}
-    assert rows["models"]["entries"] == 1
+    assert {kind: row["bytes"] for kind, row in rows.items()} == {"models": 4, "moments": 1010, "speech": 0}
+    assert rows["models"]["entries"] == 2
     assert main(["cache", "--clear", "all"]) == 0
-    assert "left 2 entries clover did not write" in capsys.readouterr().err
+    assert "left 3 entries clover did not write" in capsys.readouterr().err
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
-        "models", "models/README.txt", "models/my-vit", "models/my-vit/model.safetensors", "moments", "unrelated.txt",
+        "models", "models/README.txt", "models/gemma3-270m", "models/gemma3-270m/notes.txt", "models/my-vit",
+        "models/my-vit/model.safetensors", "moments", "unrelated.txt",
     ]  # fmt: skip
 
 

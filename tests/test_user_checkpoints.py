@@ -380,7 +380,16 @@ NUMBERS = {
         ["prune", "--calibration-samples", "-1"],
         "--calibration-samples -1 must be at least 1",
     ),
+    "spectrum-out-empty": (["spectrum", "--out", ""], "--out is empty: name the plot file"),
 }
+
+
+def test_a_cache_root_that_is_a_file_is_one_line(tmp_path, capsys, monkeypatch):
+    (tmp_path / "build.py").write_text("mine")
+    monkeypatch.setenv("CLOVER_CACHE", str(tmp_path / "build.py"))
+    code, _, err = run(capsys, "cache", "--clear", "speech")
+    assert "is a file, not a folder: point $CLOVER_CACHE at a folder" in one_line_error(code, err)
+    assert (tmp_path / "build.py").read_text() == "mine"
 
 
 @pytest.mark.parametrize("case", list(NUMBERS))

@@ -171,8 +171,11 @@ def _summary_rows(spectra) -> list[dict]:
 
 def cmd_spectrum(args: argparse.Namespace) -> int:
     from .decompose import spectrum
+    from .errors import CloverError
     from .models import load_model
 
+    if args.out is not None and not args.out.strip():
+        raise CloverError("--out is empty: name the plot file (e.g. --out spectrum.png), or leave --out out")
     plot_path = _plot_path(args.out, overwrite=args.overwrite) if args.out else None  # refused before the work
     loaded = load_model(args.model)
     spectra = spectrum(loaded.model, progress=not args.quiet)
@@ -493,11 +496,13 @@ def cmd_cache(args: argparse.Namespace) -> int:
     from .models import model_cache_dir
 
     root = model_cache_dir()
+    if root.exists() and not root.is_dir():
+        raise CloverError(f"the cache folder {root} is a file, not a folder: point $CLOVER_CACHE at a folder")
     chosen = list(CACHE_KINDS) if args.clear == "all" else [args.clear] if args.clear else list(CACHE_KINDS)
     rows, kept = [], []
     for kind in chosen:
         folder = root / kind
-        entries = [e for e in sorted(folder.iterdir()) if _written_by_clover_cache(kind, e)] if folder.is_dir() else []
+        entries = _clover_cache_entries(kind, folder)
         rows.append({"cache": kind, "path": str(folder), "entries": len(entries),
                      "bytes": sum(_tree_bytes(e) if e.is_dir() else e.stat().st_size for e in entries)})  # fmt: skip
         if args.clear:
@@ -506,7 +511,10 @@ def cmd_cache(args: argparse.Namespace) -> int:
                     shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
             except OSError as error:
                 raise CloverError(f"could not clear {folder}: {error.strerror or error}") from None
-            kept += [str(e) for e in sorted(folder.iterdir())] if folder.is_dir() else []
+            for parent in {entry.parent for entry in entries if entry.parent != folder}:
+                if not any(parent.iterdir()):  # a short name's folder that held only clover's versions
+                    parent.rmdir()
+            kept += [str(e) for e in sorted(folder.rglob("*")) if e.is_file() or not any(e.iterdir())]
     if kept:
         print(f"clover: note: left {len(kept)} entries clover did not write ({', '.join(kept[:3])})", file=sys.stderr)
     if args.json:
@@ -519,17 +527,25 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
-def _written_by_clover_cache(kind: str, entry: pathlib.Path) -> bool:
-    """Whether a cache entry is one clover writes: a converted model under its short name, a moments or speech file
-    named by its key (24 hex digits), or a killed run's temporary file beside one."""
+def _clover_cache_entries(kind: str, folder: pathlib.Path) -> list[pathlib.Path]:
+    """The entries of a cache that clover wrote: a converted model's version folders (``models/<short name>/v3``,
+    or a killed conversion's staging beside one), a moments or speech file named by its key (24 hex digits), or a
+    killed run's temporary file beside one. Anything else, even inside a short name's folder, is the user's."""
     import re
 
     from .models import SHORT_NAMES
 
+    if not folder.is_dir():
+        return []
     if kind == "models":
-        return entry.is_dir() and not entry.is_symlink() and entry.name in SHORT_NAMES
-    named = re.fullmatch(r"\.?[0-9a-f]{24}(\.safetensors|\.npy|\.[0-9]+-\w+\.tmp)", entry.name)
-    return entry.is_file() and named is not None
+        names = [d for d in sorted(folder.iterdir()) if d.name in SHORT_NAMES and d.is_dir() and not d.is_symlink()]
+        return [v for d in names for v in sorted(d.iterdir()) if re.fullmatch(r"\.?v[0-9]+(\..+)?", v.name)]
+    named = (
+        e
+        for e in sorted(folder.iterdir())
+        if re.fullmatch(r"\.?[0-9a-f]{24}(\.safetensors|\.npy|\.[0-9]+-\w+\.tmp)", e.name)
+    )
+    return [e for e in named if e.is_file()]
 
 
 class OneLineParser(argparse.ArgumentParser):
