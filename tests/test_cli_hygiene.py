@@ -202,3 +202,15 @@ def test_the_recorded_source_is_the_absolute_folder_so_eval_compares_from_anywhe
     config = json.loads((tmp_path / "pruned" / "config.json").read_text())
     # eval reloads the source to compare against: "llama" would be another folder, or none, from elsewhere
     assert config["clover"]["source"] == str(llama_dir.resolve())
+
+
+def test_a_reader_that_leaves_the_pipe_ends_the_command_quietly(tmp_path):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "CLOVER_CACHE": str(tmp_path)}
+    run = subprocess.Popen([sys.executable, "-c", "import sys; from clover.cli import main; sys.exit(main(['cache']))"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)  # fmt: skip
+    run.stdout.close()  # `clover cache | head -0`: gone before the first line
+    assert run.wait(timeout=120) == 141  # as a tool stopped by SIGPIPE
+    assert run.stderr.read().decode() == ""

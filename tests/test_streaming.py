@@ -177,6 +177,7 @@ def test_bf16_stays_bf16_and_compute_dtype_is_honoured(tmp_path):
 @pytest.mark.parametrize("direct", [True, False], ids=["direct", "page-cache"])
 @pytest.mark.parametrize("background", [True, False], ids=["background-writes", "inline-writes"])
 def test_shard_writer_output_reads_back_with_safetensors(tmp_path, background, direct, monkeypatch):
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     import clover.streaming as streaming
@@ -196,6 +197,8 @@ def test_shard_writer_output_reads_back_with_safetensors(tmp_path, background, d
     loaded = {}
     for file in set(index["weight_map"].values()):
         loaded.update(load_file(tmp_path / file))
+        with safe_open(tmp_path / file, "pt") as shard:
+            assert shard.metadata() == {"format": "pt"}  # as save_pretrained writes it
     assert loaded.keys() == tensors.keys()
     for name, tensor in tensors.items():
         assert torch.equal(loaded[name], tensor), name

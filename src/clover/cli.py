@@ -405,6 +405,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     # numbers are checked before minutes of loading; each message gives the valid range
     if args.tokens < 2:
         raise CloverError(f"--tokens {args.tokens} must be at least 2 (WikiText-2 tokens scored; default 4096)")
+    given_window = args.window is not None
+    args.window = 512 if args.window is None else args.window
     if args.window < 2:
         raise CloverError(f"--window {args.window} must be at least 2 (tokens per scored window; default 512)")
     if args.sentences is not None and args.sentences < 1:
@@ -439,7 +441,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     if report.get("ppl_window", args.window) < args.window:
         print(
-            f"clover: note: --window {args.window} is longer than the model's context; scored in windows of "
+            f"clover: note: {'--window' if given_window else 'the default window'} {args.window} is longer than "
+            f"the model's context; scored in windows of "
             f"{report['ppl_window']} tokens",
             file=sys.stderr,
         )
@@ -708,7 +711,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", help=MODEL_HELP + ", including pruned ones")
     p.add_argument("--tokens", type=int, default=4096, help="causal LM: tokens of WikiText-2 test scored (≥ 2)")
-    p.add_argument("--window", type=int, default=512, help="causal LM: window length (≥ 2; cut to the model's context)")
+    p.add_argument("--window", type=int, help="causal LM: window length (default 512; ≥ 2; cut to the model's context)")
     p.add_argument("--sentences", type=int, help="Whisper: number of spoken sentences (default and max 20)")
     p.add_argument(
         "--tasks",
@@ -778,12 +781,16 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         code = args.func(args)
+        sys.stdout.flush()  # a reader that left (`| head`) is met here, not in Python's flush at exit
         if argv is None and _main_thread():  # the command's work is done: Ctrl-C while Python exits changes nothing
             signal.signal(signal.SIGINT, signal.SIG_IGN)
         return code
     except CloverError as error:
         print(f"clover: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `clover ... | head`: the reader left, as with any tool; staging is already removed
+        _silence_stdout()
+        return 141
     except KeyboardInterrupt:
         print(stopped("interrupted"), file=sys.stderr)
         return 130
@@ -800,6 +807,13 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous_term)
         if bars_were_on:
             hf_logging.enable_progress_bar()
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that Python's flush at exit, after the reader of a pipe left, raises nothing."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 class Terminated(BaseException):

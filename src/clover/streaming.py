@@ -225,7 +225,7 @@ class ShardWriter:
             self._flush()
 
     def _flush(self) -> None:
-        header, offset = {}, 0
+        header, offset = {"__metadata__": {"format": "pt"}}, 0  # as save_pretrained writes: some loaders check it
         for name, tensor in self.pending.items():
             size = tensor.numel() * tensor.element_size()
             header[name] = {"dtype": _DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
