@@ -653,6 +653,9 @@ def lm_eval_accuracy(
 
     ``data_files`` points tasks at other arrow files of the same columns (e.g. held-out rows only).
     """
+    from unittest import mock
+
+    import lm_eval.evaluator
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -660,8 +663,11 @@ def lm_eval_accuracy(
     names = {f"clover_{_short_task(t)}": t for t in tasks}
     was_training = model.training
     model.eval()
+    # lm-eval records the working directory's git commit by running git, which prints "fatal: not a git
+    # repository" on the user's terminal outside one; clover reports no commit of the user's folder
+    no_git = mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", lambda: None)
     try:
-        with tempfile.TemporaryDirectory(prefix="clover-lm-eval-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="clover-lm-eval-") as tmp, no_git:
             write_lm_eval_tasks(tmp, list(names), data_files=data_files)
             results = simple_evaluate(
                 model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size),
