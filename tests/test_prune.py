@@ -277,6 +277,31 @@ def test_checkpoint_loads_with_trust_remote_code_in_a_fresh_process(arch, tmp_pa
     assert on_disk == sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in build_tiny(arch).parameters())
 
 
+@pytest.mark.parametrize("arch", [a for a, row in FAMILY_TABLE.items() if row.kind in ("speech-seq2seq", "seq2seq-lm")])
+@pytest.mark.parametrize("stacks", [None, ("cross",)])
+def test_the_kv_report_counts_self_and_cross_caches_apart_over_the_whole_model(arch, stacks):
+    model = build_tiny(arch)
+    report = prune_(model, PruneConfig(qk_ratio=qk_ratio(arch, 0.5), vo_ratio=0.25, stacks=stacks))
+    ids = torch.tensor([[5, 6, 7, 8]])
+
+    def dims(model) -> tuple[float, float]:  # (self per generated token, cross per source token) the caches hold
+        if FAMILY_TABLE[arch].kind == "speech-seq2seq":
+            mels = torch.zeros(1, model.config.num_mel_bins, 2 * model.config.max_source_positions)
+            cache = model(input_features=mels, decoder_input_ids=ids, use_cache=True).past_key_values
+        else:
+            cache = model(input_ids=ids, decoder_input_ids=ids, use_cache=True).past_key_values
+        return tuple(
+            sum((layer.keys.numel() + layer.values.numel()) / layer.keys.shape[-2] for layer in part.layers)
+            for part in (cache.self_attention_cache, cache.cross_attention_cache)
+        )
+
+    with torch.no_grad():
+        before, after = dims(build_tiny(arch)), dims(model)
+    assert (report.kv_dims_per_token_before, report.cross_kv_dims_per_source_token_before) == before
+    assert (report.kv_dims_per_token_after, report.cross_kv_dims_per_source_token_after) == after
+    assert after[1] < before[1] and (after[0] == before[0]) == (stacks == ("cross",))
+
+
 PARTIAL_ROPE = [
     arch
     for arch, row in FAMILY_TABLE.items()

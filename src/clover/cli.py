@@ -361,6 +361,8 @@ def _prune_summary(args, report, elapsed, moments, moments_cached, seq_len) -> i
         "attention_parameters_after": report.attention_params_after,
         "kv_dims_per_token_before": report.kv_dims_per_token_before,
         "kv_dims_per_token_after": report.kv_dims_per_token_after,
+        "cross_kv_dims_per_source_token_before": report.cross_kv_dims_per_source_token_before,
+        "cross_kv_dims_per_source_token_after": report.cross_kv_dims_per_source_token_after,
     }
     if args.json:
         print(json.dumps(summary))
@@ -378,6 +380,11 @@ def _prune_summary(args, report, elapsed, moments, moments_cached, seq_len) -> i
     )
     if report.kv_dims_per_token_before:
         print(f"KV cache dims per token {report.kv_dims_per_token_before} -> {report.kv_dims_per_token_after}")
+    if report.cross_kv_dims_per_source_token_before:
+        print(
+            f"cross-attention KV cache dims per source token {report.cross_kv_dims_per_source_token_before} -> "
+            f"{report.cross_kv_dims_per_source_token_after}"
+        )
     print(f"wrote {args.out}: {_pruned_loader(args.out)} or clover eval {args.out}")
     return 0
 

@@ -12,8 +12,12 @@ import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import CloverError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 MARKER = ".clover-output.json"  # written last into every directory clover commits: the files it wrote
 # Files clover writes, for directories written before the marker existed (config.json must also carry "clover").
@@ -257,6 +261,26 @@ AUTO_CLASS = {
 }
 
 
+def holds_bare_model(model: nn.Module) -> bool:
+    """Whether ``model`` holds its model_type's bare model (AutoModel's class), so that AutoModel can read the bare
+    model from its checkpoint: a head over it (BertForSequenceClassification's ``bert``), or the bare model's parts
+    side by side (T5ForConditionalGeneration's shared, encoder and decoder); not T5EncoderModel (no decoder)."""
+    import torch
+    import transformers
+    from transformers.models.auto import modeling_auto
+
+    bare = modeling_auto.MODEL_MAPPING_NAMES.get(getattr(model.config, "model_type", None))
+    bare_class = getattr(transformers, bare, None) if isinstance(bare, str) else None
+    if bare_class is None:
+        return False
+    if isinstance(model, bare_class) or isinstance(getattr(model, model.base_model_prefix, None), bare_class):
+        return True
+    with torch.device("meta"):
+        skeleton = bare_class(model.config)
+    own = dict(model.named_children())
+    return all(type(own.get(name)) is type(child) for name, child in skeleton.named_children())
+
+
 def pruned_model_code(
     sites: dict[str, dict], base: str, kind: str, *, has_base_model: bool = True
 ) -> tuple[dict[str, str], str]:
@@ -343,8 +367,8 @@ def write_pruned_model(loaded, directory: Path) -> None:
     upgrade_pruned_specs(model)
     had_map = "auto_map" in model.config.to_dict()
     previous = getattr(model.config, "auto_map", None)
-    has_base_model = model.base_model is not model
-    auto_map, source = pruned_model_code(pruned_site_specs(model), base, loaded.kind, has_base_model=has_base_model)
+    specs = pruned_site_specs(model)
+    auto_map, source = pruned_model_code(specs, base, loaded.kind, has_base_model=holds_bare_model(model))
     model.config.auto_map = auto_map
     try:
         save_loaded_model(loaded, directory)

@@ -241,7 +241,7 @@ class InputMoments:
         for site in attention_sites(model):
             keys[f"{site.name}|k"] = watch(site.k.input_module)
             # self-attention: Q reads the very same input as K/V, so one moment serves both
-            shared = site.q_reads_kv_input and site.stack != "cross"
+            shared = site.q_reads_kv_input
             keys[f"{site.name}|q"] = keys[f"{site.name}|k"] if shared else watch(site.q.input_module)
         try:
             with torch.no_grad():
@@ -423,9 +423,13 @@ class PruneReport:
     attention_params_after: int
     qk_removed: float  # share of Q-K dims removed (per KV group; under partial RoPE, of the pass-through dims)
     vo_removed: float
-    kv_dims_per_token_before: int  # K + V dims cached per token over the layers with per-head caches
+    kv_dims_per_token_before: int  # K + V dims self-attention caches per token, over every per-head cache
     kv_dims_per_token_after: int
     sites: dict
+    # K + V dims cross-attention caches per source token (a Whisper frame, a T5 input token, an Mllama image tile
+    # token), counted apart: they grow with the source, not with the tokens generated
+    cross_kv_dims_per_source_token_before: int = 0
+    cross_kv_dims_per_source_token_after: int = 0
 
 
 def set_clover_record(model: nn.Module, record: dict) -> None:
@@ -512,6 +516,7 @@ def prune_(
     or an already pruned model.
     """
     sites = check_prunable(model, config, check_values=weights is None)
+    every_site = attention_sites(model)  # the KV report counts the caches of the stacks left as they are too
     if config.method in CALIBRATED and calibrate is None and input_moments is None:
         raise CloverError(f"method {config.method!r} needs calibration data (a calibrate(model) callback)")
     weights = weights or InMemory(model)
@@ -561,9 +566,17 @@ def prune_(
     total_vo = sum(s.num_kv_heads * s.head_dim for s in vo_sites)
     vo_dims = sum(sum(specs[s.name]["vo_dims"]) for s in vo_sites)
     # per-head caches only: an MLA cache holds a latent shared by all heads, which per-head pruning leaves as it is
-    cached = [s for s in sites if s.cached and (s.family is None or s.family.per_head_cache)]
-    kv_before = sum(2 * (s.original_cached_heads or s.num_kv_heads) * s.head_dim for s in cached)
-    kv_after = sum(sum(specs[s.name]["qk_dims"]) + sum(specs[s.name]["vo_dims"]) for s in cached)
+    # of every site, pruned or not (a --stacks run leaves the others' caches as they were)
+    cached = [s for s in every_site if s.cached and (s.family is None or s.family.per_head_cache)]
+
+    def cached_dims(site: AttentionSite, after: bool) -> int:
+        if after and site.name in specs:
+            return sum(specs[site.name]["qk_dims"]) + sum(specs[site.name]["vo_dims"])
+        return 2 * (site.num_kv_heads if after else site.original_cached_heads or site.num_kv_heads) * site.head_dim
+
+    own = [s for s in cached if s.q_reads_kv_input]  # K and V from the tokens generated, not from a source
+    kv_before, kv_after = (sum(cached_dims(s, after) for s in own) for after in (False, True))
+    cross_before, cross_after = (sum(cached_dims(s, after) for s in cached if s not in own) for after in (False, True))
     record = {
         "format": FORMAT_VERSION,
         "method": config.method,
@@ -589,6 +602,8 @@ def prune_(
         kv_dims_per_token_before=kv_before,
         kv_dims_per_token_after=kv_after,
         sites={name: {"qk_dims": s["qk_dims"], "vo_dims": s["vo_dims"]} for name, s in specs.items()},
+        cross_kv_dims_per_source_token_before=cross_before,
+        cross_kv_dims_per_source_token_after=cross_after,
     )
 
 

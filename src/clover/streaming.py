@@ -691,7 +691,7 @@ def stream_prune(
 ):
     """Prune the checkpoint ``source`` into the (staging) ``directory`` one layer at a time: scores in a first
     pass over the layers, the rewrite in a second. Returns the ``PruneReport``."""
-    from .io import pruned_model_code
+    from .io import holds_bare_model, pruned_model_code
     from .modeling_clover import CONFIG_KEY
     from .prune import prune_
 
@@ -711,7 +711,7 @@ def stream_prune(
     specs = getattr(streamed.model.config, CONFIG_KEY)
     written[CONFIG_KEY] = {**specs, "source": recorded_source(source), "streamed": True}
     written["auto_map"], modeling_code = pruned_model_code(
-        specs["sites"], base, streamed.kind, has_base_model=streamed.model.base_model is not streamed.model
+        specs["sites"], base, streamed.kind, has_base_model=holds_bare_model(streamed.model)
     )
     written["architectures"] = [f"Clover{base}"]
     if dtype is not None:

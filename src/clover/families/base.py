@@ -201,8 +201,9 @@ class AttentionSite:
     # partial RoPE: the first rotary_dims dims of every Q and K head are rotated, the rest pass through unrotated
     rotary_dims: int = 0
     # Q's projection reads the very input K and V read (self-attention), so one input moment serves both sides;
-    # False where Q has its own input (cross-attention; MLA, whose K/V read the compressed latent)
-    q_reads_kv_input: bool = True
+    # False where Q has its own input (cross-attention; MLA, whose K/V read the compressed latent); None: False in a
+    # "cross" stack (K and V read the encoder's states), else True
+    q_reads_kv_input: bool | None = None
     # K and V of this site live in a KV cache (what pruning's KV report counts); None: every stack but "encoder"
     cached: bool | None = None
     # K/V heads the original model caches per token, where it caches more than num_kv_heads (Falcon's new
@@ -212,6 +213,8 @@ class AttentionSite:
     def __post_init__(self) -> None:
         if self.cached is None:
             self.cached = self.stack != "encoder"
+        if self.q_reads_kv_input is None:
+            self.q_reads_kv_input = self.stack != "cross"
 
     @property
     def qk_blocked(self) -> bool:
