@@ -524,7 +524,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
             for parent in {entry.parent for entry in entries if entry.parent != folder}:
                 if not any(parent.iterdir()):  # a short name's folder that held only clover's versions
                     parent.rmdir()
-            kept += [str(e) for e in sorted(folder.rglob("*")) if e.is_file() or not any(e.iterdir())]
+            kept += [str(e) for e in sorted(folder.rglob("*")) if e.is_file() or (e.is_dir() and not any(e.iterdir()))]
     if kept:
         print(f"clover: note: left {len(kept)} entries clover did not write ({', '.join(kept[:3])})", file=sys.stderr)
     if args.json:
