@@ -230,6 +230,21 @@ def test_bad_task_lr_and_output_raise_clover_errors(tiny_checkpoint, tmp_path):
         FinetuneOptions(lr=2.0).validate()
 
 
+@needs_olmo_eval
+def test_quiet_scoring_prints_only_clovers_summary(tiny_checkpoint, tmp_path, capfd, monkeypatch):
+    from clover.cli import main
+
+    path, _ = tiny_checkpoint
+    monkeypatch.chdir(tmp_path)  # outside any git repository: lm-eval's git lookup would say "fatal: ..."
+    capfd.readouterr()  # the fixture's saving bars
+    assert main(["finetune", str(path), "--task", "piqa", "--steps", "1", "--batch-size", "1", "--max-length", "64",
+                 "--eval-limit", "4", "--eval-base", "--quiet", "--out", "run"]) == 0  # fmt: skip
+    out, err = capfd.readouterr()
+    assert err == "", err  # no lm-eval or datasets bars, no lm-eval notice, no git message
+    summary = ["clover on piqa", "held-out accuracy, base model", "held-out accuracy, fine-tuned", "wrote run"]
+    assert [line.split(":")[0] for line in out.splitlines()] == summary
+
+
 def test_device_option_is_checked_and_used(tiny_checkpoint, tmp_path, capsys):
     path, _ = tiny_checkpoint
     with pytest.raises(CloverError, match="--device 'gpu0' is not supported"):

@@ -465,7 +465,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from .evaluate import lm_eval_accuracy
 
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-        scores = lm_eval_accuracy(loaded.model, loaded.tokenizer, tasks, limit=args.limit)
+        scores = lm_eval_accuracy(loaded.model, loaded.tokenizer, tasks, limit=args.limit, progress=not args.quiet)
         for task, entry in scores.items():
             report[f"{task}_acc"], report[f"{task}_acc_norm"] = entry["acc"], entry.get("acc_norm")
             report[f"{task}_n"] = entry["n"]

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import importlib.resources
 import importlib.util
+import io
 import json
+import logging
 import math
 import os
 import pathlib
@@ -648,10 +651,12 @@ def lm_eval_accuracy(
     limit: int | None,
     batch_size: int = 16,
     data_files: dict[str, str | os.PathLike] | None = None,
+    progress: bool = True,
 ) -> dict[str, dict[str, float]]:
     """Zero-shot accuracy with lm-evaluation-harness on local copies: {task: {"acc", "acc_norm", ...stderr, "n"}}.
 
     ``data_files`` points tasks at other arrow files of the same columns (e.g. held-out rows only).
+    ``progress=False`` (``--quiet``) keeps lm-eval's and datasets' bars and lm-eval's notices off the terminal.
     """
     from unittest import mock
 
@@ -666,8 +671,14 @@ def lm_eval_accuracy(
     # lm-eval records the working directory's git commit by running git, which prints "fatal: not a git
     # repository" on the user's terminal outside one; clover reports no commit of the user's folder
     no_git = mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", lambda: None)
+    quiet = contextlib.ExitStack()
+    if not progress:  # the bars write to sys.stderr; lm-eval's notices go through its logger
+        quiet.enter_context(contextlib.redirect_stderr(io.StringIO()))
+        logger = logging.getLogger("lm_eval")
+        quiet.callback(logger.setLevel, logger.level)
+        logger.setLevel(logging.ERROR)
     try:
-        with tempfile.TemporaryDirectory(prefix="clover-lm-eval-") as tmp, no_git:
+        with tempfile.TemporaryDirectory(prefix="clover-lm-eval-") as tmp, no_git, quiet:
             write_lm_eval_tasks(tmp, list(names), data_files=data_files)
             results = simple_evaluate(
                 model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size),

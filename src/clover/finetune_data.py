@@ -303,12 +303,13 @@ def heldout_accuracy(
     batch_size: int = 16,
     seed: int = SPLIT_SEED,
     offset: int = 0,
+    progress: bool = True,
 ) -> dict[str, dict[str, float]]:
     """Zero-shot lm-eval accuracy on held-out rows ``offset .. offset + limit``: {task: {"acc", ..., "n"}}."""
     with tempfile.TemporaryDirectory(prefix="clover-heldout-") as tmp:
         files = write_heldout_arrows(tmp, tasks, seed, offset)
         return evaluate.lm_eval_accuracy(
-            model, tokenizer, list(files), limit=limit, batch_size=batch_size, data_files=files
+            model, tokenizer, list(files), limit=limit, batch_size=batch_size, data_files=files, progress=progress
         )
 
 

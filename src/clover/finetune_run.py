@@ -259,8 +259,9 @@ def run_finetune(
             report["base_heldout"] = {"wikitext2_test": wikitext2_test_perplexity(model, tokenizer)}
         else:
             report["base_heldout"] = data.heldout_accuracy(
-                model, tokenizer, eval_tasks, limit=options.eval_limit, batch_size=options.eval_batch_size
-            )
+                model, tokenizer, eval_tasks, limit=options.eval_limit, batch_size=options.eval_batch_size,
+                progress=progress,
+            )  # fmt: skip
     wrap_options = {
         "targets": options.targets, "rank": options.rank, "alpha": options.alpha, "dropout": options.dropout,
         "dropout_placement": options.dropout_placement, "seed": options.seed,
@@ -327,14 +328,15 @@ def run_finetune(
                     report["heldout"] = {"wikitext2_test": wikitext2_test_perplexity(merged, tokenizer)}
                 else:
                     report["heldout"] = data.heldout_accuracy(
-                        merged, tokenizer, eval_tasks, limit=options.eval_limit, batch_size=options.eval_batch_size
-                    )
+                        merged, tokenizer, eval_tasks, limit=options.eval_limit, batch_size=options.eval_batch_size,
+                        progress=progress,
+                    )  # fmt: skip
                 if not text:
                     report["heldout_average_acc"] = round(average_accuracy(report["heldout"]), 4)
                 if options.selection_rows:
                     report["selection"] = data.heldout_accuracy(
                         merged, tokenizer, selection_tasks, limit=options.selection_rows,
-                        batch_size=options.eval_batch_size, offset=options.eval_limit,
+                        batch_size=options.eval_batch_size, offset=options.eval_limit, progress=progress,
                     )  # fmt: skip
                     report["selection_average_acc"] = round(average_accuracy(report["selection"]), 4)
                 report["eval_seconds"] = round(time.perf_counter() - eval_started, 1)
