@@ -204,12 +204,12 @@ def run_finetune(
     from clover.models import load_model
 
     options.validate()
-    default_placement = FinetuneOptions.dropout_placement
+    default = FinetuneOptions()
     ignored = {
         "--rank": options.method not in RANKED and options.rank is not None,
         "--alpha": options.method not in SCALED and options.alpha is not None,
-        "--dropout": options.method not in WITH_DROPOUT and options.dropout != FinetuneOptions.dropout,
-        "--dropout-placement": options.method != CLOVER and options.dropout_placement != default_placement,
+        "--dropout": options.method not in WITH_DROPOUT and options.dropout != default.dropout,
+        "--dropout-placement": options.method != CLOVER and options.dropout_placement != default.dropout_placement,
     }
     for flag in (flag for flag, unused in ignored.items() if unused):  # a note: scripts pass one set to every method
         print(f"clover: note: {flag} does not apply to --method {options.method}, so it is ignored", file=sys.stderr)

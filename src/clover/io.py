@@ -281,12 +281,11 @@ def holds_bare_model(model: nn.Module) -> bool:
     return all(type(own.get(name)) is type(child) for name, child in skeleton.named_children())
 
 
-def pruned_model_code(
-    sites: dict[str, dict], base: str, kind: str, *, has_base_model: bool = True
-) -> tuple[dict[str, str], str]:
-    """The ``auto_map`` of a pruned checkpoint of transformers class ``base`` and the ``modeling_clover.py`` it
-    points at (the ``Clover<name>`` classes of every auto class it answers to)."""
-    classes = pruned_auto_map(base, kind, has_base_model=has_base_model)
+def pruned_model_code(sites: dict[str, dict], model: nn.Module, kind: str) -> tuple[dict[str, str], str]:
+    """The ``auto_map`` of a pruned checkpoint of ``model`` (a transformers class, or its ``Clover<name>``) and the
+    ``modeling_clover.py`` it points at (the ``Clover<name>`` classes of every auto class it answers to)."""
+    base = type(model).__name__.removeprefix("Clover")
+    classes = pruned_auto_map(base, kind, has_base_model=holds_bare_model(model))
     auto_map = {auto: f"modeling_clover.Clover{name}" for auto, name in classes.items()}
     return auto_map, pruned_modeling_source(sites, list(dict.fromkeys(classes.values())))
 
@@ -367,8 +366,7 @@ def write_pruned_model(loaded, directory: Path) -> None:
     upgrade_pruned_specs(model)
     had_map = "auto_map" in model.config.to_dict()
     previous = getattr(model.config, "auto_map", None)
-    specs = pruned_site_specs(model)
-    auto_map, source = pruned_model_code(specs, base, loaded.kind, has_base_model=holds_bare_model(model))
+    auto_map, source = pruned_model_code(pruned_site_specs(model), model, loaded.kind)
     model.config.auto_map = auto_map
     try:
         save_loaded_model(loaded, directory)

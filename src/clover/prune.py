@@ -444,6 +444,13 @@ def check_prunable(model: nn.Module, config: PruneConfig, *, check_values: bool 
     """The sites ``config`` prunes; raises CloverError for bad options, RoPE Q-K requests, non-finite weights
     or an already pruned model. Cheap: call it before collecting calibration data. ``check_values=False``
     where the weights are not in memory yet (streaming: each unit is checked as it is read)."""
+    return _prunable_sites(model, config, check_values)[0]
+
+
+def _prunable_sites(
+    model: nn.Module, config: PruneConfig, check_values: bool
+) -> tuple[list[AttentionSite], list[AttentionSite]]:
+    """``check_prunable``'s sites, and every attention site of the model (pruned or not)."""
     if not isinstance(config, PruneConfig):
         raise CloverError(f"config must be a clover.prune.PruneConfig, not {type(config).__name__}")
     config.validate()
@@ -483,7 +490,7 @@ def check_prunable(model: nn.Module, config: PruneConfig, *, check_values: bool 
     if check_values:
         for site in sites:
             check_finite(site)
-    return sites
+    return sites, every_site
 
 
 class InMemory:
@@ -515,8 +522,8 @@ def prune_(
     Raises CloverError, before touching the model, for bad options, RoPE Q-K requests, non-finite weights
     or an already pruned model.
     """
-    sites = check_prunable(model, config, check_values=weights is None)
-    every_site = attention_sites(model)  # the KV report counts the caches of the stacks left as they are too
+    # every site too: the KV report counts the caches of the stacks left as they are
+    sites, every_site = _prunable_sites(model, config, check_values=weights is None)
     if config.method in CALIBRATED and calibrate is None and input_moments is None:
         raise CloverError(f"method {config.method!r} needs calibration data (a calibrate(model) callback)")
     weights = weights or InMemory(model)
@@ -572,11 +579,14 @@ def prune_(
     def cached_dims(site: AttentionSite, after: bool) -> int:
         if after and site.name in specs:
             return sum(specs[site.name]["qk_dims"]) + sum(specs[site.name]["vo_dims"])
-        return 2 * (site.num_kv_heads if after else site.original_cached_heads or site.num_kv_heads) * site.head_dim
+        return 2 * (site.original_cached_heads or site.num_kv_heads) * site.head_dim  # as the original caches
 
-    own = [s for s in cached if s.q_reads_kv_input]  # K and V from the tokens generated, not from a source
-    kv_before, kv_after = (sum(cached_dims(s, after) for s in own) for after in (False, True))
-    cross_before, cross_after = (sum(cached_dims(s, after) for s in cached if s not in own) for after in (False, True))
+    def before_and_after(group: list[AttentionSite]) -> tuple[int, int]:
+        return sum(cached_dims(s, False) for s in group), sum(cached_dims(s, True) for s in group)
+
+    # self-attention caches grow with the tokens generated, cross-attention ones with the source
+    kv_before, kv_after = before_and_after([s for s in cached if s.q_reads_kv_input])
+    cross_before, cross_after = before_and_after([s for s in cached if not s.q_reads_kv_input])
     record = {
         "format": FORMAT_VERSION,
         "method": config.method,

@@ -691,8 +691,9 @@ def stream_prune(
 ):
     """Prune the checkpoint ``source`` into the (staging) ``directory`` one layer at a time: scores in a first
     pass over the layers, the rewrite in a second. Returns the ``PruneReport``."""
-    from .io import holds_bare_model, pruned_model_code
+    from .io import pruned_model_code
     from .modeling_clover import CONFIG_KEY
+    from .models import recorded_source
     from .prune import prune_
 
     directory = pathlib.Path(directory)
@@ -704,15 +705,11 @@ def stream_prune(
         )  # fmt: skip
         streamed.copy_rest(progress)
         streamed.writer.close()
-    from .models import recorded_source
-
     written = json.loads((streamed.directory / "config.json").read_text(encoding="utf-8"))
     base = type(streamed.model).__name__
     specs = getattr(streamed.model.config, CONFIG_KEY)
     written[CONFIG_KEY] = {**specs, "source": recorded_source(source), "streamed": True}
-    written["auto_map"], modeling_code = pruned_model_code(
-        specs["sites"], base, streamed.kind, has_base_model=holds_bare_model(streamed.model)
-    )
+    written["auto_map"], modeling_code = pruned_model_code(specs["sites"], streamed.model, streamed.kind)
     written["architectures"] = [f"Clover{base}"]
     if dtype is not None:
         written["dtype"] = str(dtype).removeprefix("torch.")
