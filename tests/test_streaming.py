@@ -22,7 +22,7 @@ from clover.cli import main
 from clover.decompose import decompose_
 from clover.errors import CloverError
 from clover.io import save_pruned_model
-from clover.models import LoadedModel
+from clover.models import LoadedModel, load_model
 from clover.prune import InputMoments, PruneConfig, prune_
 from clover.streaming import (
     CheckpointReader,
@@ -172,6 +172,31 @@ def test_bf16_stays_bf16_and_compute_dtype_is_honoured(tmp_path):
     reader = CheckpointReader(tmp_path / "as-float32")
     assert {tensor.dtype for _, tensor in reader.read(list(reader.files))} == {torch.float32}
     assert json.loads((tmp_path / "as-float32" / "config.json").read_text())["dtype"] == "float32"
+
+
+@pytest.mark.parametrize(("arch", "dtype"), [("llama", torch.bfloat16), ("t5", torch.float16)])
+def test_each_tensor_comes_out_in_the_dtype_the_in_memory_path_writes(arch, dtype, tmp_path):
+    """A bf16 Llama whose norms were kept in float32 by hand, and an fp16 T5 whose ``wo`` transformers keeps in
+    float32 (``_keep_in_fp32_modules``): streamed and in-memory outputs agree tensor by tensor."""
+    model = build_tiny(arch).to(dtype)
+    for name, module in model.named_modules():
+        if arch == "llama" and name.endswith("norm"):
+            module.float()
+    model.save_pretrained(tmp_path / "model")
+    config = PruneConfig(vo_ratio=0.5)
+    (tmp_path / "streamed").mkdir()
+    stream_prune(tmp_path / "model", tmp_path / "streamed", config)
+    loaded = load_model(str(tmp_path / "model"), dtype=None)
+    prune_(loaded.model, config)
+    save_pruned_model(loaded, tmp_path / "in-memory")
+    dtypes = {}
+    for output in ("streamed", "in-memory"):
+        reader = CheckpointReader(tmp_path / output)
+        dtypes[output] = {name: tensor.dtype for name, tensor in reader.read(list(reader.files))}
+    assert dtypes["streamed"] == dtypes["in-memory"]
+    assert torch.float32 in dtypes["streamed"].values() if arch == "t5" else set(dtypes["streamed"].values()) == {
+        dtype
+    }
 
 
 @pytest.mark.parametrize("direct", [True, False], ids=["direct", "page-cache"])

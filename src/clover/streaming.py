@@ -22,6 +22,7 @@ import logging
 import mmap
 import os
 import pathlib
+import re
 import shutil
 import sys
 from collections.abc import Iterator
@@ -105,6 +106,21 @@ class CheckpointReader:
         return max(sizes, key=sizes.get) if sizes else torch.float32
 
 
+def _config_dtype(config: dict) -> torch.dtype | None:
+    """config.json's dtype (``torch_dtype`` in older files) when it names a floating dtype."""
+    name = config.get("dtype") or config.get("torch_dtype")
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
+
+
+def _float32_names(model: torch.nn.Module, dtype: torch.dtype) -> re.Pattern | None:
+    """The tensors transformers loads in float32 whatever the requested ``dtype`` (``_keep_in_fp32_modules``
+    at float16, ``_keep_in_fp32_modules_strict`` at float16 and bfloat16), as the pattern its loader searches
+    each name with."""
+    plan = model._get_dtype_plan(dtype) if hasattr(model, "_get_dtype_plan") else {}
+    return re.compile("|".join(f"(?:{key.replace('*', '.*')})" for key in plan)) if plan else None
+
+
 _DTYPE_NAMES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
     torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
@@ -177,10 +193,12 @@ class ShardWriter:
         directory: pathlib.Path,
         *,
         dtype: torch.dtype | None = None,
+        float32_names: re.Pattern | None = None,
         shard_bytes: int = SHARD_BYTES,
         background: bool = True,
     ):
         self.directory, self.dtype, self.shard_bytes = pathlib.Path(directory), dtype, shard_bytes
+        self.float32_names = float32_names
         self.pending: dict[str, torch.Tensor] = {}
         self.pending_bytes = 0
         self.shards: list[list[str]] = []
@@ -208,8 +226,11 @@ class ShardWriter:
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         tensor = tensor.detach().to("cpu")
-        if self.dtype is not None and tensor.is_floating_point():
-            tensor = tensor.to(self.dtype)
+        if tensor.is_floating_point():
+            if self.float32_names is not None and self.float32_names.search(name):
+                tensor = tensor.float()
+            elif self.dtype is not None:
+                tensor = tensor.to(self.dtype)
         size = tensor.numel() * tensor.element_size()
         if self.pending and self.pending_bytes + size > self.shard_bytes:
             self._flush()
@@ -434,8 +455,10 @@ class StreamedModel:
         self.reader = CheckpointReader(self.directory)
         self.kind, auto_class = model_kind(config_dict)
         # the layers are read into the output's dtype when it differs (bf16 in, float32 out: the rewrite is made in
-        # float32, not rounded to bf16 first); the checkpoint's own otherwise
-        self.dtype = dtype or self.reader.dtype()
+        # float32, not rounded to bf16 first); otherwise the one from_pretrained's dtype="auto" picks (config.json's,
+        # else the weights'), so the output's dtypes are the in-memory path's tensor by tensor
+        stored = self.reader.dtype()  # reads every header: a damaged file is refused before anything is written
+        self.dtype = dtype or _config_dtype(config_dict) or stored
         self.device = torch.device(device)
         try:
             # transformers' config warnings (token ids outside a tiny vocabulary) stay off the terminal, as when the
@@ -450,6 +473,7 @@ class StreamedModel:
             raise CloverError(
                 f"cannot build the model of {self.directory / 'config.json'}: {_one_line(error)}; fix config.json"
             ) from None
+        self.float32_names = _float32_names(self.model, self.dtype)
         self.model.tie_weights()  # a head that shares the embedding is one parameter, as in the loaded model
         self.model.eval()
         self._compute_unsaved()
@@ -619,6 +643,12 @@ class StreamedModel:
                 current, ahead = ahead, reader.submit(self._read_unit, units[i + 1][0]) if i + 1 < len(units) else None
                 yield self.loaded(unit, unit_sites, write=write, prefetched=current), unit_sites
 
+    def shard_writer(self, directory: pathlib.Path, shard_bytes: int) -> ShardWriter:
+        """A writer of this model's output: every floating tensor in the model's dtype, except those transformers
+        keeps in float32 at that dtype (T5's ``wo`` in float16), as ``from_pretrained`` and ``save_pretrained``
+        would leave them."""
+        return ShardWriter(directory, dtype=self.dtype, float32_names=self.float32_names, shard_bytes=shard_bytes)
+
     def copy_rest(self, progress: bool = False) -> None:
         """Copy every tensor no rewritten layer holds, one at a time, into the writer."""
         rest = [name for name in self.stored if name not in self.written]
@@ -657,7 +687,7 @@ def stream_decompose(
     directory = pathlib.Path(directory)
     streamed = StreamedModel(source, device=device, dtype=dtype)
     sites = streamed.sites()
-    with ShardWriter(directory, dtype=dtype, shard_bytes=shard_bytes) as streamed.writer, torch.no_grad():
+    with streamed.shard_writer(directory, shard_bytes) as streamed.writer, torch.no_grad():
         bar = tqdm(total=len(sites), desc="factorizing attention", unit="attn", disable=not progress)
         for loaded, unit in streamed.units(sites, write=True):
             with loaded:
@@ -670,8 +700,7 @@ def stream_decompose(
     config = json.loads((streamed.directory / "config.json").read_text(encoding="utf-8"))
     config["clover"] = {"method": "decompose", "compute_dtype": str(compute_dtype).removeprefix("torch."),
                         "source": recorded_source(source), "streamed": True}  # fmt: skip
-    if dtype is not None:
-        config["dtype"] = str(dtype).removeprefix("torch.")
+    config["dtype"] = str(streamed.dtype).removeprefix("torch.")  # as save_pretrained of the loaded model writes
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     streamed.copy_side_files(directory)
     return len(sites)
@@ -698,7 +727,7 @@ def stream_prune(
 
     directory = pathlib.Path(directory)
     streamed = StreamedModel(source, device=device, dtype=dtype)
-    with ShardWriter(directory, dtype=dtype, shard_bytes=shard_bytes) as streamed.writer:
+    with streamed.shard_writer(directory, shard_bytes) as streamed.writer:
         report = prune_(
             streamed.model, config, input_moments=input_moments, compute_dtype=compute_dtype, progress=progress,
             weights=streamed,
@@ -711,8 +740,7 @@ def stream_prune(
     written[CONFIG_KEY] = {**specs, "source": recorded_source(source), "streamed": True}
     written["auto_map"], modeling_code = pruned_model_code(specs["sites"], streamed.model, streamed.kind)
     written["architectures"] = [f"Clover{base}"]
-    if dtype is not None:
-        written["dtype"] = str(dtype).removeprefix("torch.")
+    written["dtype"] = str(streamed.dtype).removeprefix("torch.")
     (directory / "config.json").write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
     (directory / "modeling_clover.py").write_text(modeling_code)
     streamed.copy_side_files(directory)
