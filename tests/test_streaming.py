@@ -194,9 +194,7 @@ def test_each_tensor_comes_out_in_the_dtype_the_in_memory_path_writes(arch, dtyp
         reader = CheckpointReader(tmp_path / output)
         dtypes[output] = {name: tensor.dtype for name, tensor in reader.read(list(reader.files))}
     assert dtypes["streamed"] == dtypes["in-memory"]
-    assert torch.float32 in dtypes["streamed"].values() if arch == "t5" else set(dtypes["streamed"].values()) == {
-        dtype
-    }
+    assert torch.float32 in dtypes["streamed"].values() if arch == "t5" else set(dtypes["streamed"].values()) == {dtype}
 
 
 @pytest.mark.parametrize("direct", [True, False], ids=["direct", "page-cache"])
