@@ -228,6 +228,28 @@ def test_quiet_silences_every_progress_bar(tiny_checkpoint, tmp_path, capsys):
     assert hf_logging.is_progress_bar_enabled()  # restored for whoever calls main() next
 
 
+def test_prune_stacks_of_llama_vision_choose_vision_decoder_and_cross(tmp_path, capsys):
+    build_tiny("mllama").save_pretrained(tmp_path / "mllama")
+    common = ["prune", str(tmp_path / "mllama"), "--vo-ratio", "0.5", "--quiet"]
+    assert main([*common, "--stacks", "cross", "--out", str(tmp_path / "cross")]) == 0
+    sites = json.loads((tmp_path / "cross" / "config.json").read_text())["clover"]["sites"].values()
+    assert sites and {spec["stack"] for spec in sites} == {"cross"}
+    # Q-K is exact in the vision encoder only: pruned there, V-O in every stack
+    qk = ["--qk-ratio", "0.3", "--qk-stacks", "vision", "--out", str(tmp_path / "vision-qk")]
+    assert main([*common, *qk]) == 0
+    sites = json.loads((tmp_path / "vision-qk" / "config.json").read_text())["clover"]["sites"].values()
+    assert {spec["stack"] for spec in sites} == {"vision", "decoder", "cross"}
+    for spec in sites:
+        full = spec["num_kv_heads"] * spec["head_dim"]
+        assert (sum(spec["qk_dims"]) < full) == (spec["stack"] == "vision"), spec["stack"]
+        assert sum(spec["vo_dims"]) < full
+    capsys.readouterr()
+    # Q-K where it is not exact is refused in one line that names the cause
+    assert main([*common, "--qk-ratio", "0.3", "--qk-stacks", "cross", "--out", str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "QK-norm" in err and not (tmp_path / "refused").exists()
+
+
 def test_prune_stacks_chooses_the_attention_stacks_from_the_command_line(tmp_path, capsys):
     build_tiny("whisper").save_pretrained(tmp_path / "whisper")
     out = tmp_path / "pruned"

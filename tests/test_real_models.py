@@ -16,7 +16,9 @@ RELATIVE_TOL = 1e-4
 
 
 @pytest.mark.real
-@pytest.mark.parametrize("name", ["smollm2-135m", "minilm-l6", "whisper-tiny.en", "whisper-base", "dinov2-small"])
+@pytest.mark.parametrize(
+    "name", ["smollm2-135m", "gemma3-270m", "minilm-l6", "whisper-tiny.en", "whisper-base", "dinov2-small"]
+)
 def test_real_model_keeps_its_function(name):
     loaded = load_model(name)
     reference = probe_output(loaded)

@@ -143,10 +143,10 @@ def test_text_key_and_value_shrink_to_the_kept_widths_and_masks_still_hide_token
     torch.testing.assert_close(masked, alone[1:], atol=1e-5, rtol=0)
 
 
-def _saved(tmp_path: Path) -> tuple[torch.nn.Module, Path]:
+def _saved(tmp_path: Path, arch: str = "unet") -> tuple[torch.nn.Module, Path]:
     from clover.families.unet import save_pruned_unet
 
-    model = _unet()
+    model = build_tiny(arch)
     prune_(model, PruneConfig(qk_ratio=0.4, vo_ratio=0.3, allocation="global"))
     out = save_pruned_unet(model, tmp_path / "pruned")
     return model, out
@@ -175,8 +175,9 @@ def test_saved_unet_reloads_identically_and_stock_diffusers_refuses_it(tmp_path)
 
 
 @needs_diffusers
-def test_saved_unet_loads_with_diffusers_automodel_in_a_fresh_process_without_clover(tmp_path):
-    model, out = _saved(tmp_path)
+@pytest.mark.parametrize("arch", ["unet"])  # the family-table row README's fresh-process column reads
+def test_saved_unet_loads_with_diffusers_automodel_in_a_fresh_process_without_clover(arch, tmp_path):
+    model, out = _saved(tmp_path, arch)
     source = (out / "modeling_clover.py").read_text()
     assert not re.search(r"^\s*(import|from) clover\b", source, re.M)
     script = (

@@ -119,7 +119,7 @@ class Falcon(Family):
     positional = "rope"  # the default; an ALiBi model's sites say "bias" (and Q-K exact) for themselves
     output = "dense"
     pruned_attention = CloverFalconAttention
-    caches = "V (RoPE); K and V (ALiBi)"
+    caches = "V (RoPE); K and V (ALiBi); new_decoder_architecture: K and V also by heads / KV groups (cached per group)"
 
     def site(self, *, alibi: bool = False, **facts) -> AttentionSite:
         """A site of a RoPE model (Q-K blocked) or of an ALiBi model (Q-K exact: the bias is additive)."""
