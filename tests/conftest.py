@@ -97,6 +97,7 @@ _SEQ2SEQ = dict(vocab_size=VOCAB, d_model=64, encoder_layers=2, decoder_layers=2
                 pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, init_std=0.1)  # fmt: skip
 _FALCON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                max_position_embeddings=64, bos_token_id=1, eos_token_id=2)  # fmt: skip
+_YARN = dict(rope_type="yarn", rope_theta=10000.0, factor=2.0, original_max_position_embeddings=32, mscale_all_dim=1.0)
 _VISION = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28, patch_size=14)
 _TEXT_TOWER = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                    max_position_embeddings=16, projection_dim=32, bos_token_id=1, eos_token_id=2)  # fmt: skip
@@ -144,6 +145,8 @@ FAMILY_TABLE: dict[str, Row] = {
                   "FalconForCausalLM", qk_exact=False),
     "falcon-gqa": Row(lambda: tf.FalconConfig(**_FALCON, num_kv_heads=2, new_decoder_architecture=True),
                       "FalconForCausalLM", qk_exact=False),
+    "falcon-rope": Row(lambda: tf.FalconConfig(**_FALCON, multi_query=False, bias=True, parallel_attn=False),
+                       "FalconForCausalLM", qk_exact=False),  # each head's [q | k | v] rows, with RoPE
     "falcon-alibi": Row(lambda: tf.FalconConfig(**_FALCON, multi_query=False, alibi=True, bias=True,
                                                 parallel_attn=False), "FalconForCausalLM"),
     "t5": Row(lambda: tf.T5Config(vocab_size=VOCAB, d_model=64, d_kv=8, d_ff=128, num_layers=2,
@@ -192,11 +195,12 @@ FAMILY_TABLE: dict[str, Row] = {
         ("deepseek_v2", "DeepseekV2Config", "DeepseekV2ForCausalLM", True,
          dict(q_lora_rank=None, attention_bias=True, first_k_dense_replace=2)),
         ("deepseek_v2-qlora", "DeepseekV2Config", "DeepseekV2ForCausalLM", True,
-         dict(q_lora_rank=24, first_k_dense_replace=2)),
+         dict(q_lora_rank=24, first_k_dense_replace=2, rope_parameters=dict(_YARN))),
         ("deepseek_v3", "DeepseekV3Config", "DeepseekV3ForCausalLM", False,
-         dict(q_lora_rank=24, first_k_dense_replace=1, n_group=1, topk_group=1, rope_parameters={
-             "rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0, "original_max_position_embeddings": 32,
-             "mscale_all_dim": 1.0})),
+         dict(q_lora_rank=24, first_k_dense_replace=1, n_group=1, topk_group=1, rope_parameters=dict(_YARN))),
+        # V3 without a query latent, its RoPE dims rotated as halves rather than interleaved pairs
+        ("deepseek_v3-dense", "DeepseekV3Config", "DeepseekV3ForCausalLM", True,
+         dict(q_lora_rank=None, first_k_dense_replace=2, n_group=1, topk_group=1, rope_interleave=False)),
     ]},
 }  # fmt: skip
 
