@@ -107,6 +107,10 @@ FAMILY_TABLE: dict[str, Row] = {
     "gpt2": Row(lambda: tf.GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=64, n_layer=2, n_head=4, bos_token_id=1,
                                       eos_token_id=2), "GPT2LMHeadModel"),
     "llama": Row(lambda: tf.LlamaConfig(**_LLAMA), "LlamaForCausalLM", qk_exact=False, real="smollm2-135m"),
+    # a softmax scale (attention_multiplier 0.3) that is not 1/sqrt(head_dim) = 0.25
+    "granite": Row(lambda: tf.GraniteConfig(**_LLAMA, attention_multiplier=0.3, residual_multiplier=0.5,
+                                            embedding_multiplier=2.0, logits_scaling=4.0), "GraniteForCausalLM",
+                   qk_exact=False),
     "llama-mha": Row(lambda: tf.LlamaConfig(**{**_LLAMA, "num_key_value_heads": 4}, attention_bias=True),
                      "LlamaForCausalLM", qk_exact=False),
     "mistral": Row(lambda: tf.MistralConfig(**_LLAMA, sliding_window=4), "MistralForCausalLM", qk_exact=False),
