@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -139,3 +140,67 @@ def test_latent_cut_shrinks_the_cache_beats_plain_truncation_and_prunes_after(ar
     cut = model_output(model)
     prune_(model, PruneConfig())  # CLOVER's per-head pruning on top of the cut latent
     torch.testing.assert_close(model_output(model), cut, atol=1e-4, rtol=0)
+
+
+def test_cli_latent_rank_shrinks_the_cache_reports_its_error_and_refuses_where_there_is_no_latent(
+    tmp_path, capsys, monkeypatch
+):
+    """`clover prune --latent-rank`, alone (a stock checkpoint with a smaller kv_lora_rank) and before V-O pruning:
+    the cache eval measures shrinks as reported, the reported output change is the probe's, and calibrated moments of
+    the cut model are never cached under the checkpoint's key."""
+    from test_finetune_cli import byte_tokenizer
+
+    from clover.cli import main
+    from clover.models import load_model
+    from clover.quality import probe_output
+
+    monkeypatch.setenv("CLOVER_CACHE", str(tmp_path / "cache"))
+    config = FAMILY_TABLE["deepseek_v2"].config()
+    config.vocab_size, config.max_position_embeddings, config.initializer_range = 257, 256, 0.1
+    torch.manual_seed(0)
+    tf.DeepseekV2ForCausalLM(config).save_pretrained(tmp_path / "model")
+    byte_tokenizer().save_pretrained(tmp_path / "model")
+    calibration = ["--calibration-samples", "4", "--calibration-length", "32", "--quiet", "--json"]
+
+    def run(*arguments) -> dict:
+        capsys.readouterr()
+        assert main(["prune", str(tmp_path / "model"), *arguments, *calibration]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    alone = run("--latent-rank", "16", "--out", str(tmp_path / "cut"))
+    layers = config.num_hidden_layers
+    assert alone["latent_cache_dims_per_token_before"] == layers * (32 + config.qk_rope_head_dim)
+    assert alone["latent_cache_dims_per_token_after"] == layers * (16 + config.qk_rope_head_dim)
+    cut = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "cut")  # stock transformers
+    assert cut.config.kv_lora_rank == 16
+    reference = probe_output(load_model(str(tmp_path / "model")))
+    change = probe_output(load_model(str(tmp_path / "cut"))) - reference
+    assert alone["latent_relative_output_change"] == pytest.approx(float(change.norm() / reference.norm()), rel=1e-4)
+    assert 0.5 < alone["latent_energy_kept_min"] < 1
+
+    both = run("--latent-rank", "16", "--vo-ratio", "0.25", "--method", "calibrated", "--out", str(tmp_path / "both"))
+    assert (
+        both["vo_removed"] == 0.25
+        and both["latent_cache_dims_per_token_after"] == alone["latent_cache_dims_per_token_after"]
+    )
+    assert not list((tmp_path / "cache").rglob("*.safetensors"))  # the cut model's moments are not the checkpoint's
+    pruned = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "both", trust_remote_code=True)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    cached = pruned(input_ids=ids, use_cache=True).past_key_values.layers
+    original = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "model")(input_ids=ids, use_cache=True)
+    assert sum(layer.keys.shape[-1] + layer.values.shape[-1] for layer in cached) < sum(
+        layer.keys.shape[-1] + layer.values.shape[-1] for layer in original.past_key_values.layers
+    )
+
+    build_tiny("llama").save_pretrained(tmp_path / "llama")
+    for arguments, words in (
+        ([str(tmp_path / "llama"), "--latent-rank", "8"], "per head"),
+        ([str(tmp_path / "model"), "--latent-rank", "99"], "1..32"),
+        ([str(tmp_path / "model"), "--latent-rank", "0"], "≥ 1"),
+        ([str(tmp_path / "model"), "--latent-rank", "8", "--stream"], "--no-stream"),
+    ):
+        capsys.readouterr()
+        assert main(["prune", *arguments, "--out", str(tmp_path / "refused"), "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and words in err, err
+        assert not (tmp_path / "refused").exists()

@@ -261,8 +261,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
         qk_stacks=_stacks(args.qk_stacks, "--qk-stacks"), vo_stacks=_stacks(args.vo_stacks, "--vo-stacks"),
     )  # fmt: skip
     config.validate()
-    if not config.prunes("qk") and not config.prunes("vo"):
+    prunes_heads = config.prunes("qk") or config.prunes("vo")
+    if not prunes_heads and args.latent_rank is None:
         raise CloverError("nothing to prune: give --qk-ratio and/or --vo-ratio in (0, 1), or --threshold")
+    if args.latent_rank is not None and args.latent_rank < 1:
+        raise CloverError(f"--latent-rank must be a number of latent dims ≥ 1, got {args.latent_rank}")
     check_calibration_settings(args.calibration_samples, args.calibration_length)
     check_output_dir(args.out, overwrite=args.overwrite, inputs=[args.model])
     if args.method in CALIBRATED:  # a UNet's refusal comes before minutes of loading it
@@ -271,12 +274,21 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if device.type == "mps" and args.compute_dtype == "float64":
         raise CloverError("--device mps: MPS lacks float64; add --compute-dtype float32, or prune on cpu or cuda")
     source = _streaming_source(args)
+    if source is not None and args.latent_rank is not None:
+        raise CloverError(
+            "--latent-rank runs calibration through the whole model in memory; add --no-stream (or cut the latent "
+            "first, then prune the result with --stream)"
+        )
     if source is not None:
         return _stream_prune(args, config, source, device)
     loaded = load_model(args.model, dtype=_dtype(args.dtype), tokenizer=args.tokenizer)
     loaded.model.to(device)  # factorization, calibration and pruning all run where the weights are
-    check_prunable(loaded.model, config)  # refusals (--min-dims that keeps every dim too) before calibration
+    if prunes_heads:
+        check_prunable(loaded.model, config)  # refusals (--min-dims that keeps every dim too) before calibration
     start = time.perf_counter()
+    latent = _cut_latent(args, loaded) if args.latent_rank is not None else None
+    if not prunes_heads:
+        return _save_latent_cut(args, loaded, latent, time.perf_counter() - start)
     moments, moments_cached, seq_len = None, False, None
     if args.method in CALIBRATED:
         if reads_text_and_images(loaded):
@@ -297,6 +309,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
             seq_len=seq_len,
             refresh=args.recalibrate,
             progress=not args.quiet,
+            cache=latent is None,  # the cut model is not the checkpoint its files (the cache key) describe
         )
     report = prune_(
         loaded.model, config, input_moments=moments, compute_dtype=_dtype(args.compute_dtype), progress=not args.quiet
@@ -305,7 +318,60 @@ def cmd_prune(args: argparse.Namespace) -> int:
     set_clover_record(loaded.model, {**loaded.model.config.clover, "source": recorded_source(args.model)})
     loaded.model.to("cpu")
     save_pruned_model(loaded, args.out, overwrite=args.overwrite, inputs=[args.model])
-    return _prune_summary(args, report, elapsed, moments, moments_cached, seq_len)
+    return _prune_summary(args, report, elapsed, moments, moments_cached, seq_len, latent)
+
+
+def _cut_latent(args: argparse.Namespace, loaded) -> dict:
+    """Cut the cache a family shares between all heads (MLA's latent) to --latent-rank dims, calibrated on the
+    held-out text; the change of the probe output is its error, reported."""
+    from .families import family_for
+    from .quality import calibration_callback, calibration_length, probe_output
+
+    def calibrate(model) -> None:  # built on first use: a family without a latent refuses before any of it
+        seq_len = calibration_length(loaded, args.calibration_length)
+        calibration_callback(loaded, samples=args.calibration_samples, seq_len=seq_len, progress=not args.quiet)(model)
+
+    reference = probe_output(loaded)
+    cut = family_for(loaded.model).cut_latent(loaded.model, args.latent_rank, calibrate)
+    change = probe_output(loaded) - reference
+    return {
+        "latent_rank": args.latent_rank,
+        "latent_energy_kept_min": round(min(cut.kept_energy.values()), 6),
+        "latent_relative_output_change": float(change.norm() / reference.norm().clamp_min(1e-30)),
+        "latent_cache_dims_per_token_before": cut.cache_dims_per_token_before,
+        "latent_cache_dims_per_token_after": cut.cache_dims_per_token_after,
+    }
+
+
+def _latent_lines(latent: dict) -> list[str]:
+    return [
+        f"latent cache cut to {latent['latent_rank']} dims: cache dims per token "
+        f"{latent['latent_cache_dims_per_token_before']} -> {latent['latent_cache_dims_per_token_after']}; "
+        f"calibration energy kept ≥ {100 * latent['latent_energy_kept_min']:.1f}% in every layer; probe output "
+        f"changed by {100 * latent['latent_relative_output_change']:.2f}% (relative; the cut is approximate)"
+    ]
+
+
+def _save_latent_cut(args: argparse.Namespace, loaded, latent: dict, elapsed: float) -> int:
+    """Only the latent was cut: the result is a stock checkpoint of the same family (a smaller kv_lora_rank)."""
+    from .io import atomic_directory, save_loaded_model
+    from .models import recorded_source
+    from .quality import parameter_count
+
+    parameters = parameter_count(loaded.model)  # after the cut, which narrowed two linears per layer
+    loaded.model.to("cpu")
+    loaded.model.config.clover_latent_cut = {"rank": args.latent_rank, "source": recorded_source(args.model)}
+    with atomic_directory(args.out, overwrite=args.overwrite, inputs=[args.model]) as staging:
+        save_loaded_model(loaded, staging)
+    summary = {"model": args.model, "out": str(args.out), "seconds": round(elapsed, 2), **latent,
+               "parameters_after": parameters}  # fmt: skip
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    print(f"cut {args.model}'s latent cache in {elapsed:.1f} s")
+    print(*_latent_lines(latent), sep="\n")
+    print(f"wrote {args.out}: transformers' AutoModel*.from_pretrained(DIR) or clover eval {args.out}")
+    return 0
 
 
 def _stream_prune(args: argparse.Namespace, config, source, device) -> int:
@@ -346,7 +412,7 @@ def _kind_of(model) -> str:
     return model_kind(model.config.to_dict())[0]
 
 
-def _prune_summary(args, report, elapsed, moments, moments_cached, seq_len) -> int:
+def _prune_summary(args, report, elapsed, moments, moments_cached, seq_len, latent: dict | None = None) -> int:
     summary = {
         "model": args.model,
         "out": str(args.out),
@@ -363,6 +429,7 @@ def _prune_summary(args, report, elapsed, moments, moments_cached, seq_len) -> i
         "kv_dims_per_token_after": report.kv_dims_per_token_after,
         "cross_kv_dims_per_source_token_before": report.cross_kv_dims_per_source_token_before,
         "cross_kv_dims_per_source_token_after": report.cross_kv_dims_per_source_token_after,
+        **(latent or {}),
     }
     if args.json:
         print(json.dumps(summary))
@@ -385,6 +452,8 @@ def _prune_summary(args, report, elapsed, moments, moments_cached, seq_len) -> i
             f"cross-attention KV cache dims per source token {report.cross_kv_dims_per_source_token_before} -> "
             f"{report.cross_kv_dims_per_source_token_after}"
         )
+    if latent is not None:
+        print(*_latent_lines(latent), sep="\n")
     print(f"wrote {args.out}: {_pruned_loader(args.out)} or clover eval {args.out}")
     return 0
 
@@ -685,6 +754,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=512,
         help="calibrated, vanilla-activation: tokens per sequence (at least 2; cut to the model's context)",
+    )
+    p.add_argument(
+        "--latent-rank",
+        type=int,
+        metavar="N",
+        help="models whose KV cache is one latent shared by all heads (DeepSeek-V2/V3's MLA, which per-head "
+        "pruning leaves as it is): cut the latent to N of its kv_lora_rank dims, so the cache shrinks. A PCA of the "
+        "latent on the calibration text (exact) drops the trailing dims (approximate: the probe output's change is "
+        "reported). Alone, or before --qk-ratio / --vo-ratio; needs a tokenizer and the model in memory",
     )
     p.add_argument(
         "--recalibrate",

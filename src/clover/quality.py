@@ -408,15 +408,22 @@ def calibration_fingerprint(loaded: LoadedModel, *, samples: int, seq_len: int) 
 
 
 def calibration_moments(
-    loaded: LoadedModel, *, samples: int = 128, seq_len: int = 512, refresh: bool = False, progress: bool = False
+    loaded: LoadedModel,
+    *,
+    samples: int = 128,
+    seq_len: int = 512,
+    refresh: bool = False,
+    progress: bool = False,
+    cache: bool = True,
 ) -> tuple[InputMoments, bool]:
     """Input moments of every attention site on the calibration set, and whether they came from the cache.
 
     Collecting them is the slow part of calibrated pruning (minutes on a CPU), and they depend only on the
     checkpoint and the calibration set, not on the ratio: they are kept under ``$CLOVER_CACHE/moments`` and
     reused by later prunes of the same, unchanged checkpoint (``refresh`` recomputes them). A cache that
-    cannot be read or written is skipped with a warning: it never stops a prune."""
-    key = calibration_fingerprint(loaded, samples=samples, seq_len=seq_len)
+    cannot be read or written is skipped with a warning: it never stops a prune. ``cache`` False: neither read
+    nor written, for a model changed since it was loaded (its files no longer describe it)."""
+    key = calibration_fingerprint(loaded, samples=samples, seq_len=seq_len) if cache else None
     path = model_cache_dir() / "moments" / f"{key}.safetensors" if key else None
     device = evaluate._model_device(loaded.model)
     if path is not None and path.is_file() and not refresh:

@@ -9,7 +9,7 @@ The algorithms (decompose, prune, fine-tune) read these facts and never name a f
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -238,6 +238,17 @@ class AttentionSite:
         return q, k, width - self.rotary_dims
 
 
+@dataclass(frozen=True)
+class LatentCut:
+    """What cutting a cache shared by all heads (MLA's latent) did: the share of the calibration energy each
+    layer's latent kept (1 - its relative squared error), and the dims the cache holds per token, before and
+    after, summed over the layers."""
+
+    kept_energy: dict[str, float]
+    cache_dims_per_token_before: int
+    cache_dims_per_token_after: int
+
+
 class Family:
     """The facts of one model family. Subclass it in one file per family; near relatives subclass each other."""
 
@@ -288,6 +299,17 @@ class Family:
         images and their masks for a model whose text reads images (it may also set the image token in
         ``input_ids``); nothing for the others. Used where no processor is at hand (the CLI's probe)."""
         return {}
+
+    def cut_latent(self, model: nn.Module, rank: int, calibrate: Callable[[nn.Module], None]) -> LatentCut:
+        """Shrink the cache a family shares between all heads (a latent, which per-head pruning leaves as it is)
+        to ``rank`` dims, calibrated by ``calibrate(model)``. Families whose cache holds per-head keys and values
+        have none: per-head pruning shrinks theirs."""
+        from ..errors import CloverError
+
+        raise CloverError(
+            f"--latent-rank: {self.examples} caches keys and values per head, with no latent shared by all heads "
+            "to cut; --qk-ratio / --vo-ratio shrink its cache"
+        )
 
     def load_checkpoint(self, path: Path, dtype: torch.dtype | None) -> tuple[nn.Module, dict[str, list]]:
         """A ``checkpoint_kind`` family's model read from a checkpoint directory (plain, decomposed or pruned by

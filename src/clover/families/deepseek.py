@@ -24,7 +24,7 @@ from torch import nn
 
 from ..errors import CloverError, UnsupportedModelError
 from ..modeling_clover import HeadLayout, PrunedAttention
-from .base import AttentionSite, Family, HeadColumns, LinearProjection, is_pruned_attention
+from .base import AttentionSite, Family, HeadColumns, LatentCut, LinearProjection, is_pruned_attention
 
 
 class CloverDeepseekAttention(PrunedAttention):
@@ -109,7 +109,13 @@ class Deepseek(Family):
     positional = "bias"
     pruned_attention = CloverDeepseekAttention
     per_head_cache = False
-    caches = "nothing (the MLA latent and k_pe, shared by all heads; cut_latent_rank shrinks the latent)"
+    caches = "nothing (the MLA latent and k_pe, shared by all heads; `--latent-rank` shrinks the latent)"
+
+    def cut_latent(self, model: nn.Module, rank: int, calibrate: Callable[[nn.Module], None]) -> LatentCut:
+        config = model.config
+        per_layer_before = config.kv_lora_rank + config.qk_rope_head_dim  # the latent and the one shared k_pe
+        energy = cut_latent_rank(model, rank, calibrate)
+        return LatentCut(energy, len(energy) * per_layer_before, len(energy) * (rank + config.qk_rope_head_dim))
 
     def attention_sites(self, model: nn.Module) -> list[AttentionSite]:
         sites = []
@@ -174,7 +180,7 @@ def cut_latent_rank(model: nn.Module, rank: int, calibrate: Callable[[nn.Module]
         raise CloverError("cut_latent_rank needs an unpruned DeepSeek-V2/V3 model (cut the latent before pruning)")
     full = model.config.kv_lora_rank
     if not 0 < rank <= full:
-        raise CloverError(f"rank must be in 1..{full} (kv_lora_rank), got {rank}")
+        raise CloverError(f"latent rank must be in 1..{full} (the model's kv_lora_rank), got {rank}")
     moments: dict[str, list] = {}
 
     def hook(name: str):
