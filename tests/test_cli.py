@@ -271,3 +271,14 @@ def test_prune_stacks_chooses_the_attention_stacks_from_the_command_line(tmp_pat
     for spec in sites:
         full = spec["num_kv_heads"] * spec["head_dim"]
         assert (sum(spec["qk_dims"]) < full) == (spec["stack"] == "encoder"), spec["stack"]
+
+
+def test_eval_text_report_prints_counts_as_counts_and_scores_to_four_decimals():
+    from clover.cli import _report_value
+
+    assert _report_value("parameters", 3249920) == "3,249,920"
+    assert _report_value("kv_bytes_per_token", 1024.0) == "1,024"  # measured from the cache: a float, whole
+    assert _report_value("kv_bytes_per_token", 10.5) == "10.5000"
+    assert _report_value("piqa_acc", 1.0) == "1.0000"  # a score stays a score, even when whole
+    assert _report_value("wikitext2_test_ppl", 37.68634) == "37.6863"
+    assert _report_value("dtype", "float32") == "float32" and _report_value("cached", True) == "True"

@@ -543,8 +543,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(json.dumps(report))
         return 0
     for key, value in report.items():
-        print(f"{key:26} {value:,.4f}" if isinstance(value, float) else f"{key:26} {value}")
+        print(f"{key:26} {_report_value(key, value)}")
     return 0
+
+
+def _report_value(key: str, value) -> str:
+    """A report value as text: counts (and whole byte sizes) with thousands separators, other numbers to 4
+    decimals."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, int) or ("bytes" in key and value.is_integer()):
+        return f"{int(value):,}"
+    return f"{value:,.4f}"
 
 
 def _refuse_non_finite_weights(model) -> None:
