@@ -17,6 +17,8 @@ from test_finetune_cli import byte_tokenizer
 
 import clover.cli
 from clover.cli import main
+from clover.errors import CloverError
+from clover.finetune import get_clover_model
 from clover.io import atomic_directory
 
 
@@ -58,16 +60,39 @@ def test_committed_output_has_the_modes_of_a_plain_mkdir_and_open(tmp_path, umas
         assert stat.S_IMODE(path.stat().st_mode) == 0o640, path
 
 
-def test_eval_refuses_nan_weights_in_one_line(tmp_path, capsys):
-    model = build_tiny("llama")
+NAN_METHODS = ("clover", "lora", "pissa")  # an SVD of the weights, training on them, an SVD in PEFT
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["eval"], *(["finetune", "--task", "wikitext", "--steps", "1", "--no-eval", "--method", m] for m in NAN_METHODS)],
+    ids=["eval", *(f"finetune-{m}" for m in NAN_METHODS)],
+)
+def test_nan_weights_are_refused_in_one_line(command, tmp_path, capsys):
+    """Not an SVD failing to converge (CLOVER, PiSSA), nor "lower --lr" after training on nan (LoRA)."""
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(vocab_size=257, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    model = tf.LlamaForCausalLM(config)
     with torch.no_grad():
         model.model.layers[0].self_attn.v_proj.weight[0, 0] = float("nan")
     model.save_pretrained(tmp_path / "nan")
+    byte_tokenizer().save_pretrained(tmp_path / "nan")
     capsys.readouterr()  # transformers' saving bar
-    assert main(["eval", str(tmp_path / "nan"), "--quiet"]) == 2
+    out_dir = ["--out", str(tmp_path / "out")] if command[0] == "finetune" else []
+    assert main([command[0], str(tmp_path / "nan"), *command[1:], *out_dir, "--quiet"]) == 2
     out, err = capsys.readouterr()
     assert "nan" not in out.lower()
-    assert err.count("\n") == 1 and "NaN or Inf" in err and "v_proj" in err
+    assert err.count("\n") == 1 and "NaN or Inf" in err and "v_proj" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_clover_adapter_refuses_nan_weights_before_factorizing():
+    model = build_tiny("gpt2")
+    with torch.no_grad():
+        model.transformer.h[1].attn.c_attn.weight[0, 0] = float("inf")
+    with pytest.raises(CloverError, match="h.1.attn.*NaN or Inf"):
+        get_clover_model(model)
 
 
 def test_eval_notes_that_sentences_does_not_apply_to_a_causal_lm(llama_dir, capsys):

@@ -473,6 +473,7 @@ def _pruned_loader(out: str) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from .decompose import refuse_non_finite_weights
     from .errors import CloverError
     from .models import load_model, resolve_device
     from .quality import SPEECH_EVAL_SENTENCES, measure
@@ -507,7 +508,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             f"{args.model} is {loaded.described}, so it is ignored",
             file=sys.stderr,
         )
-    _refuse_non_finite_weights(loaded.model)
+    refuse_non_finite_weights(loaded.model)  # as prune and decompose do: every score would read nan
     report = measure(
         loaded,
         tokens=args.tokens,
@@ -555,16 +556,6 @@ def _report_value(key: str, value) -> str:
     if isinstance(value, int) or ("bytes" in key and value.is_integer()):
         return f"{int(value):,}"
     return f"{value:,.4f}"
-
-
-def _refuse_non_finite_weights(model) -> None:
-    """Refuse NaN or Inf weights in one line, as prune and decompose do: every score would read nan."""
-    from .decompose import all_finite
-    from .errors import CloverError
-
-    for name, tensor in model.named_parameters():  # not buffers: some hold -inf masks on purpose
-        if tensor.is_floating_point() and not all_finite(tensor):
-            raise CloverError(f"{name}: the weights contain NaN or Inf; fix the checkpoint first")
 
 
 CACHE_KINDS = {

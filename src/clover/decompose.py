@@ -36,6 +36,16 @@ def all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(smallest) & torch.isfinite(largest))
 
 
+def refuse_non_finite_weights(model: torch.nn.Module) -> None:
+    """Refuse NaN or Inf anywhere in the weights in one line (every score would read nan, an SVD would not
+    converge); buffers are not checked, some hold -inf masks on purpose."""
+    from .errors import CloverError
+
+    for name, tensor in model.named_parameters():
+        if tensor.is_floating_point() and not tensor.is_meta and not all_finite(tensor):
+            raise CloverError(f"{name}: the weights contain NaN or Inf; fix the checkpoint first")
+
+
 def check_finite(site: AttentionSite) -> None:
     """Refuse a site whose Q, K, V or O weights or biases hold NaN or Inf (the SVD would spread them), or have no
     values yet (a model built on the meta device)."""

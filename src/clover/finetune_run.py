@@ -35,6 +35,7 @@ from clover.baselines import (
     save_adapter,
     wrap_model,
 )
+from clover.decompose import refuse_non_finite_weights
 from clover.errors import CloverError
 from clover.evaluate import context_length
 from clover.training import (
@@ -230,6 +231,7 @@ def run_finetune(
         raise CloverError(
             f"{model_name} has no tokenizer files; pass --tokenizer DIR (e.g. the original model's directory)"
         )
+    refuse_non_finite_weights(loaded.model)  # every method: PiSSA's SVD would not converge, the rest train on nan
     model, tokenizer = loaded.model.to(options.torch_device), loaded.tokenizer
     limit = context_length(model)
     if limit is not None and options.max_length > limit:  # past it: IndexError, or RoPE silently extrapolating
