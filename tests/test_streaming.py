@@ -440,3 +440,28 @@ def test_a_tower_without_an_auto_class_loads_stock_after_a_pruned_one_was_loaded
     torch.testing.assert_close(model_output(stock), model_output(model), atol=0, rtol=0)
     with pytest.raises(ValueError, match="describes no pruned attention.*SiglipTextModel"):
         tf.AutoModel.from_pretrained(tmp_path / "model")  # the registered remote class: one clear line
+
+
+@pytest.mark.parametrize("stream", ["--stream", "--no-stream"])
+def test_tokenizer_option_writes_that_tokenizer_into_out_streamed_or_not(stream, tmp_path, capsys):
+    """Weights saved without a tokenizer, --tokenizer naming the original's: decompose and prune write it beside
+    the weights (eval then scores text), in memory and streamed alike; a directory without one is one line."""
+    from test_finetune_cli import byte_tokenizer
+
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(vocab_size=257, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    tf.LlamaForCausalLM(config).save_pretrained(tmp_path / "weights")
+    byte_tokenizer().save_pretrained(tmp_path / "tokenizer")
+    for command, extra in (("decompose", []), ("prune", ["--vo-ratio", "0.5"])):
+        out = tmp_path / command
+        arguments = [command, str(tmp_path / "weights"), *extra, "--tokenizer", str(tmp_path / "tokenizer")]
+        assert main([*arguments, "--out", str(out), stream, "--quiet"]) == 0
+        assert (out / "tokenizer.json").read_bytes() == (tmp_path / "tokenizer" / "tokenizer.json").read_bytes()
+        capsys.readouterr()
+        assert main(["eval", str(out), "--tokens", "64", "--window", "32", "--json", "--quiet"]) == 0
+        assert json.loads(capsys.readouterr().out)["wikitext2_test_ppl"] > 1
+        refused = [command, str(tmp_path / "weights"), *extra, "--tokenizer", str(tmp_path / "weights")]
+        assert main([*refused, "--out", str(tmp_path / "refused"), stream, "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "no tokenizer there" in err and not (tmp_path / "refused").exists()

@@ -77,15 +77,17 @@ def _streaming_source(args: argparse.Namespace):
 
 def _stream_decompose(args: argparse.Namespace, source) -> int:
     from .io import atomic_directory
-    from .models import resolve_device
+    from .models import resolve_device, tokenizer_directory
     from .streaming import stream_decompose
 
     device = resolve_device(args.device)
+    if args.tokenizer is not None:
+        tokenizer_directory(args.tokenizer)  # refused before minutes of streaming
     start = time.perf_counter()
     with atomic_directory(args.out, overwrite=args.overwrite, inputs=[args.model]) as staging:
         sites = stream_decompose(
             source, staging, compute_dtype=_dtype(args.compute_dtype), dtype=_dtype(args.dtype), device=device,
-            progress=not args.quiet,
+            progress=not args.quiet, tokenizer=args.tokenizer,
         )  # fmt: skip
     elapsed = time.perf_counter() - start
     report = {"model": args.model, "out": str(args.out), "attention_sites": sites, "streamed": True,
@@ -110,7 +112,7 @@ def cmd_decompose(args: argparse.Namespace) -> int:
     if source is not None:
         return _stream_decompose(args, source)
     start = time.perf_counter()
-    loaded = load_model(args.model, dtype=_dtype(args.dtype))
+    loaded = load_model(args.model, dtype=_dtype(args.dtype), tokenizer=args.tokenizer)
     loaded_at = time.perf_counter()
     if args.device is not None:
         from .models import resolve_device
@@ -378,16 +380,16 @@ def _stream_prune(args: argparse.Namespace, config, source, device) -> int:
     """``clover prune`` one layer at a time: calibration runs the model with each module's weights read from disk
     just before its forward; scoring and the rewrite each read every layer once."""
     from .io import atomic_directory
-    from .models import LoadedModel, _load_tokenizer
+    from .models import LoadedModel, _load_tokenizer, tokenizer_directory
     from .prune import CALIBRATED
     from .quality import calibration_length, calibration_moments
     from .streaming import stream_prune, streamed_calibration_model
 
     start = time.perf_counter()
     moments, moments_cached, seq_len = None, False, None
+    tokenizer_dir = None if args.tokenizer is None else tokenizer_directory(args.tokenizer)
     if args.method in CALIBRATED:
         model = streamed_calibration_model(source, device=device)
-        tokenizer_dir = pathlib.Path(args.tokenizer) if args.tokenizer else None
         tokenizer, prompt = _load_tokenizer(tokenizer_dir or source, _kind_of(model), model.config, {})
         loaded = LoadedModel(model, tokenizer, args.model, _kind_of(model), decoder_prompt_ids=prompt, source=source,
                              tokenizer_source=tokenizer_dir)  # fmt: skip
@@ -401,7 +403,7 @@ def _stream_prune(args: argparse.Namespace, config, source, device) -> int:
     with atomic_directory(args.out, overwrite=args.overwrite, inputs=[args.model]) as staging:
         report = stream_prune(
             source, staging, config, input_moments=moments, compute_dtype=_dtype(args.compute_dtype),
-            dtype=_dtype(args.dtype), device=device, progress=not args.quiet,
+            dtype=_dtype(args.dtype), device=device, progress=not args.quiet, tokenizer=args.tokenizer,
         )  # fmt: skip
     return _prune_summary(args, report, time.perf_counter() - start, moments, moments_cached, seq_len)
 
@@ -661,6 +663,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=COMPUTE_DTYPE_HELP,
     )
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the before/after output check")
+    p.add_argument(
+        "--tokenizer",
+        metavar="DIR",
+        help="write the tokenizer of DIR (e.g. the original model's directory) into --out, for weights saved "
+        "without one (the check runs on token ids and needs none)",
+    )
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, help=STREAM_HELP)
     p.add_argument("--device", help=DEVICE_HELP + "; with --stream each layer moves there and back")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)

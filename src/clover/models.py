@@ -1046,12 +1046,16 @@ def load_model(
     """Load a short-named real model (converted once into the cache) or a local checkpoint directory, in ``dtype``
     (None: the dtype the checkpoint was saved in). ``tokenizer``: a directory to read the tokenizer (and, for
     Whisper, the decoder prompt) from instead of the checkpoint's own, e.g. for weights saved without one."""
-    tokenizer_dir = None
-    if tokenizer is not None:
-        tokenizer_dir = pathlib.Path(tokenizer).expanduser()
-        if not tokenizer_dir.is_dir() or not any((tokenizer_dir / f).exists() for f in _TOKENIZER_FILES):
-            raise CloverError(
-                f"--tokenizer {tokenizer}: no tokenizer there (none of {', '.join(_TOKENIZER_FILES)}); give a "
-                "directory that tokenizer.save_pretrained wrote, e.g. the original model's"
-            )
+    tokenizer_dir = None if tokenizer is None else tokenizer_directory(tokenizer)
     return _load_directory(checkpoint_directory(name_or_path), dtype, str(name_or_path), tokenizer_dir)
+
+
+def tokenizer_directory(tokenizer: str | os.PathLike) -> pathlib.Path:
+    """The directory a --tokenizer option names, refused in one line unless it holds tokenizer files."""
+    tokenizer_dir = pathlib.Path(tokenizer).expanduser()
+    if not tokenizer_dir.is_dir() or not any((tokenizer_dir / f).exists() for f in _TOKENIZER_FILES):
+        raise CloverError(
+            f"--tokenizer {tokenizer}: no tokenizer there (none of {', '.join(_TOKENIZER_FILES)}); give a "
+            "directory that tokenizer.save_pretrained wrote, e.g. the original model's"
+        )
+    return tokenizer_dir

@@ -44,6 +44,7 @@ _SIDE_FILES = (
     "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json", "preprocessor_config.json",
     "chat_template.jinja", "chat_template.json", "normalizer.json", "spiece.model",
 )  # fmt: skip
+_TOKENIZER_FILES = tuple(f for f in _SIDE_FILES if f not in ("generation_config.json", "preprocessor_config.json"))
 SHARD_BYTES = 512 * 2**20  # output shard size: the writer holds at most two (one on its way to the disk)
 
 
@@ -658,10 +659,16 @@ class StreamedModel:
                 del tensor  # freed before the next one is read
                 bar.update()
 
-    def copy_side_files(self, directory: pathlib.Path) -> None:
+    def copy_side_files(self, directory: pathlib.Path, tokenizer: str | os.PathLike | None = None) -> None:
+        """The checkpoint's other files (configs, tokenizer), and where ``tokenizer`` names a directory (the
+        --tokenizer of weights saved without one), its tokenizer files instead, as the in-memory path writes it."""
         for name in _SIDE_FILES:
             if (self.directory / name).is_file():
                 shutil.copy2(self.directory / name, directory / name)
+        if tokenizer is not None:
+            for name in _TOKENIZER_FILES:
+                if (pathlib.Path(tokenizer) / name).is_file():
+                    shutil.copy2(pathlib.Path(tokenizer) / name, directory / name)
         if self.kind == "speech-seq2seq" and not (directory / "preprocessor_config.json").exists():
             from .models import whisper_feature_extractor
 
@@ -678,6 +685,7 @@ def stream_decompose(
     device: torch.device | str = "cpu",
     progress: bool = False,
     shard_bytes: int = SHARD_BYTES,
+    tokenizer: str | os.PathLike | None = None,
 ) -> int:
     """Write CLOVER's exact orthogonal rewrite of the checkpoint ``source`` into the (staging) ``directory``,
     one layer at a time. Returns the number of attention sites rewritten."""
@@ -702,7 +710,7 @@ def stream_decompose(
                         "source": recorded_source(source), "streamed": True}  # fmt: skip
     config["dtype"] = str(streamed.dtype).removeprefix("torch.")  # as save_pretrained of the loaded model writes
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    streamed.copy_side_files(directory)
+    streamed.copy_side_files(directory, tokenizer)
     return len(sites)
 
 
@@ -717,6 +725,7 @@ def stream_prune(
     device: torch.device | str = "cpu",
     progress: bool = False,
     shard_bytes: int = SHARD_BYTES,
+    tokenizer: str | os.PathLike | None = None,
 ):
     """Prune the checkpoint ``source`` into the (staging) ``directory`` one layer at a time: scores in a first
     pass over the layers, the rewrite in a second. Returns the ``PruneReport``."""
@@ -743,7 +752,7 @@ def stream_prune(
     written["dtype"] = str(streamed.dtype).removeprefix("torch.")
     (directory / "config.json").write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
     (directory / "modeling_clover.py").write_text(modeling_code)
-    streamed.copy_side_files(directory)
+    streamed.copy_side_files(directory, tokenizer)
     return report
 
 
