@@ -101,6 +101,30 @@ def test_overwrite_replaces_clovers_own_output_but_not_once_the_user_adds_a_file
     assert (out / "my-notes.txt").read_text() == "mine"
 
 
+@pytest.mark.parametrize("marker", ["tree", "top-level names only", "none"])
+def test_overwrite_refuses_a_clover_output_once_the_user_adds_a_file_in_a_subfolder(marker, tmp_path):
+    """A finetune output holds adapter/: a note dropped in there is the user's, whatever marker the folder has
+    (the current one lists every path, older ones the top-level names, the oldest none)."""
+    from clover.io import check_output_dir
+
+    out = tmp_path / "finetuned"
+    with atomic_directory(out) as staging:
+        (staging / "config.json").write_text(json.dumps({"clover": {"method": "clover"}}))
+        (staging / "adapter").mkdir()
+        (staging / "adapter" / "adapter_config.json").write_text("{}")
+    recorded = json.loads((out / MARKER).read_text())
+    assert "adapter/adapter_config.json" in recorded["tree"]
+    if marker == "top-level names only":
+        (out / MARKER).write_text(json.dumps({"entries": recorded["entries"]}))
+    elif marker == "none":
+        (out / MARKER).unlink()
+    assert check_output_dir(out, overwrite=True) == out.resolve()  # clover's own: replaceable
+    (out / "adapter" / "NOTES.txt").write_text("mine")
+    with pytest.raises(CloverError, match="clover did not write"):
+        check_output_dir(out, overwrite=True)
+    assert (out / "adapter" / "NOTES.txt").read_text() == "mine"
+
+
 def test_legacy_clover_output_without_marker_is_replaceable(gpt2_dir, tmp_path):
     out = tmp_path / "old"
     assert main(prune(gpt2_dir, out)) == 0

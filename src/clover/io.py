@@ -31,21 +31,33 @@ _LEGACY_NAMES = re.compile(
 _STAGING = re.compile(r"\.(?P<name>.+)\.(partial|old|probe)-(?P<pid>\d+)-\w+")
 
 
+def _tree(path: Path) -> set[str]:
+    """Every file and folder under ``path``, as paths relative to it (subfolders' contents included)."""
+    return {entry.relative_to(path).as_posix() for entry in path.rglob("*")}
+
+
 def _written_by_clover(path: Path) -> bool:
-    """True if ``path`` holds exactly what a clover command committed there, and nothing the user added."""
-    entries = {entry.name for entry in path.iterdir()}
+    """True if ``path`` holds exactly what a clover command committed there, and nothing the user added, at any
+    depth (a note dropped into a finetune output's adapter/ folder counts)."""
+    found = _tree(path) - {MARKER}
     marker = path / MARKER
     if marker.is_file():
         try:
-            written = set(json.loads(marker.read_text())["entries"])
-        except (OSError, ValueError, KeyError, TypeError):
+            recorded = json.loads(marker.read_text())
+            written = set(recorded.get("tree") or recorded["entries"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return False
-        return entries - {MARKER} <= written
+        if "tree" not in recorded:  # a marker of the top-level names only: what lies deeper must be clover's kind
+            return {e for e in found if "/" not in e} <= written and all(
+                _LEGACY_NAMES.fullmatch(e.rsplit("/", 1)[-1]) for e in found if "/" in e
+            )
+        return found <= written
     try:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(config, dict) and "clover" in config and all(_LEGACY_NAMES.fullmatch(e) for e in entries)
+    names = (e.rsplit("/", 1)[-1] for e in found)
+    return isinstance(config, dict) and "clover" in config and all(_LEGACY_NAMES.fullmatch(n) for n in names)
 
 
 def check_output_dir(
@@ -155,7 +167,8 @@ def atomic_directory(
         yield staging
         if not carries_existing:
             entries = sorted(entry.name for entry in staging.iterdir())
-            (staging / MARKER).write_text(json.dumps({"entries": entries}) + "\n")
+            record = {"entries": entries, "tree": sorted(_tree(staging))}
+            (staging / MARKER).write_text(json.dumps(record) + "\n")
         _apply_umask_modes(staging, existing=final if carries_existing and final.is_dir() else None)
         with _directory_lock(final.parent):
             if final.exists() and any(final.iterdir()):
