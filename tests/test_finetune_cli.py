@@ -175,6 +175,8 @@ def test_finetune_three_steps_writes_a_plain_merged_checkpoint(tiny_checkpoint, 
     assert [int(r["step"]) for r in rows] == [1, 2, 3] and all(float(r["loss"]) > 0 for r in rows)
     assert (out / "adapter" / "clover_config.json").is_file()
     assert (out / "tokenizer.json").is_file()
+    written = json.loads((out / "tokenizer_config.json").read_text())
+    assert not {"is_local", "local_files_only"} & written.keys()  # how this process read it: not written
 
 
 @needs_olmo_eval

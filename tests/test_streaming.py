@@ -453,11 +453,14 @@ def test_tokenizer_option_writes_that_tokenizer_into_out_streamed_or_not(stream,
                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
     tf.LlamaForCausalLM(config).save_pretrained(tmp_path / "weights")
     byte_tokenizer().save_pretrained(tmp_path / "tokenizer")
+    settings = tmp_path / "tokenizer" / "tokenizer_config.json"  # as a from_pretrained-then-save leaves it
+    settings.write_text(json.dumps({**json.loads(settings.read_text()), "is_local": True, "local_files_only": True}))
     for command, extra in (("decompose", []), ("prune", ["--vo-ratio", "0.5"])):
         out = tmp_path / command
         arguments = [command, str(tmp_path / "weights"), *extra, "--tokenizer", str(tmp_path / "tokenizer")]
         assert main([*arguments, "--out", str(out), stream, "--quiet"]) == 0
         assert (out / "tokenizer.json").read_bytes() == (tmp_path / "tokenizer" / "tokenizer.json").read_bytes()
+        assert not {"is_local", "local_files_only"} & json.loads((out / "tokenizer_config.json").read_text()).keys()
         capsys.readouterr()
         assert main(["eval", str(out), "--tokens", "64", "--window", "32", "--json", "--quiet"]) == 0
         assert json.loads(capsys.readouterr().out)["wikitext2_test_ppl"] > 1
@@ -465,3 +468,15 @@ def test_tokenizer_option_writes_that_tokenizer_into_out_streamed_or_not(stream,
         assert main([*refused, "--out", str(tmp_path / "refused"), stream, "--quiet"]) == 2
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and "no tokenizer there" in err and not (tmp_path / "refused").exists()
+    # a damaged tokenizer beside the weights: refused before anything is written, as in memory
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (damaged / name).write_bytes((tmp_path / "weights" / name).read_bytes())
+    text = (tmp_path / "tokenizer" / "tokenizer.json").read_text()
+    (damaged / "tokenizer.json").write_text(text[: len(text) // 2])
+    for command, extra in (("decompose", []), ("prune", ["--vo-ratio", "0.5"])):
+        capsys.readouterr()
+        assert main([command, str(damaged), *extra, "--out", str(tmp_path / "refused"), stream, "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "cannot read the tokenizer" in err and not (tmp_path / "refused").exists()

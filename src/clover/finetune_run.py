@@ -201,7 +201,7 @@ def run_finetune(
 ) -> dict[str, Any]:  # fmt: skip
     """Load, wrap, train, (score), merge and save one run; returns the report (also written to DIR)."""
     from clover.families import pruned_site_specs
-    from clover.io import atomic_directory, check_output_dir, write_pruned_model
+    from clover.io import atomic_directory, check_output_dir, save_loaded_model, write_pruned_model
     from clover.models import load_model
 
     options.validate()
@@ -353,8 +353,7 @@ def run_finetune(
                 if report["pruned"]:  # a healed pruned model stays a pruned checkpoint (auto_map + code)
                     write_pruned_model(replace(loaded, model=merged), staging)
                 else:
-                    merged.save_pretrained(staging)
-                    tokenizer.save_pretrained(staging)
+                    save_loaded_model(replace(loaded, model=merged), staging)  # tokenizer without loader arguments
                 if sst2:
                     from safetensors.torch import save_file
 

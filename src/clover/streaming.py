@@ -662,6 +662,8 @@ class StreamedModel:
     def copy_side_files(self, directory: pathlib.Path, tokenizer: str | os.PathLike | None = None) -> None:
         """The checkpoint's other files (configs, tokenizer), and where ``tokenizer`` names a directory (the
         --tokenizer of weights saved without one), its tokenizer files instead, as the in-memory path writes it."""
+        from .io import drop_loader_arguments
+
         for name in _SIDE_FILES:
             if (self.directory / name).is_file():
                 shutil.copy2(self.directory / name, directory / name)
@@ -669,6 +671,15 @@ class StreamedModel:
             for name in _TOKENIZER_FILES:
                 if (pathlib.Path(tokenizer) / name).is_file():
                     shutil.copy2(pathlib.Path(tokenizer) / name, directory / name)
+        drop_loader_arguments(directory)  # as the in-memory path's save: how some process once read the files
+
+    def check_tokenizer(self, tokenizer: str | os.PathLike | None = None) -> None:
+        """Refuse a damaged tokenizer (the checkpoint's, or ``tokenizer``'s) in one line before anything is
+        written, as loading the model in memory does, rather than copy it beside the weights."""
+        from .models import _load_tokenizer
+
+        directory = pathlib.Path(tokenizer) if tokenizer is not None else self.directory
+        _load_tokenizer(directory, self.kind, self.model.config, {})
         if self.kind == "speech-seq2seq" and not (directory / "preprocessor_config.json").exists():
             from .models import whisper_feature_extractor
 
@@ -694,6 +705,7 @@ def stream_decompose(
 
     directory = pathlib.Path(directory)
     streamed = StreamedModel(source, device=device, dtype=dtype)
+    streamed.check_tokenizer(tokenizer)
     sites = streamed.sites()
     with streamed.shard_writer(directory, shard_bytes) as streamed.writer, torch.no_grad():
         bar = tqdm(total=len(sites), desc="factorizing attention", unit="attn", disable=not progress)
@@ -736,6 +748,7 @@ def stream_prune(
 
     directory = pathlib.Path(directory)
     streamed = StreamedModel(source, device=device, dtype=dtype)
+    streamed.check_tokenizer(tokenizer)
     with streamed.shard_writer(directory, shard_bytes) as streamed.writer:
         report = prune_(
             streamed.model, config, input_moments=input_moments, compute_dtype=compute_dtype, progress=progress,
