@@ -252,9 +252,10 @@ DAMAGE = {
         "lacks 1 weight(s) the model needs (model.layers.1.self_attn.k_proj.weight)",
     ),
     "more-layers-in-config": (lambda p: _edit_config(p, num_hidden_layers=3), "lacks 9 weight(s) the model needs"),
+    "negative-layer-count": (lambda p: _edit_config(p, num_hidden_layers=-1), "num_hidden_layers is -1"),
 }
-# --stream reads the weights itself (and a prune without calibration reads no tokenizer): its own words for these
-STREAMED_DAMAGE = {"truncated-weights": "damaged or truncated", "truncated-tokenizer": None}
+# --stream reads the weights itself: its own words for these
+STREAMED_DAMAGE = {"truncated-weights": "damaged or truncated"}
 
 
 def _drop_tensor(file: Path, name: str) -> None:
