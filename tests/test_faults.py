@@ -321,6 +321,9 @@ def test_spectrum_out_names_the_file_it_wrote_and_refuses_unknown_formats(gpt2_d
     assert "unsupported image format" in one_line(capsys)
     assert main(["spectrum", str(gpt2_dir), "--out", str(tmp_path), "--quiet"]) == 2
     assert "is a directory" in one_line(capsys)
+    (tmp_path / "figure.png").mkdir()  # --out figure writes figure.png, here a folder: refused before any work
+    assert main(["spectrum", str(gpt2_dir), "--out", str(tmp_path / "figure"), "--overwrite", "--quiet"]) == 2
+    assert "figure.png is a directory" in one_line(capsys)
 
 
 def test_spectrum_never_replaces_an_existing_file_unless_told(gpt2_dir, tmp_path, capsys):
