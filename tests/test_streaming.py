@@ -480,3 +480,26 @@ def test_tokenizer_option_writes_that_tokenizer_into_out_streamed_or_not(stream,
         assert main([command, str(damaged), *extra, "--out", str(tmp_path / "refused"), stream, "--quiet"]) == 2
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and "cannot read the tokenizer" in err and not (tmp_path / "refused").exists()
+
+
+def test_a_large_checkpoint_that_cannot_stream_is_loaded_whole_with_a_note(tmp_path, capsys, monkeypatch):
+    """Chosen by size, not asked for: pytorch_model.bin alone, or tensors transformers converts on load (MoE experts),
+    load whole with a note saying why, rather than a refusal that tells the user to drop a --stream never given."""
+    from clover import cli
+
+    monkeypatch.setattr(cli, "STREAM_FRACTION", 0.0)  # every checkpoint is "large" now
+    build_tiny("llama").save_pretrained(tmp_path / "bin")
+    weights = tmp_path / "bin" / "model.safetensors"  # as older checkpoints come: pytorch_model.bin only
+    reader = CheckpointReader(tmp_path / "bin")
+    torch.save(dict(reader.read(list(reader.files))), tmp_path / "bin" / "pytorch_model.bin")
+    weights.unlink()
+    build_tiny(CONVERTED[0]).save_pretrained(tmp_path / "moe")
+    for name in ("bin", "moe"):
+        capsys.readouterr()
+        arguments = ["prune", str(tmp_path / name), "--vo-ratio", "0.5", "--out", str(tmp_path / f"{name}-out")]
+        assert main([*arguments, "--quiet"]) == 0
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "loading it whole" in err and "--stream" not in err, err
+    capsys.readouterr()
+    assert main(["prune", str(tmp_path / "bin"), "--vo-ratio", "0.5", "--out", str(tmp_path / "x"), "--stream"]) == 2
+    assert "run without --stream" in capsys.readouterr().err  # asked for: refused, in its words

@@ -67,12 +67,26 @@ def _streaming_source(args: argparse.Namespace):
         size = _weights_bytes(directory)
         if memory is None or size <= STREAM_FRACTION * memory:
             return None
-        print(
-            f"clover: note: the weights ({size / 2**30:.1f} GiB) exceed {STREAM_FRACTION:.0%} of this machine's "
-            f"memory ({memory / 2**30:.1f} GiB): streaming one layer at a time (--no-stream to load it whole)",
-            file=sys.stderr,
-        )
+        large = f"the weights ({size / 2**30:.1f} GiB) exceed {STREAM_FRACTION:.0%} of this machine's memory " \
+                f"({memory / 2**30:.1f} GiB)"  # fmt: skip
+        if (reason := _why_not_streamable(directory)) is not None:
+            print(f"clover: note: {large}, but {reason}; loading it whole", file=sys.stderr)
+            return None
+        print(f"clover: note: {large}: streaming one layer at a time (--no-stream to load it whole)", file=sys.stderr)
     return directory
+
+
+def _why_not_streamable(directory) -> str | None:
+    """Why the streaming path would refuse this checkpoint (pytorch_model.bin only, tensors transformers converts
+    on load, its own modeling code), as a phrase; None where it streams. Builds the model on the meta device only."""
+    from .errors import CloverError
+    from .streaming import StreamedModel
+
+    try:
+        StreamedModel(directory)
+    except CloverError as error:
+        return str(error).split(": ", 1)[-1].split(": run without --stream")[0].rstrip(".;")
+    return None
 
 
 def _stream_decompose(args: argparse.Namespace, source) -> int:
