@@ -404,3 +404,26 @@ def test_eval_reports_the_kv_bytes_of_the_models_own_dtype(llama_with_tokenizer,
         reports[label] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert reports["bf16"]["dtype"] == "bfloat16"
     assert reports["bf16"]["kv_bytes_per_token"] == pytest.approx(reports["fp32"]["kv_bytes_per_token"] / 2)
+
+
+def test_calibration_samples_beyond_the_shipped_data_are_counted_as_used(tmp_path, capsys, monkeypatch):
+    """Whisper has 20 spoken sentences set apart for calibration and vision models 5 photographs: more asked
+    for is calibrated on all of them, and the CLI says so (a note, as for --calibration-length)."""
+    from clover.models import LoadedModel
+    from clover.quality import SPEECH_CALIBRATION_SENTENCES, calibration_samples
+    from clover.vision import CALIBRATION_IMAGES
+
+    def kind(name: str) -> LoadedModel:
+        return LoadedModel(None, None, "tiny", name)
+
+    assert calibration_samples(kind("speech-seq2seq"), 50) == SPEECH_CALIBRATION_SENTENCES == 20
+    assert calibration_samples(kind("speech-seq2seq"), 7) == 7
+    assert calibration_samples(kind("vision"), 128) == len(CALIBRATION_IMAGES)
+    assert calibration_samples(kind("causal-lm"), 128) == 128
+    monkeypatch.setenv("CLOVER_CACHE", str(tmp_path / "cache"))
+    build_tiny("dinov2").save_pretrained(tmp_path / "dinov2")
+    capsys.readouterr()
+    arguments = ["prune", str(tmp_path / "dinov2"), "--vo-ratio", "0.5", "--method", "calibrated", "--quiet"]
+    assert main([*arguments, "--calibration-samples", "128", "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--calibration-samples 128" in err and f"all {len(CALIBRATION_IMAGES)}" in err

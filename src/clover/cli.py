@@ -265,6 +265,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .quality import (
         calibration_length,
         calibration_moments,
+        calibration_samples,
         check_calibration_settings,
         reads_text_and_images,
         refuse_uncalibrated,
@@ -314,6 +315,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
                 "clover or vanilla, or clover.prune.prune_ with your own calibrate(model) callback"
             )
         seq_len = calibration_length(loaded, args.calibration_length)  # raises first if there is no tokenizer
+        if (available := calibration_samples(loaded, args.calibration_samples)) < args.calibration_samples:
+            print(
+                f"clover: note: --calibration-samples {args.calibration_samples} is more than clover ships for "
+                f"{loaded.described}; calibrating on all {available}",
+                file=sys.stderr,
+            )
         if seq_len < args.calibration_length:
             print(
                 f"clover: note: --calibration-length {args.calibration_length} is longer than the model's context; "

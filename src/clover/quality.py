@@ -286,6 +286,16 @@ def refuse_uncalibrated(family: Family | None) -> None:
         )
 
 
+def calibration_samples(loaded: LoadedModel, samples: int) -> int:
+    """How many of ``samples`` calibration items the shipped data holds for this kind: Whisper has 20 spoken
+    sentences set apart for calibration, vision models the shipped photographs not scored; text has hundreds."""
+    if loaded.kind == "speech-seq2seq":
+        return min(samples, SPEECH_CALIBRATION_SENTENCES)
+    if loaded.kind == "vision":
+        return min(samples, len(vision.CALIBRATION_IMAGES))
+    return samples
+
+
 def calibration_length(loaded: LoadedModel, seq_len: int) -> int:
     """Tokens per calibration sequence of text: ``seq_len`` cut to the model's context (Whisper's calibration is
     whole transcripts: ``seq_len`` as given, unused). Raises the one-line CloverError of a checkpoint without a
