@@ -9,6 +9,7 @@ import pathlib
 import signal
 import sys
 import time
+import warnings
 from typing import NoReturn
 
 from .cli_common import (
@@ -887,6 +888,8 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.disable_progress_bar()
     previous_term = signal.signal(signal.SIGTERM, _terminate) if _main_thread() else None
     committed_before = len(COMMITTED)
+    show_warning = warnings.showwarning
+    warnings.showwarning = _notes_for_clover_warnings(show_warning)
 
     def stopped(how: str) -> str:
         # staging directories are removed on the way out (io.atomic_directory); a committed one is complete
@@ -919,10 +922,25 @@ def main(argv: list[str] | None = None) -> int:
         print(stopped(f"error: {reason}{where}"), file=sys.stderr)
         return 1
     finally:
+        warnings.showwarning = show_warning
         if previous_term is not None:
             signal.signal(signal.SIGTERM, previous_term)
         if bars_were_on:
             hf_logging.enable_progress_bar()
+
+
+def _notes_for_clover_warnings(show_warning):
+    """warnings.showwarning that prints clover's own warnings as one ``clover: note:`` line (not Python's two
+    lines with a source line) and leaves every other library's warnings as they are."""
+    from .errors import CloverWarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, CloverWarning):
+            print(f"clover: note: {message}", file=sys.stderr)
+        else:
+            show_warning(message, category, filename, lineno, file, line)
+
+    return show
 
 
 def _silence_stdout() -> None:

@@ -11,3 +11,7 @@ class UnsupportedModelError(CloverError):
 
 class MissingModelPackageError(CloverError):
     """A named real model's pip package is not installed."""
+
+
+class CloverWarning(UserWarning):
+    """Something clover worked around (a cache it could not read or write); the CLI prints it as one note."""

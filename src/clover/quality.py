@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import evaluate, vision
-from .errors import CloverError
+from .errors import CloverError, CloverWarning
 from .families import Family, attention_sites, checkpoint_family
 from .io import process_alive
 from .models import LoadedModel, load_model, model_cache_dir
@@ -440,7 +440,9 @@ def calibration_moments(
         try:
             return InputMoments.load(path, device), True
         except Exception as error:  # a truncated or foreign file: recompute and replace it
-            warnings.warn(f"ignoring unreadable cached calibration moments {path}: {error}", stacklevel=2)
+            warnings.warn(
+                f"ignoring unreadable cached calibration moments {path}: {error}", CloverWarning, stacklevel=2
+            )
     moments = InputMoments.collect(
         loaded.model, calibration_callback(loaded, samples=samples, seq_len=seq_len, progress=progress)
     )
@@ -462,7 +464,9 @@ def _store(moments: InputMoments, path: pathlib.Path) -> None:
         os.replace(staging, path)
         staging = None
     except Exception as error:
-        warnings.warn(f"calibration moments not cached ({error}); the next prune will recompute them", stacklevel=3)
+        warnings.warn(
+            f"calibration moments not cached ({error}); the next prune will recompute them", CloverWarning, stacklevel=3
+        )
     finally:
         if staging is not None:
             pathlib.Path(staging).unlink(missing_ok=True)
