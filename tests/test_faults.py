@@ -433,3 +433,19 @@ def test_calibration_samples_beyond_the_shipped_data_are_counted_as_used(tmp_pat
     assert main([*arguments, "--calibration-samples", "128", "--out", str(tmp_path / "out")]) == 0
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--calibration-samples 128" in err and f"all {len(CALIBRATION_IMAGES)}" in err
+
+
+def test_a_failed_run_removes_the_folders_it_created_for_out_and_only_those(tmp_path):
+    from clover.io import atomic_directory
+
+    (tmp_path / "kept").mkdir()
+    out = tmp_path / "kept" / "new" / "deeper" / "out"
+    with pytest.raises(RuntimeError), atomic_directory(out) as staging:
+        (staging / "config.json").write_text("{}")
+        raise RuntimeError("the work failed")
+    assert list(tmp_path.iterdir()) == [tmp_path / "kept"] and list((tmp_path / "kept").iterdir()) == []
+    # a folder that something else wrote into meanwhile stays
+    with pytest.raises(RuntimeError), atomic_directory(out) as staging:
+        (tmp_path / "kept" / "new" / "theirs.txt").write_text("x")
+        raise RuntimeError("the work failed")
+    assert [p.name for p in (tmp_path / "kept" / "new").iterdir()] == ["theirs.txt"]

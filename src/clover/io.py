@@ -160,9 +160,14 @@ def atomic_directory(
     user's folder), so nothing is lost and the folder need not be clover's own; no marker is written."""
     final = Path(out).expanduser().resolve() if carries_existing else None
     final = final or check_output_dir(out, overwrite=overwrite, inputs=inputs)
+    created = [folder for folder in (final.parent, *final.parent.parents) if not folder.exists()]
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(final)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-{os.getpid()}-", dir=final.parent))
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-{os.getpid()}-", dir=final.parent))
+    except BaseException:
+        _remove_empty(created)
+        raise
     try:
         yield staging
         if not carries_existing:
@@ -186,7 +191,17 @@ def atomic_directory(
                 _record_commit(final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        _remove_empty(created)
         raise
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders a failed run created for its output (deepest first), where nothing else came into them."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (another run, or the user, put something there), or already gone
+            return
 
 
 def _record_commit(final: Path) -> None:
