@@ -503,3 +503,17 @@ def test_a_large_checkpoint_that_cannot_stream_is_loaded_whole_with_a_note(tmp_p
     capsys.readouterr()
     assert main(["prune", str(tmp_path / "bin"), "--vo-ratio", "0.5", "--out", str(tmp_path / "x"), "--stream"]) == 2
     assert "run without --stream" in capsys.readouterr().err  # asked for: refused, in its words
+
+
+@pytest.mark.parametrize("command", ["decompose", "prune"])
+def test_streaming_never_writes_into_the_input(command, tmp_path, capsys):
+    """A Whisper checkpoint without preprocessor_config.json: the output gets one (the ASR pipeline needs it),
+    the input folder is left byte for byte as it was."""
+    build_tiny("whisper").save_pretrained(tmp_path / "whisper")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "whisper").iterdir()}
+    assert "preprocessor_config.json" not in before
+    extra = ["--vo-ratio", "0.5"] if command == "prune" else []
+    arguments = [command, str(tmp_path / "whisper"), *extra, "--out", str(tmp_path / "out"), "--stream", "--quiet"]
+    assert main(arguments) == 0
+    assert {p.name: p.read_bytes() for p in (tmp_path / "whisper").iterdir()} == before
+    assert (tmp_path / "out" / "preprocessor_config.json").is_file()

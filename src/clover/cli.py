@@ -96,13 +96,12 @@ def _stream_decompose(args: argparse.Namespace, source) -> int:
     from .streaming import stream_decompose
 
     device = resolve_device(args.device)
-    if args.tokenizer is not None:
-        tokenizer_directory(args.tokenizer)  # refused before minutes of streaming
+    tokenizer = None if args.tokenizer is None else tokenizer_directory(args.tokenizer)  # before minutes of work
     start = time.perf_counter()
     with atomic_directory(args.out, overwrite=args.overwrite, inputs=[args.model]) as staging:
         sites = stream_decompose(
             source, staging, compute_dtype=_dtype(args.compute_dtype), dtype=_dtype(args.dtype), device=device,
-            progress=not args.quiet, tokenizer=args.tokenizer,
+            progress=not args.quiet, tokenizer=tokenizer,
         )  # fmt: skip
     elapsed = time.perf_counter() - start
     report = {"model": args.model, "out": str(args.out), "attention_sites": sites, "streamed": True,
@@ -426,7 +425,7 @@ def _stream_prune(args: argparse.Namespace, config, source, device) -> int:
     with atomic_directory(args.out, overwrite=args.overwrite, inputs=[args.model]) as staging:
         report = stream_prune(
             source, staging, config, input_moments=moments, compute_dtype=_dtype(args.compute_dtype),
-            dtype=_dtype(args.dtype), device=device, progress=not args.quiet, tokenizer=args.tokenizer,
+            dtype=_dtype(args.dtype), device=device, progress=not args.quiet, tokenizer=tokenizer_dir,
         )  # fmt: skip
     return _prune_summary(args, report, time.perf_counter() - start, moments, moments_cached, seq_len)
 

@@ -44,7 +44,7 @@ _SIDE_FILES = (
     "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json", "preprocessor_config.json",
     "chat_template.jinja", "chat_template.json", "normalizer.json", "spiece.model",
 )  # fmt: skip
-_TOKENIZER_FILES = tuple(f for f in _SIDE_FILES if f not in ("generation_config.json", "preprocessor_config.json"))
+_TOKENIZER_SIDE_FILES = tuple(f for f in _SIDE_FILES if f not in ("generation_config.json", "preprocessor_config.json"))
 SHARD_BYTES = 512 * 2**20  # output shard size: the writer holds at most two (one on its way to the disk)
 
 
@@ -659,32 +659,31 @@ class StreamedModel:
                 del tensor  # freed before the next one is read
                 bar.update()
 
-    def copy_side_files(self, directory: pathlib.Path, tokenizer: str | os.PathLike | None = None) -> None:
-        """The checkpoint's other files (configs, tokenizer), and where ``tokenizer`` names a directory (the
-        --tokenizer of weights saved without one), its tokenizer files instead, as the in-memory path writes it."""
+    def copy_side_files(self, directory: pathlib.Path, tokenizer: pathlib.Path | None = None) -> None:
+        """The checkpoint's other files (configs, tokenizer) into the output ``directory``; where ``tokenizer``
+        names a directory (the --tokenizer of weights saved without one), its tokenizer files instead of the
+        checkpoint's, as the in-memory path writes the tokenizer it loaded."""
         from .io import drop_loader_arguments
 
         for name in _SIDE_FILES:
-            if (self.directory / name).is_file():
+            if (self.directory / name).is_file() and not (tokenizer is not None and name in _TOKENIZER_SIDE_FILES):
                 shutil.copy2(self.directory / name, directory / name)
-        if tokenizer is not None:
-            for name in _TOKENIZER_FILES:
-                if (pathlib.Path(tokenizer) / name).is_file():
-                    shutil.copy2(pathlib.Path(tokenizer) / name, directory / name)
+        for name in _TOKENIZER_SIDE_FILES if tokenizer is not None else ():
+            if (tokenizer / name).is_file():
+                shutil.copy2(tokenizer / name, directory / name)
         drop_loader_arguments(directory)  # as the in-memory path's save: how some process once read the files
-
-    def check_tokenizer(self, tokenizer: str | os.PathLike | None = None) -> None:
-        """Refuse a damaged tokenizer (the checkpoint's, or ``tokenizer``'s) in one line before anything is
-        written, as loading the model in memory does, rather than copy it beside the weights."""
-        from .models import _load_tokenizer
-
-        directory = pathlib.Path(tokenizer) if tokenizer is not None else self.directory
-        _load_tokenizer(directory, self.kind, self.model.config, {})
         if self.kind == "speech-seq2seq" and not (directory / "preprocessor_config.json").exists():
             from .models import whisper_feature_extractor
 
             # as the in-memory path writes it: transformers' ASR pipeline needs one
             whisper_feature_extractor(self.directory, self.model.config).save_pretrained(directory)
+
+    def check_tokenizer(self, tokenizer: pathlib.Path | None = None) -> None:
+        """Refuse a damaged tokenizer (the checkpoint's, or ``tokenizer``'s) in one line before anything is
+        written, as loading the model in memory does, rather than copy it beside the weights. Reads only."""
+        from .models import _load_tokenizer
+
+        _load_tokenizer(tokenizer if tokenizer is not None else self.directory, self.kind, self.model.config, {})
 
 
 def stream_decompose(
@@ -696,7 +695,7 @@ def stream_decompose(
     device: torch.device | str = "cpu",
     progress: bool = False,
     shard_bytes: int = SHARD_BYTES,
-    tokenizer: str | os.PathLike | None = None,
+    tokenizer: pathlib.Path | None = None,
 ) -> int:
     """Write CLOVER's exact orthogonal rewrite of the checkpoint ``source`` into the (staging) ``directory``,
     one layer at a time. Returns the number of attention sites rewritten."""
@@ -737,7 +736,7 @@ def stream_prune(
     device: torch.device | str = "cpu",
     progress: bool = False,
     shard_bytes: int = SHARD_BYTES,
-    tokenizer: str | os.PathLike | None = None,
+    tokenizer: pathlib.Path | None = None,
 ):
     """Prune the checkpoint ``source`` into the (staging) ``directory`` one layer at a time: scores in a first
     pass over the layers, the rewrite in a second. Returns the ``PruneReport``."""
