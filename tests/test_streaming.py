@@ -174,26 +174,44 @@ def test_bf16_stays_bf16_and_compute_dtype_is_honoured(tmp_path):
     assert json.loads((tmp_path / "as-float32" / "config.json").read_text())["dtype"] == "float32"
 
 
+@pytest.mark.parametrize("command", ["decompose", "prune"])
 @pytest.mark.parametrize(("arch", "dtype"), [("llama", torch.bfloat16), ("t5", torch.float16)])
-def test_each_tensor_comes_out_in_the_dtype_the_in_memory_path_writes(arch, dtype, tmp_path):
+def test_each_tensor_comes_out_in_the_dtype_the_in_memory_path_writes(arch, dtype, command, tmp_path):
     """A bf16 Llama whose norms were kept in float32 by hand, and an fp16 T5 whose ``wo`` transformers keeps in
     float32 (``_keep_in_fp32_modules``): streamed and in-memory outputs agree tensor by tensor."""
     model = build_tiny(arch).to(dtype)
+    generator = torch.Generator().manual_seed(0)
     for name, module in model.named_modules():
-        if arch == "llama" and name.endswith("norm"):
+        if name.endswith("norm" if arch == "llama" else ".wo"):  # T5: wo stored in float32, as transformers keeps it
             module.float()
+            with torch.no_grad():  # values float16 cannot hold: a round trip through it would show
+                module.weight.add_(1e-3 * torch.rand(module.weight.shape, generator=generator))
+    model.config.dtype = dtype  # what config.json then says the checkpoint is, whatever its float32 tensors
     model.save_pretrained(tmp_path / "model")
+    assert json.loads((tmp_path / "model" / "config.json").read_text())["dtype"] == str(dtype).removeprefix("torch.")
+    stored = CheckpointReader(tmp_path / "model")
+    stored = dict(stored.read(list(stored.files)))
     config = PruneConfig(vo_ratio=0.5)
     (tmp_path / "streamed").mkdir()
-    stream_prune(tmp_path / "model", tmp_path / "streamed", config)
     loaded = load_model(str(tmp_path / "model"), dtype=None)
-    prune_(loaded.model, config)
-    save_pruned_model(loaded, tmp_path / "in-memory")
-    dtypes = {}
+    if command == "prune":
+        stream_prune(tmp_path / "model", tmp_path / "streamed", config)
+        prune_(loaded.model, config)
+        save_pruned_model(loaded, tmp_path / "in-memory")
+    else:
+        stream_decompose(tmp_path / "model", tmp_path / "streamed")
+        decompose_(loaded.model)
+        loaded.model.save_pretrained(tmp_path / "in-memory")
+    dtypes, tensors = {}, {}
     for output in ("streamed", "in-memory"):
         reader = CheckpointReader(tmp_path / output)
-        dtypes[output] = {name: tensor.dtype for name, tensor in reader.read(list(reader.files))}
+        tensors[output] = dict(reader.read(list(reader.files)))
+        dtypes[output] = {name: tensor.dtype for name, tensor in tensors[output].items()}
     assert dtypes["streamed"] == dtypes["in-memory"]
+    for name, tensor in tensors["in-memory"].items():
+        torch.testing.assert_close(tensors["streamed"][name], tensor, atol=1e-6, rtol=0, msg=name)
+        if name.endswith(".wo.weight"):  # read, kept and written in float32: never rounded to float16 on the way
+            assert torch.equal(tensors["streamed"][name], stored[name]), name
     assert torch.float32 in dtypes["streamed"].values() if arch == "t5" else set(dtypes["streamed"].values()) == {dtype}
 
 

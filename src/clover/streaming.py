@@ -581,8 +581,13 @@ class StreamedModel:
                     f"{list(shapes[name])}; the config does not belong to these weights"
                 )
 
-    def _as_model_dtype(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.to(self.dtype) if tensor.is_floating_point() and tensor.dtype != self.dtype else tensor
+    def _as_model_dtype(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` in the dtype the loaded model holds it in: float32 where transformers keeps it so (the
+        writer writes it so too: read in the model's dtype, it would be rounded on the way), else the model's."""
+        if not tensor.is_floating_point():
+            return tensor
+        keeps_float32 = self.float32_names is not None and self.float32_names.search(name)
+        return tensor.to(torch.float32 if keeps_float32 else self.dtype)
 
     def _is_meta(self, name: str) -> bool:
         module_name, _, attr = name.rpartition(".")
@@ -612,7 +617,8 @@ class StreamedModel:
         names = self._unit_names(unit)
         tensors = prefetched.result() if prefetched is not None else list(self._read(names))
         for name, tensor in tensors:
-            set_module_tensor_to_device(self.model, name, self.device, value=self._as_model_dtype(tensor))
+            value = self._as_model_dtype(name, tensor)  # its own dtype: accelerate would cast to the meta model's
+            set_module_tensor_to_device(self.model, name, self.device, value=value, dtype=value.dtype)
         tensors.clear()  # the model holds them now; the future holds this very list, so it lets go of them too
         module = self.model.get_submodule(unit)
         try:
