@@ -101,19 +101,23 @@ def test_overwrite_replaces_clovers_own_output_but_not_once_the_user_adds_a_file
     assert (out / "my-notes.txt").read_text() == "mine"
 
 
+@pytest.mark.parametrize("method", ["clover", "lora"])
 @pytest.mark.parametrize("marker", ["tree", "top-level names only", "none"])
-def test_overwrite_refuses_a_clover_output_once_the_user_adds_a_file_in_a_subfolder(marker, tmp_path):
-    """A finetune output holds adapter/: a note dropped in there is the user's, whatever marker the folder has
-    (the current one lists every path, older ones the top-level names, the oldest none)."""
+def test_overwrite_refuses_a_clover_output_once_the_user_adds_a_file_in_a_subfolder(marker, method, tmp_path):
+    """A finetune output holds adapter/ (as CLOVER's or PEFT's save_pretrained writes it): clover's own output is
+    replaceable whatever marker the folder has (the current one lists every path, older ones the top-level names,
+    the oldest none), but not once a note is dropped into adapter/."""
+    from clover.baselines import wrap_model
     from clover.io import check_output_dir
 
     out = tmp_path / "finetuned"
+    wrapped, _ = wrap_model(build_tiny("llama"), method)
     with atomic_directory(out) as staging:
-        (staging / "config.json").write_text(json.dumps({"clover": {"method": "clover"}}))
-        (staging / "adapter").mkdir()
-        (staging / "adapter" / "adapter_config.json").write_text("{}")
+        (staging / "config.json").write_text(json.dumps({"clover": {"method": method}}))
+        (staging / "train_log.csv").write_text("step,loss\n")
+        wrapped.save_pretrained(staging / "adapter")
     recorded = json.loads((out / MARKER).read_text())
-    assert "adapter/adapter_config.json" in recorded["tree"]
+    assert any(entry.startswith("adapter/") for entry in recorded["tree"])
     if marker == "top-level names only":
         (out / MARKER).write_text(json.dumps({"entries": recorded["entries"]}))
     elif marker == "none":

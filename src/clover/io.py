@@ -26,8 +26,10 @@ _LEGACY_NAMES = re.compile(
     r"|vocab|merges|model\.safetensors\.index|adapter_config|clover_adapter)\.json|model(-\d+-of-\d+)?\.safetensors"
     r"|adapter_model\.safetensors|modeling_clover\.py|vocab\.txt|merges\.txt|tokenizer\.model|chat_template\.jinja"
     r"|diffusion_pytorch_model(-\d+-of-\d+)?\.safetensors(\.index\.json)?"  # a diffusers UNet's weights
-    r"|train_log\.csv|report\.json|adapter"
+    r"|train_log\.csv|(finetune_)?report\.json|adapter|clover_config\.json|clover_adapter\.safetensors"
+    r"|classifier_head\.safetensors|\.clover-output\.json"
 )
+_LEGACY_ADAPTER_NAMES = re.compile(r"README\.md")  # PEFT writes one into the adapter folder it saves
 _STAGING = re.compile(r"\.(?P<name>.+)\.(partial|old|probe)-(?P<pid>\d+)-\w+")
 
 
@@ -48,16 +50,20 @@ def _written_by_clover(path: Path) -> bool:
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return False
         if "tree" not in recorded:  # a marker of the top-level names only: what lies deeper must be clover's kind
-            return {e for e in found if "/" not in e} <= written and all(
-                _LEGACY_NAMES.fullmatch(e.rsplit("/", 1)[-1]) for e in found if "/" in e
-            )
+            return {e for e in found if "/" not in e} <= written and all(map(_legacy_name, found - written))
         return found <= written
     try:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
         return False
-    names = (e.rsplit("/", 1)[-1] for e in found)
-    return isinstance(config, dict) and "clover" in config and all(_LEGACY_NAMES.fullmatch(n) for n in names)
+    return isinstance(config, dict) and "clover" in config and all(map(_legacy_name, found))
+
+
+def _legacy_name(entry: str) -> bool:
+    """Whether a path under an output directory written before the marker listed every path is one clover
+    writes there (by its name; README.md only inside a folder, where PEFT saves one with an adapter)."""
+    folder, _, name = entry.rpartition("/")
+    return bool(_LEGACY_NAMES.fullmatch(name) or (folder and _LEGACY_ADAPTER_NAMES.fullmatch(name)))
 
 
 def check_output_dir(
