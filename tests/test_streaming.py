@@ -38,6 +38,10 @@ STREAMING = [arch for arch in TRANSFORMERS_ROWS if FAMILY_TABLE[arch].streams]
 CONVERTED = [arch for arch in TRANSFORMERS_ROWS if not FAMILY_TABLE[arch].streams]
 
 
+def _truncate(file) -> None:
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+
+
 def _sharded(arch: str, path) -> torch.nn.Module:
     model = build_tiny(arch)
     model.save_pretrained(path, max_shard_size="100KB")  # several shards with their index, as large models come
@@ -512,15 +516,24 @@ def test_a_large_checkpoint_that_cannot_stream_is_loaded_whole_with_a_note(tmp_p
     torch.save(dict(reader.read(list(reader.files))), tmp_path / "bin" / "pytorch_model.bin")
     weights.unlink()
     build_tiny(CONVERTED[0]).save_pretrained(tmp_path / "moe")
+    model = build_tiny("llama")  # a pruned checkpoint: its own modeling code
+    prune_(model, PruneConfig(vo_ratio=0.5))
+    save_pruned_model(model, tmp_path / "pruned")
+    assert cli._why_not_streamable(tmp_path / "pruned").startswith("it uses its own modeling code (auto_map)")
     for name in ("bin", "moe"):
         capsys.readouterr()
         arguments = ["prune", str(tmp_path / name), "--vo-ratio", "0.5", "--out", str(tmp_path / f"{name}-out")]
         assert main([*arguments, "--quiet"]) == 0
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and "loading it whole" in err and "--stream" not in err, err
+        assert ("but it holds no safetensors" if name == "bin" else "but transformers converts") in err, err
     capsys.readouterr()
     assert main(["prune", str(tmp_path / "bin"), "--vo-ratio", "0.5", "--out", str(tmp_path / "x"), "--stream"]) == 2
     assert "run without --stream" in capsys.readouterr().err  # asked for: refused, in its words
+    _truncate(tmp_path / "bin" / "config.json")  # damage is refused as such, not taken for "cannot stream"
+    assert main(["prune", str(tmp_path / "bin"), "--vo-ratio", "0.5", "--out", str(tmp_path / "y")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "loading it whole" not in err, err
 
 
 @pytest.mark.parametrize("command", ["decompose", "prune"])

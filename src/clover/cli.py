@@ -80,13 +80,13 @@ def _streaming_source(args: argparse.Namespace):
 def _why_not_streamable(directory) -> str | None:
     """Why the streaming path would refuse this checkpoint (pytorch_model.bin only, tensors transformers converts
     on load, its own modeling code), as a phrase; None where it streams. Builds the model on the meta device only."""
-    from .errors import CloverError
+    from .errors import NotStreamableError
     from .streaming import StreamedModel
 
     try:
-        StreamedModel(directory)
-    except CloverError as error:
-        return str(error).split(": ", 1)[-1].split(": run without --stream")[0].rstrip(".;")
+        StreamedModel(directory)  # a damaged checkpoint is refused here as it would be loaded whole
+    except NotStreamableError as error:
+        return error.reason
     return None
 
 

@@ -35,7 +35,7 @@ from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import CloverError
+from .errors import CloverError, NotStreamableError
 from .families import AttentionSite, attention_sites, family_for
 
 # files of a checkpoint besides its weights that an output keeps (tokenizer, generation and processor settings)
@@ -65,10 +65,9 @@ class CheckpointReader:
                 raise CloverError(f"{index} is damaged ({error}); restore it or save the model again") from None
             self.files = {name: directory / file for name, file in weight_map.items()}
         else:
-            raise CloverError(
-                f"{directory}: streaming reads safetensors checkpoints (model.safetensors, or shards with "
-                "model.safetensors.index.json); this one has neither: run without --stream"
-            )
+            reason = "it holds no safetensors weights (model.safetensors, or shards with their index)"
+            raise NotStreamableError(f"{directory}: streaming reads safetensors checkpoints; {reason}: run without "
+                                     "--stream", reason)  # fmt: skip
         missing = sorted({path.name for path in self.files.values() if not path.is_file()})
         if missing:
             raise CloverError(f"{directory}: the index lists {', '.join(missing[:3])}, which is missing")
@@ -449,10 +448,8 @@ class StreamedModel:
         self.directory = pathlib.Path(directory)
         config_dict = _read_config(self.directory)
         if config_dict.get("auto_map"):
-            raise CloverError(
-                f"{directory} uses its own modeling code (auto_map), e.g. a pruned checkpoint: stream only "
-                "checkpoints of a transformers family"
-            )
+            reason = "it uses its own modeling code (auto_map), e.g. a pruned checkpoint"
+            raise NotStreamableError(f"{directory}: {reason}: stream only checkpoints of a transformers family", reason)
         self.reader = CheckpointReader(self.directory)
         self.kind, auto_class = model_kind(config_dict)
         # the layers are read into the output's dtype when it differs (bf16 in, float32 out: the rewrite is made in
@@ -517,10 +514,11 @@ class StreamedModel:
                 stored, renamings, converters, base_model_prefix=self.model.base_model_prefix, meta_state_dict=meta
             )
             if converted is not None:
-                raise CloverError(
-                    f"{self.directory}: transformers converts {stored} on load (it merges or splits stored tensors "
-                    f"for {type(self.model).__name__}), which cannot be read one layer at a time: run without --stream"
+                reason = (
+                    f"transformers converts {stored} on load (it merges or splits stored tensors for "
+                    f"{type(self.model).__name__}), which cannot be read one layer at a time"
                 )
+                raise NotStreamableError(f"{self.directory}: {reason}: run without --stream", reason)
             names[name] = stored
         return names
 
