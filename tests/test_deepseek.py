@@ -168,6 +168,8 @@ def test_cli_latent_rank_shrinks_the_cache_reports_its_error_and_refuses_where_t
         return json.loads(capsys.readouterr().out)
 
     alone = run("--latent-rank", "16", "--out", str(tmp_path / "cut"))
+    original = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    assert alone["parameters_before"] == sum(p.numel() for p in original.parameters()) > alone["parameters_after"]
     layers = config.num_hidden_layers
     assert alone["latent_cache_dims_per_token_before"] == layers * (32 + config.qk_rope_head_dim)
     assert alone["latent_cache_dims_per_token_after"] == layers * (16 + config.qk_rope_head_dim)
@@ -183,6 +185,8 @@ def test_cli_latent_rank_shrinks_the_cache_reports_its_error_and_refuses_where_t
         both["vo_removed"] == 0.25
         and both["latent_cache_dims_per_token_after"] == alone["latent_cache_dims_per_token_after"]
     )
+    assert both["parameters_before"] == alone["parameters_before"]  # the checkpoint's, not the cut model's
+    assert json.loads((tmp_path / "both" / "config.json").read_text())["clover"]["latent_rank"] == 16
     assert not list((tmp_path / "cache").rglob("*.safetensors"))  # the cut model's moments are not the checkpoint's
     pruned = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "both", trust_remote_code=True)
     ids = torch.tensor([[5, 6, 7, 8]])
@@ -194,8 +198,9 @@ def test_cli_latent_rank_shrinks_the_cache_reports_its_error_and_refuses_where_t
 
     build_tiny("llama").save_pretrained(tmp_path / "llama")
     for arguments, words in (
-        ([str(tmp_path / "llama"), "--latent-rank", "8"], "per head"),
-        ([str(tmp_path / "model"), "--latent-rank", "99"], "1..32"),
+        ([str(tmp_path / "llama"), "--latent-rank", "8"], "no latent shared by all heads"),
+        ([str(tmp_path / "llama"), "--latent-rank", "8", "--stream"], "no latent shared by all heads"),
+        ([str(tmp_path / "model"), "--latent-rank", "99"], "has 32 dims (kv_lora_rank)"),
         ([str(tmp_path / "model"), "--latent-rank", "0"], "≥ 1"),
         ([str(tmp_path / "model"), "--latent-rank", "8", "--stream"], "--no-stream"),
     ):

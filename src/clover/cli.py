@@ -281,14 +281,18 @@ def cmd_prune(args: argparse.Namespace) -> int:
     config.validate()
     prunes_heads = config.prunes("qk") or config.prunes("vo")
     if not prunes_heads and args.latent_rank is None:
-        raise CloverError("nothing to prune: give --qk-ratio and/or --vo-ratio in (0, 1), or --threshold")
-    if args.latent_rank is not None and args.latent_rank < 1:
-        raise CloverError(f"--latent-rank must be a number of latent dims ≥ 1, got {args.latent_rank}")
+        raise CloverError(
+            "nothing to prune: give --qk-ratio and/or --vo-ratio in (0, 1), --threshold, or --latent-rank N"
+        )
+    if args.latent_rank is not None:
+        _check_latent_rank(args)  # before streaming is chosen and minutes of loading
     check_calibration_settings(args.calibration_samples, args.calibration_length)
     check_output_dir(args.out, overwrite=args.overwrite, inputs=[args.model])
     if args.method in CALIBRATED:  # a UNet's refusal comes before minutes of loading it
         refuse_uncalibrated(directory_family(pathlib.Path(args.model).expanduser()))
     device = resolve_device(args.device)
+    if device.type == "mps" and args.latent_rank is not None:
+        raise CloverError("--device mps: MPS lacks float64, which --latent-rank's PCA needs; cut it on cpu or cuda")
     if device.type == "mps" and args.compute_dtype == "float64":
         raise CloverError("--device mps: MPS lacks float64; add --compute-dtype float32, or prune on cpu or cuda")
     source = _streaming_source(args)
@@ -339,26 +343,55 @@ def cmd_prune(args: argparse.Namespace) -> int:
         loaded.model, config, input_moments=moments, compute_dtype=_dtype(args.compute_dtype), progress=not args.quiet
     )
     elapsed = time.perf_counter() - start
-    set_clover_record(loaded.model, {**loaded.model.config.clover, "source": recorded_source(args.model)})
+    record = {**loaded.model.config.clover, "source": recorded_source(args.model)}
+    if latent is not None:
+        record["latent_rank"] = args.latent_rank
+    set_clover_record(loaded.model, record)
     loaded.model.to("cpu")
     save_pruned_model(loaded, args.out, overwrite=args.overwrite, inputs=[args.model])
     return _prune_summary(args, report, elapsed, moments, moments_cached, seq_len, latent)
+
+
+def _check_latent_rank(args: argparse.Namespace) -> None:
+    """Refuse --latent-rank from config.json alone: below 1, above the model's latent, or a family without one."""
+    from .errors import CloverError
+    from .families import family_of_type
+    from .models import _read_config, checkpoint_directory
+
+    if args.latent_rank < 1:
+        raise CloverError(f"--latent-rank must be a number of latent dims ≥ 1, got {args.latent_rank}")
+    config = _read_config(checkpoint_directory(args.model))
+    family = family_of_type(str(config.get("model_type")))
+    if family is None or family.per_head_cache:
+        raise CloverError(family.no_latent_message if family else f"--latent-rank: {args.model} has no latent cache")
+    full = config.get("kv_lora_rank")
+    if isinstance(full, int) and not args.latent_rank <= full:
+        raise CloverError(f"--latent-rank {args.latent_rank}: the model's latent has {full} dims (kv_lora_rank)")
 
 
 def _cut_latent(args: argparse.Namespace, loaded) -> dict:
     """Cut the cache a family shares between all heads (MLA's latent) to --latent-rank dims, calibrated on the
     held-out text; the change of the probe output is its error, reported."""
     from .families import family_for
-    from .quality import calibration_callback, calibration_length, probe_output
+    from .quality import (
+        attention_parameter_count,
+        calibration_callback,
+        calibration_length,
+        parameter_count,
+        probe_output,
+    )
 
     def calibrate(model) -> None:  # built on first use: a family without a latent refuses before any of it
         seq_len = calibration_length(loaded, args.calibration_length)
         calibration_callback(loaded, samples=args.calibration_samples, seq_len=seq_len, progress=not args.quiet)(model)
 
     reference = probe_output(loaded)
+    before = {"parameters_before": parameter_count(loaded.model),
+              "attention_parameters_before": attention_parameter_count(loaded.model)}  # fmt: skip
     cut = family_for(loaded.model).cut_latent(loaded.model, args.latent_rank, calibrate)
     change = probe_output(loaded) - reference
     return {
+        **before,  # the checkpoint's counts: pruning after the cut counts from the cut model
         "latent_rank": args.latent_rank,
         "latent_energy_kept_min": round(min(cut.kept_energy.values()), 6),
         "latent_relative_output_change": float(change.norm() / reference.norm().clamp_min(1e-30)),
@@ -384,7 +417,7 @@ def _save_latent_cut(args: argparse.Namespace, loaded, latent: dict, elapsed: fl
 
     parameters = parameter_count(loaded.model)  # after the cut, which narrowed two linears per layer
     loaded.model.to("cpu")
-    loaded.model.config.clover_latent_cut = {"rank": args.latent_rank, "source": recorded_source(args.model)}
+    loaded.model.config.clover_latent_cut = {"latent_rank": args.latent_rank, "source": recorded_source(args.model)}
     with atomic_directory(args.out, overwrite=args.overwrite, inputs=[args.model]) as staging:
         save_loaded_model(loaded, staging)
     summary = {"model": args.model, "out": str(args.out), "seconds": round(elapsed, 2), **latent,
@@ -464,9 +497,9 @@ def _prune_summary(args, report, elapsed, moments, moments_cached, seq_len, late
         f"{100 * report.qk_removed:.1f}% of Q-K dims and {100 * report.vo_removed:.1f}% of V-O dims removed"
         + (" (calibration moments from the cache)" if moments_cached else "")
     )
-    attn_before, attn_after = report.attention_params_before, report.attention_params_after
+    attn_before, attn_after = summary["attention_parameters_before"], report.attention_params_after
     print(
-        f"parameters {report.params_before:,} -> {report.params_after:,} "
+        f"parameters {summary['parameters_before']:,} -> {report.params_after:,} "
         f"(attention {attn_before:,} -> {attn_after:,}, -{100 * (1 - attn_after / attn_before):.1f}%)"
     )
     if report.kv_dims_per_token_before:

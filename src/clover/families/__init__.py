@@ -16,7 +16,7 @@ from .base import (
     is_pruned_attention,
 )
 from .pruned import pruned_attention_sites, pruned_projections, pruned_site_specs, upgrade_pruned_specs
-from .registry import FAMILIES, checkpoint_family, family_for, supported_families
+from .registry import FAMILIES, checkpoint_family, family_for, family_of_type, supported_families
 
 __all__ = [
     "FAMILIES",
@@ -30,6 +30,7 @@ __all__ = [
     "attention_sites",
     "checkpoint_family",
     "family_for",
+    "family_of_type",
     "is_pruned_attention",
     "pruned_attention_sites",
     "pruned_projections",

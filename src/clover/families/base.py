@@ -306,9 +306,14 @@ class Family:
         have none: per-head pruning shrinks theirs."""
         from ..errors import CloverError
 
-        raise CloverError(
-            f"--latent-rank: {self.examples} caches keys and values per head, with no latent shared by all heads "
-            "to cut; --qk-ratio / --vo-ratio shrink its cache"
+        raise CloverError(self.no_latent_message)
+
+    @property
+    def no_latent_message(self) -> str:
+        """Why --latent-rank does not apply to this family, as the one-line refusal."""
+        return (
+            f"--latent-rank: {self.examples} has no latent shared by all heads to cut (where it caches keys and "
+            "values, it caches them per head: --qk-ratio / --vo-ratio shrink them)"
         )
 
     def load_checkpoint(self, path: Path, dtype: torch.dtype | None) -> tuple[nn.Module, dict[str, list]]:

@@ -57,6 +57,11 @@ def checkpoint_family(kind: str | None = None, *, model_class: str | None = None
     return None
 
 
+def family_of_type(model_type: str) -> Family | None:
+    """The family claiming a config's ``model_type``, or None (before any model is built)."""
+    return next((family for family in FAMILIES if model_type in family.model_types), None)
+
+
 def family_for(model: nn.Module) -> Family:
     """The family of a model: by ``config.model_type`` (transformers), else by its class name (diffusers)."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
