@@ -12,7 +12,7 @@ import re
 import sys
 from pathlib import Path
 
-from conftest import FAMILY_TABLE, TINY_ARCHS
+from conftest import FAMILY_TABLE, GENERATIVE, TINY_ARCHS
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 START, END = "<!-- family-table:start -->", "<!-- family-table:end -->"
@@ -48,9 +48,6 @@ CAPABILITY_TESTS: dict[str, list[str | tuple[str, ...]]] = {
 }
 
 
-NOT_GENERATING = ("encoder", "vision", "unet")  # kinds with no decoder: nothing to generate, no KV cache
-
-
 def rows_tested_by(test: str) -> set[str]:
     """The family-table rows a test is parametrised over (its ``tiny_arch`` fixture or ``arch`` parameter)."""
     module, name = test.split("::")
@@ -69,7 +66,7 @@ def rows_tested_by(test: str) -> set[str]:
 
 
 def _cell(capability: str, archs: list[str]) -> str:
-    if capability == "generation with the cache" and all(FAMILY_TABLE[a].kind in NOT_GENERATING for a in archs):
+    if capability == "generation with the cache" and not set(archs) & set(GENERATIVE):
         return "no decoder"
     for requirement in CAPABILITY_TESTS[capability]:
         alternatives = requirement if isinstance(requirement, tuple) else (requirement,)

@@ -234,7 +234,7 @@ def _plot_path(out: str, *, overwrite: bool = False) -> os.PathLike:
         raise CloverError(f"--out {out}: unsupported image format .{suffix}; use one of .{', .'.join(PLOT_FORMATS)}")
     for candidate in dict.fromkeys((given, path)):  # --out X writes X.png: a folder of either name is refused
         if candidate.is_dir():
-            raise CloverError(f"--out {candidate} is a directory; give a file name such as {given / 'spectrum.png'}")
+            raise CloverError(f"--out {candidate} is a directory; give a file name, such as {given}-spectrum.png")
     if path.exists() and not overwrite:
         raise CloverError(f"--out {path} already exists; pass --overwrite to replace it, or choose another name")
     for parent in path.resolve().parents:

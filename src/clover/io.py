@@ -167,9 +167,9 @@ def atomic_directory(
     final = Path(out).expanduser().resolve() if carries_existing else None
     final = final or check_output_dir(out, overwrite=overwrite, inputs=inputs)
     created = [folder for folder in (final.parent, *final.parent.parents) if not folder.exists()]
-    final.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_staging(final)
     try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_staging(final)
         staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-{os.getpid()}-", dir=final.parent))
     except BaseException:
         _remove_empty(created)

@@ -626,7 +626,10 @@ def _read_json(file: pathlib.Path) -> dict[str, Any]:
 
 # config.json counts of layers, heads and widths (num_hidden_layers, n_head, hidden_size, d_kv, ...): below 0 they
 # fail deep inside transformers, past its validators, with a traceback
-_COUNT_KEY = re.compile(r"(num|n)_\w*(layers?|heads?)|\w*(hidden|intermediate|head)_(size|dim)|d_(model|kv|ff)")
+_COUNT_KEY = re.compile(
+    r"(num|n)_\w*(layers?|heads?)|(encoder|decoder)_(layers|attention_heads|ffn_dim)|\w*(hidden|intermediate|head)_"
+    r"(size|dim)|d_(model|kv|ff)|n_(embd|inner)|ffn_dim|\w*lora_rank"
+)
 
 
 def _read_config(path: pathlib.Path) -> dict[str, Any]:
@@ -653,7 +656,7 @@ def _read_config(path: pathlib.Path) -> dict[str, Any]:
     for section in (config, *(v for v in config.values() if isinstance(v, dict))):  # text_config, vision_config...
         for key, value in section.items():
             if _COUNT_KEY.fullmatch(key) and isinstance(value, int) and not isinstance(value, bool) and value < 0:
-                raise CloverError(f"{config_file}: {key} is {value}, a count below 0; fix config.json")
+                raise CloverError(f"{config_file}: {key} is {value}, below 0 (a count or a width); fix config.json")
     if not any(any(path.glob(pattern)) for pattern in ("*.safetensors", "*.safetensors.index.json", "*.bin")):
         raise CloverError(
             f"{path} has no weights (model.safetensors, sharded *.safetensors with their index, or "
