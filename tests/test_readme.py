@@ -12,7 +12,8 @@ import re
 import sys
 from pathlib import Path
 
-from conftest import FAMILY_TABLE, GENERATIVE, TINY_ARCHS
+import conftest
+from conftest import FAMILY_TABLE, GENERATIVE
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 START, END = "<!-- family-table:start -->", "<!-- family-table:end -->"
@@ -52,8 +53,8 @@ def rows_tested_by(test: str) -> set[str]:
     """The family-table rows a test is parametrised over (its ``tiny_arch`` fixture or ``arch`` parameter)."""
     module, name = test.split("::")
     function = getattr(importlib.import_module(module), name)
-    if "tiny_arch" in inspect.signature(function).parameters:
-        return set(TINY_ARCHS)
+    if "tiny_arch" in inspect.signature(function).parameters:  # the fixture's own params, whatever they are
+        return set(conftest.tiny_arch._fixture_function_marker.params)
     for mark in getattr(function, "pytestmark", []):
         if mark.name != "parametrize":
             continue
