@@ -400,13 +400,13 @@ def _cut_latent(args: argparse.Namespace, loaded) -> dict:
     }
 
 
-def _latent_lines(latent: dict) -> list[str]:
-    return [
+def _latent_line(latent: dict) -> str:
+    return (
         f"latent cache cut to {latent['latent_rank']} dims: cache dims per token "
         f"{latent['latent_cache_dims_per_token_before']} -> {latent['latent_cache_dims_per_token_after']}; "
         f"calibration energy kept ≥ {100 * latent['latent_energy_kept_min']:.1f}% in every layer; probe output "
         f"changed by {100 * latent['latent_relative_output_change']:.2f}% (relative; the cut is approximate)"
-    ]
+    )
 
 
 def _save_latent_cut(args: argparse.Namespace, loaded, latent: dict, elapsed: float) -> int:
@@ -426,7 +426,7 @@ def _save_latent_cut(args: argparse.Namespace, loaded, latent: dict, elapsed: fl
         print(json.dumps(summary))
         return 0
     print(f"cut {args.model}'s latent cache in {elapsed:.1f} s")
-    print(*_latent_lines(latent), sep="\n")
+    print(_latent_line(latent))
     print(f"wrote {args.out}: transformers' AutoModel*.from_pretrained(DIR) or clover eval {args.out}")
     return 0
 
@@ -510,7 +510,7 @@ def _prune_summary(args, report, elapsed, moments, moments_cached, seq_len, late
             f"{report.cross_kv_dims_per_source_token_after}"
         )
     if latent is not None:
-        print(*_latent_lines(latent), sep="\n")
+        print(_latent_line(latent))
     print(f"wrote {args.out}: {_pruned_loader(args.out)} or clover eval {args.out}")
     return 0
 

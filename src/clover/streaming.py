@@ -113,6 +113,12 @@ def _config_dtype(config: dict) -> torch.dtype | None:
     return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
 
 
+def _held_dtype(name: str, dtype: torch.dtype | None, float32_names: re.Pattern | None) -> torch.dtype | None:
+    """The dtype a floating tensor called ``name`` is held and written in: float32 where transformers keeps it so
+    (``float32_names``), else ``dtype`` (None: as stored)."""
+    return torch.float32 if float32_names is not None and float32_names.search(name) else dtype
+
+
 def _float32_names(model: torch.nn.Module, dtype: torch.dtype) -> re.Pattern | None:
     """The tensors transformers loads in float32 whatever the requested ``dtype`` (``_keep_in_fp32_modules``
     at float16, ``_keep_in_fp32_modules_strict`` at float16 and bfloat16), as the pattern its loader searches
@@ -226,11 +232,8 @@ class ShardWriter:
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         tensor = tensor.detach().to("cpu")
-        if tensor.is_floating_point():
-            if self.float32_names is not None and self.float32_names.search(name):
-                tensor = tensor.float()
-            elif self.dtype is not None:
-                tensor = tensor.to(self.dtype)
+        if tensor.is_floating_point() and (held := _held_dtype(name, self.dtype, self.float32_names)) is not None:
+            tensor = tensor.to(held)
         size = tensor.numel() * tensor.element_size()
         if self.pending and self.pending_bytes + size > self.shard_bytes:
             self._flush()
@@ -582,10 +585,7 @@ class StreamedModel:
     def _as_model_dtype(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` in the dtype the loaded model holds it in: float32 where transformers keeps it so (the
         writer writes it so too: read in the model's dtype, it would be rounded on the way), else the model's."""
-        if not tensor.is_floating_point():
-            return tensor
-        keeps_float32 = self.float32_names is not None and self.float32_names.search(name)
-        return tensor.to(torch.float32 if keeps_float32 else self.dtype)
+        return tensor.to(_held_dtype(name, self.dtype, self.float32_names)) if tensor.is_floating_point() else tensor
 
     def _is_meta(self, name: str) -> bool:
         module_name, _, attr = name.rpartition(".")
