@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import build_tiny
+from safetensors.torch import load_file
 
 from clover.cli import main
 from clover.errors import CloverError
@@ -250,8 +251,11 @@ def test_a_killed_runs_temporary_in_the_moments_cache_is_cleaned(tmp_path):
     stale = tmp_path / f".abc.{dead.pid}-x1y2.tmp"
     mine = tmp_path / f".abc.{os.getpid()}-x1y2.tmp"
     stale.write_bytes(b"half"), mine.write_bytes(b"half")
+    stale_folder = tmp_path / f".abc.{dead.pid}-z3.tmp"  # a layer-by-layer calibration's work folder
+    (stale_folder / "layer-0.safetensors").parent.mkdir()
+    (stale_folder / "layer-0.safetensors").write_bytes(b"half")
     remove_stale_temporaries(tmp_path)
-    assert not stale.exists() and mine.exists()
+    assert not stale.exists() and not stale_folder.exists() and mine.exists()
 
 
 # ---------------------------------------------------------------- full disk, read-only, odd --out
@@ -283,8 +287,36 @@ def test_full_disk_under_out_is_one_line_and_leaves_nothing(gpt2_dir, full_disk,
     assert [p.name for p in full_disk.iterdir()] == [".filler"]
 
 
-def test_a_cache_that_cannot_be_written_never_stops_a_calibrated_prune(
+def test_a_streamed_calibration_caches_its_moments_and_leaves_no_work_folder(
     llama_with_tokenizer, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setenv("CLOVER_CACHE", str(tmp_path / "cache"))
+    calibration = ["--method", "calibrated", "--calibration-samples", "2", "--calibration-length", "32", "--json"]
+    outputs = []
+    for run in ("first", "second"):
+        assert main(prune(llama_with_tokenizer, tmp_path / run, *calibration, "--stream")) == 0
+        outputs.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+        (entry,) = (tmp_path / "cache" / "moments").iterdir()  # the entry alone: the work folder went with the run
+        assert entry.suffix == ".safetensors"
+    assert [o["calibration_moments"] for o in outputs] == ["computed", "cached"]
+    first, second = (load_file(tmp_path / run / "model.safetensors") for run in ("first", "second"))
+    assert first.keys() == second.keys() and all(torch.equal(first[name], second[name]) for name in first)
+
+
+def _notes(capsys, stream: str) -> list[str]:
+    """The notes of a calibrated prune whose moments cannot be written: one line each, and streaming's first says
+    the layer-by-layer calibration fell back to holding the moments in memory."""
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and all(line.startswith("clover: note: ") for line in err.splitlines()), err
+    notes = err.splitlines()
+    if stream == "--stream":
+        assert notes.pop(0).startswith("clover: note: calibration moments held in memory: cannot write them")
+    return notes
+
+
+@pytest.mark.parametrize("stream", ["--stream", "--no-stream"])
+def test_a_cache_that_cannot_be_written_never_stops_a_calibrated_prune(
+    llama_with_tokenizer, tmp_path, monkeypatch, capsys, stream
 ):
     from safetensors import SafetensorError
 
@@ -295,23 +327,27 @@ def test_a_cache_that_cannot_be_written_never_stops_a_calibrated_prune(
 
     monkeypatch.setenv("CLOVER_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(InputMoments, "save", fail)
-    calibration = ["--method", "calibrated", "--calibration-samples", "2", "--calibration-length", "32"]
+    calibration = ["--method", "calibrated", "--calibration-samples", "2", "--calibration-length", "32", stream]
     capsys.readouterr()
     assert main(prune(llama_with_tokenizer, tmp_path / "out", *calibration)) == 0
-    assert one_line(capsys).startswith("clover: note: calibration moments not cached")  # not Python's two lines
+    (note,) = _notes(capsys, stream)
+    assert note.startswith("clover: note: calibration moments not cached")  # not Python's two lines
     assert (tmp_path / "out" / "model.safetensors").is_file()
     assert list((tmp_path / "cache" / "moments").iterdir()) == []  # no temporary left behind
 
 
+@pytest.mark.parametrize("stream", ["--stream", "--no-stream"])
 def test_full_moments_cache_disk_never_stops_a_calibrated_prune(
-    llama_with_tokenizer, full_disk, tmp_path, monkeypatch, capsys
+    llama_with_tokenizer, full_disk, tmp_path, monkeypatch, capsys, stream
 ):
     monkeypatch.setenv("CLOVER_CACHE", str(full_disk))
-    calibration = ["--method", "calibrated", "--calibration-samples", "2", "--calibration-length", "32"]
+    calibration = ["--method", "calibrated", "--calibration-samples", "2", "--calibration-length", "32", stream]
     capsys.readouterr()
     assert main(prune(llama_with_tokenizer, tmp_path / "out", *calibration)) == 0
-    assert one_line(capsys).startswith("clover: note: calibration moments not cached")
+    (note,) = _notes(capsys, stream)
+    assert note.startswith("clover: note: calibration moments not cached")
     assert (tmp_path / "out" / "model.safetensors").is_file()
+    assert not list(full_disk.glob("moments/*"))  # no work folder or temporary left behind
 
 
 def test_out_below_a_file_or_in_a_read_only_folder_is_one_line(gpt2_dir, tmp_path, capsys, monkeypatch):
@@ -355,6 +391,8 @@ def test_cache_lists_sizes_and_clears_only_what_clover_wrote(tmp_path, capsys, m
     (tmp_path / "moments").mkdir()
     (tmp_path / "moments" / f"{key}.safetensors").write_bytes(b"\0" * 1000)
     (tmp_path / "moments" / f".{key}.4242-ab_c1.tmp").write_bytes(b"\0" * 10)  # a killed run's temporary
+    (tmp_path / "moments" / f".{key}.4243-z9.tmp").mkdir()  # and a killed layer-by-layer calibration's folder
+    (tmp_path / "moments" / f".{key}.4243-z9.tmp" / "layer-0.safetensors").write_bytes(b"\0" * 20)
     (tmp_path / "models" / "smollm2-135m" / "v3").mkdir(parents=True)
     (tmp_path / "models" / "smollm2-135m" / "v3" / "config.json").write_text("{}")
     (tmp_path / "models" / "gemma3-270m" / "v3").mkdir(parents=True)  # a short name's folder holding a user file
@@ -367,7 +405,7 @@ def test_cache_lists_sizes_and_clears_only_what_clover_wrote(tmp_path, capsys, m
     (tmp_path / "unrelated.txt").write_text("not clover's")
     assert main(["cache", "--json"]) == 0
     rows = {row["cache"]: row for row in json.loads(capsys.readouterr().out)["caches"]}
-    assert {kind: row["bytes"] for kind, row in rows.items()} == {"models": 4, "moments": 1010, "speech": 0}
+    assert {kind: row["bytes"] for kind, row in rows.items()} == {"models": 4, "moments": 1030, "speech": 0}
     assert rows["models"]["entries"] == 2
     assert main(["cache", "--clear", "all"]) == 0
     assert "left 3 entries clover did not write" in capsys.readouterr().err

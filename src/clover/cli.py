@@ -432,26 +432,27 @@ def _save_latent_cut(args: argparse.Namespace, loaded, latent: dict, elapsed: fl
 
 
 def _stream_prune(args: argparse.Namespace, config, source, device) -> int:
-    """``clover prune`` one layer at a time: calibration runs the model with each module's weights read from disk
-    just before its forward; scoring and the rewrite each read every layer once."""
+    """``clover prune`` one layer at a time: calibration runs every batch through one layer before it reads the
+    next (encoder-decoders: each module's weights read from disk just before its forward); scoring and the
+    rewrite each read every layer once."""
     from .io import atomic_directory
     from .models import LoadedModel, _load_tokenizer, tokenizer_directory
     from .prune import CALIBRATED
     from .quality import calibration_length, calibration_moments
-    from .streaming import stream_prune, streamed_calibration_model
+    from .streaming import StreamedModel, stream_prune
 
     start = time.perf_counter()
     moments, moments_cached, seq_len = None, False, None
     tokenizer_dir = None if args.tokenizer is None else tokenizer_directory(args.tokenizer)
     if args.method in CALIBRATED:
-        model = streamed_calibration_model(source, device=device)
+        model = StreamedModel(source, device=device).model  # without weights: the calibration reads them
         tokenizer, prompt = _load_tokenizer(tokenizer_dir or source, _kind_of(model), model.config, {})
         loaded = LoadedModel(model, tokenizer, args.model, _kind_of(model), decoder_prompt_ids=prompt, source=source,
                              tokenizer_source=tokenizer_dir)  # fmt: skip
         seq_len = calibration_length(loaded, args.calibration_length)
         moments, moments_cached = calibration_moments(
             loaded, samples=args.calibration_samples, seq_len=seq_len, refresh=args.recalibrate,
-            progress=not args.quiet,
+            progress=not args.quiet, stream_from=source,
         )  # fmt: skip
         moments = moments.to(device)
         del model, loaded
@@ -667,7 +668,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
 def _clover_cache_entries(kind: str, folder: pathlib.Path) -> list[pathlib.Path]:
     """The entries of a cache that clover wrote: a converted model's version folders (``models/<short name>/v3``,
     or a killed conversion's staging beside one), a moments or speech file named by its key (24 hex digits), or a
-    killed run's temporary file beside one. Anything else, even inside a short name's folder, is the user's."""
+    killed run's temporary file (or a layer-by-layer calibration's folder) beside one. Anything else, even inside a
+    short name's folder, is the user's."""
     import re
 
     from .models import SHORT_NAMES
@@ -682,7 +684,7 @@ def _clover_cache_entries(kind: str, folder: pathlib.Path) -> list[pathlib.Path]
         for e in sorted(folder.iterdir())
         if re.fullmatch(r"\.?[0-9a-f]{24}(\.safetensors|\.npy|\.[0-9]+-\w+\.tmp)", e.name)
     )
-    return [e for e in named if e.is_file()]
+    return [e for e in named if e.is_file() or (e.is_dir() and not e.is_symlink() and e.name.endswith(".tmp"))]
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -20,9 +20,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import pathlib
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import safetensors
 import safetensors.torch
@@ -210,6 +212,30 @@ def _check_reachable(available: int, wanted: int, total: int) -> None:
 # ----------------------------------------------------------------------------------------------- calibration
 
 
+class _StoredMoment:
+    """One input's [Σ xᵀx, Σ x, count] in a file written by ``InputMoments.save``, read each time it is used."""
+
+    def __init__(self, path: pathlib.Path, name: str, device: torch.device | str, keep: object = None):
+        self.path, self.name, self.device = path, name, device
+        self.keep = keep  # whatever holds the file in place while it is read
+
+    def on(self, device: torch.device | str) -> _StoredMoment:
+        return _StoredMoment(self.path, self.name, device, self.keep)
+
+    def _read(self) -> list:
+        with safetensors.safe_open(str(self.path), framework="pt", device=str(self.device)) as f:
+            count = int(f.get_tensor(f"{self.name}|count")[0])
+            if not count:
+                return [None, None, 0]
+            return [f.get_tensor(f"{self.name}|gram"), f.get_tensor(f"{self.name}|sum"), count]
+
+    def __iter__(self) -> Iterator:
+        return iter(self._read())
+
+    def __getitem__(self, index):
+        return self._read()[index]
+
+
 class InputMoments:
     """E[xᵀx], Σx and counts of the inputs that feed each site's Q side ("q") and K/V side ("k")."""
 
@@ -219,6 +245,19 @@ class InputMoments:
     @classmethod
     def collect(cls, model: nn.Module, calibrate: Callable[[nn.Module], None]) -> InputMoments:
         """Run ``calibrate(model)`` once with forward pre-hooks on every site's projection inputs."""
+        moments, handles = cls.watching(attention_sites(model))
+        try:
+            with torch.no_grad():
+                calibrate(model)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return moments
+
+    @classmethod
+    def watching(cls, sites: list[AttentionSite]) -> tuple[InputMoments, list]:
+        """Moments that fill up while ``sites`` run, and the handles of the forward pre-hooks that fill them on
+        the sites' projection inputs (remove them when done)."""
         per_module: dict[int, list] = {}
         keys: dict[str, int] = {}
         handles = []
@@ -238,25 +277,23 @@ class InputMoments:
                 handles.append(module.register_forward_pre_hook(hook))
             return key
 
-        for site in attention_sites(model):
+        for site in sites:
             keys[f"{site.name}|k"] = watch(site.k.input_module)
             # self-attention: Q reads the very same input as K/V, so one moment serves both
             shared = site.q_reads_kv_input
             keys[f"{site.name}|q"] = keys[f"{site.name}|k"] if shared else watch(site.q.input_module)
-        try:
-            with torch.no_grad():
-                calibrate(model)
-        finally:
-            for handle in handles:
-                handle.remove()
-        return cls({name: per_module[key] for name, key in keys.items()})
+        return cls({name: per_module[key] for name, key in keys.items()}), handles
 
     def to(self, device: torch.device | str) -> InputMoments:
         """The same moments on ``device`` (where the weights they whiten are); entries shared stay shared."""
-        moved: dict[int, list] = {}
+        moved: dict[int, Any] = {}
         for entry in self.stats.values():
             if id(entry) not in moved:
-                moved[id(entry)] = [None if t is None else t.to(device) for t in entry[:2]] + [entry[2]]
+                moved[id(entry)] = (
+                    entry.on(device)
+                    if isinstance(entry, _StoredMoment)
+                    else [None if t is None else t.to(device) for t in entry[:2]] + [entry[2]]
+                )
         return InputMoments({name: moved[id(entry)] for name, entry in self.stats.items()})
 
     def save(self, path: str | os.PathLike) -> None:
@@ -274,8 +311,10 @@ class InputMoments:
         safetensors.torch.save_file(tensors, str(path), metadata={"aliases": json.dumps(aliases)})
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> InputMoments:
-        """Read moments written by ``save`` onto ``device`` (the device of the weights they will whiten)."""
+    def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu", *, lazy: bool = False) -> InputMoments:
+        """Read moments written by ``save`` onto ``device`` (the device of the weights they will whiten).
+        ``lazy``: each site's moments are read from the file when they are used, not now (at Llama-2-7B width
+        a model's d×d float64 moments are 4 GB): the file must stay until the moments are no longer used."""
         with safetensors.safe_open(str(path), framework="pt", device=str(device)) as f:
             metadata = f.metadata() or {}
             if "aliases" not in metadata:
@@ -284,6 +323,9 @@ class InputMoments:
             names = {key.rsplit("|", 1)[0] for key in f.keys()}
             stats = {}
             for name in names:
+                if lazy:
+                    stats[name] = _StoredMoment(pathlib.Path(path), name, device)
+                    continue
                 count = int(f.get_tensor(f"{name}|count")[0])
                 gram = f.get_tensor(f"{name}|gram") if count else None
                 total = f.get_tensor(f"{name}|sum") if count else None

@@ -10,8 +10,10 @@ import inspect
 import json
 import os
 import pathlib
+import shutil
 import tempfile
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -425,6 +427,7 @@ def calibration_moments(
     refresh: bool = False,
     progress: bool = False,
     cache: bool = True,
+    stream_from: pathlib.Path | None = None,
 ) -> tuple[InputMoments, bool]:
     """Input moments of every attention site on the calibration set, and whether they came from the cache.
 
@@ -432,23 +435,95 @@ def calibration_moments(
     checkpoint and the calibration set, not on the ratio: they are kept under ``$CLOVER_CACHE/moments`` and
     reused by later prunes of the same, unchanged checkpoint (``refresh`` recomputes them). A cache that
     cannot be read or written is skipped with a warning: it never stops a prune. ``cache`` False: neither read
-    nor written, for a model changed since it was loaded (its files no longer describe it)."""
+    nor written, for a model changed since it was loaded (its files no longer describe it).
+
+    ``stream_from``: the checkpoint directory of a model larger than memory (``loaded.model`` its skeleton without
+    weights): the moments are collected one layer at a time and read from their file as they are used."""
     key = calibration_fingerprint(loaded, samples=samples, seq_len=seq_len) if cache else None
     path = model_cache_dir() / "moments" / f"{key}.safetensors" if key else None
     device = evaluate._model_device(loaded.model)
     if path is not None and path.is_file() and not refresh:
         try:
-            return InputMoments.load(path, device), True
+            return InputMoments.load(path, device, lazy=stream_from is not None), True
         except Exception as error:  # a truncated or foreign file: recompute and replace it
             warnings.warn(
                 f"ignoring unreadable cached calibration moments {path}: {error}", CloverWarning, stacklevel=2
             )
-    moments = InputMoments.collect(
-        loaded.model, calibration_callback(loaded, samples=samples, seq_len=seq_len, progress=progress)
-    )
+    callback = calibration_callback(loaded, samples=samples, seq_len=seq_len, progress=progress)
+    if stream_from is not None:
+        return _streamed_moments(stream_from, callback, path, device, progress), False
+    moments = InputMoments.collect(loaded.model, callback)
     if path is not None:
         _store(moments, path)
     return moments, False
+
+
+def _streamed_moments(
+    source: pathlib.Path,
+    callback: Callable[[nn.Module], None],
+    path: pathlib.Path | None,
+    device: torch.device,
+    progress: bool,
+) -> InputMoments:
+    """Moments collected one layer at a time into a work folder beside the cache entry ``path`` (linked into
+    place once whole) or, without one, in the temporary folder; read back lazily from the work folder, which goes
+    when they do. Where the layers are not one
+    stack (encoder-decoders), or the work folder cannot be written, the model runs module by module instead,
+    its moments held in memory."""
+    from safetensors import SafetensorError
+
+    from .streaming import layerwise_moments, streamed_calibration_model
+
+    work, path = _work_folder(path)
+    try:
+        written = layerwise_moments(source, callback, work, device=device, progress=progress)
+    except (OSError, SafetensorError) as error:  # a full disk
+        warnings.warn(f"calibration moments held in memory: cannot write them to disk ({error})", CloverWarning,
+                      stacklevel=3)  # fmt: skip
+        written = None
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    if written is None:
+        shutil.rmtree(work, ignore_errors=True)
+        moments = InputMoments.collect(streamed_calibration_model(source, device), callback)
+        if path is not None:
+            _store(moments, path)
+        return moments
+    if path is not None:  # a second name for the same file: clearing the cache cannot pull it from under this run
+        try:
+            os.link(written, work / "entry")
+            os.replace(work / "entry", path)
+        except OSError as error:
+            warnings.warn(f"calibration moments not cached ({error}); the next prune will recompute them",
+                          CloverWarning, stacklevel=3)  # fmt: skip
+    moments = InputMoments.load(written, device, lazy=True)
+    # the file is read until the prune is done with the moments (or their copies on another device)
+    owner = _Folder()
+    weakref.finalize(owner, shutil.rmtree, work, True)
+    for entry in moments.stats.values():
+        entry.keep = owner
+    return moments
+
+
+class _Folder:
+    """Keeps a temporary folder while anything refers to it."""
+
+
+def _work_folder(path: pathlib.Path | None) -> tuple[pathlib.Path, pathlib.Path | None]:
+    """A new folder for a layer-by-layer calibration, beside the cache entry ``path`` (named so that a killed
+    run's is cleaned by the next), and ``path``; in the temporary folder, and None, where there is no cache entry
+    or the cache cannot be written."""
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(path.parent)
+            return pathlib.Path(tempfile.mkdtemp(prefix=f".{path.stem}.{os.getpid()}-", suffix=".tmp",
+                                                 dir=path.parent)), path  # fmt: skip
+        except OSError as error:
+            warnings.warn(f"calibration moments not cached ({error}); the next prune will recompute them",
+                          CloverWarning, stacklevel=4)  # fmt: skip
+    return pathlib.Path(tempfile.mkdtemp(prefix="clover-moments-")), None
 
 
 def _store(moments: InputMoments, path: pathlib.Path) -> None:
@@ -473,8 +548,12 @@ def _store(moments: InputMoments, path: pathlib.Path) -> None:
 
 
 def remove_stale_temporaries(directory: pathlib.Path) -> None:
-    """Delete the temporary files that killed runs left in a cache folder (their process is gone)."""
+    """Delete the temporary files and folders (a layer-by-layer calibration's) that killed runs left in a cache
+    folder (their process is gone)."""
     for entry in directory.glob(".*.tmp"):
         pid = entry.name.split(".")[-2].split("-")[0]  # .<key>.<pid>-<random>.tmp
         if pid.isdigit() and not process_alive(int(pid)):
-            entry.unlink(missing_ok=True)
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)

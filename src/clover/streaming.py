@@ -8,9 +8,12 @@ time. Peak memory is about two layers (the next one is read in a background thre
 or the largest other tensor) plus two output shards (one written in a background thread, past the page cache,
 while the next fills), whatever the model's size; the output keeps the checkpoint's dtype unless asked otherwise.
 
-Calibration (``calibrated``, ``vanilla-activation``) runs the model with accelerate's disk offload: each
-module's weights are read from the checkpoint files just before its forward and dropped after it, so the
-moments are those of the in-memory path, with one module in memory at a time.
+Calibration (``calibrated``, ``vanilla-activation``) runs layer by layer where every attention site sits in one
+list of layers (``layerwise_moments``): every batch goes through one layer, read once, before the next is read,
+and each layer's moments go to disk as it finishes, so neither the weights nor the moments of the whole model are
+ever in memory. Elsewhere (an encoder and a decoder, two towers) the model runs under accelerate's disk offload,
+each module's weights read just before its forward (``streamed_calibration_model``). Either way the moments are
+those of the in-memory path.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import pathlib
 import re
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
@@ -775,9 +778,13 @@ def stream_prune(
 def streamed_calibration_model(source: str | os.PathLike, device: torch.device | str = "cpu") -> nn.Module:
     """The checkpoint's model with every module's weights read from its files only while it runs (accelerate's
     disk offload over the safetensors themselves: nothing is copied), for collecting calibration moments."""
+    return _offloaded(StreamedModel(source, device=device))
+
+
+def _offloaded(streamed: StreamedModel) -> nn.Module:
+    """``streamed``'s model under accelerate's disk offload hooks, reading from the checkpoint's own files."""
     from accelerate import dispatch_model
 
-    streamed = StreamedModel(source, device=device)
     name = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
     index = {
         key: {
@@ -792,11 +799,181 @@ def streamed_calibration_model(source: str | os.PathLike, device: torch.device |
             index[tied] = index[source_key]
     # accelerate warns that the weights are on the meta device, which is the point here
     logging.getLogger("accelerate.big_modeling").setLevel(logging.ERROR)
-    model = dispatch_model(
-        streamed.model, device_map={"": "disk"}, main_device=str(torch.device(device)), offload_index=index,
+    return dispatch_model(
+        streamed.model, device_map={"": "disk"}, main_device=str(streamed.device), offload_index=index,
         offload_buffers=False, force_hooks=True,
     )  # fmt: skip
-    return model
+
+
+class _NotOneStack(Exception):
+    """The layers do not hand on their hidden states as a tensor (or a tuple led by one): calibrate otherwise."""
+
+
+class _PastTheLastLayer(Exception):
+    """The calibration inputs of every layer are recorded: what follows the layers (a head) need not run."""
+
+
+class _Recorder(nn.Module):
+    """Stands in for a layer while the calibration inputs are captured: records the arguments besides the hidden
+    states that each forward gives it (masks, positions: the same whatever the states are) and hands the hidden
+    states on unchanged, so the model runs to its end with only its first layer's weights."""
+
+    def __init__(self, layer: nn.Module, calls: list, shape: dict, hidden: list | None, last: bool):
+        super().__init__()
+        self.__dict__["layer"] = layer  # not a submodule: accelerate's hooks and .to() must not reach it
+        self.calls, self.shape, self.hidden, self.last = calls, shape, hidden, last
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # the model's loop reads the layer's attributes (Gemma 3's attention_type)
+            return getattr(self.__dict__["layer"], name)
+
+    def forward(self, *args, **kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        self.calls.append((args[1:], kwargs, bool(args)))
+        if self.hidden is not None:
+            self.hidden.append(hidden)
+        if self.last:
+            raise _PastTheLastLayer
+        return (hidden,) + (None,) * self.shape["extra"] if self.shape["tuple"] else hidden
+
+
+def _run_layer(layer: nn.Module, hidden: torch.Tensor, call: tuple) -> torch.Tensor:
+    args, kwargs, positional = call
+    output = layer(hidden, *args, **kwargs) if positional else layer(*args, hidden_states=hidden, **kwargs)
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _one_stack(model: nn.Module, sites: list[AttentionSite]) -> str | None:
+    """The name of the list of layers that holds every site, or None where they sit in several (an encoder and
+    a decoder, two towers) or outside one."""
+    stacks = {_unit_of(site.name).rpartition(".")[0] for site in sites}
+    if len(stacks) != 1 or any(_unit_of(site.name) == site.name for site in sites):
+        return None
+    (name,) = stacks
+    return name if isinstance(model.get_submodule(name), nn.ModuleList) else None
+
+
+def layerwise_moments(
+    source: str | os.PathLike,
+    calibrate: Callable[[nn.Module], None],
+    directory: str | os.PathLike,
+    *,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> pathlib.Path | None:
+    """The input moments of every attention site of the checkpoint ``source`` on ``calibrate(model)``'s forward
+    passes, one layer in memory at a time, written to ``directory``/moments.safetensors (``InputMoments.save``'s
+    format); returns that file, or None where the sites do not all sit in one list of layers (then use
+    ``streamed_calibration_model``).
+
+    A first pass runs ``calibrate`` with the first layer loaded and every other one replaced by a recorder of its
+    arguments (embeddings and the rest read by accelerate's disk offload); then each layer in turn is read once,
+    runs every batch's hidden states (kept in memory, one set) and is dropped, its moments written to a file of
+    its own. The model stops after its last layer: ``calibrate`` gets None from each call, and must only drive
+    the model."""
+    from .prune import InputMoments
+
+    directory = pathlib.Path(directory)
+    streamed = StreamedModel(source, device=device)
+    sites = streamed.sites()
+    stack_name = _one_stack(streamed.model, sites)
+    if stack_name is None:
+        return None
+    stack = streamed.model.get_submodule(stack_name)
+    layers = list(stack)
+    by_unit: dict[str, list[AttentionSite]] = {}
+    for site in sites:
+        by_unit.setdefault(_unit_of(site.name), []).append(site)
+    calls: list[list | None] = [[] for _ in layers]
+    shape: dict = {}
+    hidden: list[torch.Tensor] = []
+    for j, layer in enumerate(layers):
+        stack[j] = _Recorder(layer, calls[j], shape, hidden if j == 1 else None, last=j == len(layers) - 1)
+    model = _offloaded(streamed)  # before the layers return: each is read once, below, not at every forward
+    forward = model.forward
+
+    @functools.wraps(forward)
+    def up_to_the_last_layer(*args, **kwargs):  # the head's weights are never read
+        try:
+            return forward(*args, **kwargs)
+        except _PastTheLastLayer:
+            return None
+
+    model.forward = up_to_the_last_layer
+
+    def learn_shape(_module, _args, output) -> None:
+        is_tuple = isinstance(output, tuple)
+        if not isinstance(output[0] if is_tuple and output else output, torch.Tensor):
+            raise _NotOneStack
+        shape.update(tuple=is_tuple, extra=len(output) - 1 if is_tuple else 0)
+        if len(layers) == 1:
+            raise _PastTheLastLayer
+
+    parts = []
+    bar = tqdm(total=len(layers), desc="calibrating layers", unit="layer", disable=not progress)
+    for j, layer in enumerate(layers):
+        stack[j] = layer
+        unit = f"{stack_name}.{j}"
+        with streamed.loaded(unit, by_unit.get(unit, []), write=False), torch.no_grad():
+            moments, handles = InputMoments.watching(by_unit.get(unit, []))
+            try:
+                if j == 0:
+                    handles.append(layer.register_forward_hook(learn_shape))
+                    try:
+                        calibrate(model)
+                    except _NotOneStack:
+                        return None
+                else:
+                    for b, call in enumerate(calls[j]):
+                        hidden[b] = _run_layer(layer, hidden[b], call)
+            finally:
+                for handle in handles:
+                    handle.remove()
+        calls[j] = None  # the masks and positions only this layer used
+        if by_unit.get(unit):
+            parts.append(directory / f"layer-{j}.safetensors")
+            moments.save(parts[-1])
+        del moments
+        bar.update()
+    bar.close()
+    hidden.clear()
+    _return_freed_memory()
+    target = directory / "moments.safetensors"
+    _concatenate_safetensors(parts, target)
+    for part in parts:
+        part.unlink()
+    return target
+
+
+def _concatenate_safetensors(parts: list[pathlib.Path], target: pathlib.Path) -> None:
+    """One safetensors file holding every tensor of ``parts`` (distinct names), their data copied through in
+    chunks; the metadata's "aliases" maps are merged, as ``InputMoments.save`` writes them."""
+    header: dict = {}
+    aliases: dict = {}
+    segments = []
+    offset = 0
+    for part in parts:
+        with safe_open(str(part), framework="pt") as mapped:
+            aliases.update(json.loads((mapped.metadata() or {}).get("aliases", "{}")))
+        with open(part, "rb") as f:
+            entries, data_start = _safetensors_header(part, f)
+        length = max((entry["data_offsets"][1] for entry in entries.values()), default=0)
+        for name, entry in entries.items():
+            begin, end = entry["data_offsets"]
+            header[name] = {**entry, "data_offsets": [offset + begin, offset + end]}
+        segments.append((part, data_start))
+        offset += length
+    header["__metadata__"] = {"aliases": json.dumps(aliases)}
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # as safetensors aligns the data
+    with open(target, "wb") as out:
+        out.write(len(encoded).to_bytes(8, "little") + encoded)
+        for part, data_start in segments:
+            with open(part, "rb") as f:
+                f.seek(data_start)
+                shutil.copyfileobj(f, out)
 
 
 def write_random_checkpoint(
