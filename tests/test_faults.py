@@ -391,8 +391,14 @@ def test_cache_lists_sizes_and_clears_only_what_clover_wrote(tmp_path, capsys, m
     (tmp_path / "moments").mkdir()
     (tmp_path / "moments" / f"{key}.safetensors").write_bytes(b"\0" * 1000)
     (tmp_path / "moments" / f".{key}.4242-ab_c1.tmp").write_bytes(b"\0" * 10)  # a killed run's temporary
-    (tmp_path / "moments" / f".{key}.4243-z9.tmp").mkdir()  # and a killed layer-by-layer calibration's folder
-    (tmp_path / "moments" / f".{key}.4243-z9.tmp" / "layer-0.safetensors").write_bytes(b"\0" * 20)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    killed = tmp_path / "moments" / f".{key}.{dead.pid}-z9.tmp"  # and a killed layer-by-layer calibration's folder
+    killed.mkdir()
+    (killed / "layer-0.safetensors").write_bytes(b"\0" * 20)
+    running = tmp_path / "moments" / f".{key}.{os.getpid()}-y8.tmp"  # a running prune's, reading its moments
+    running.mkdir()
+    os.link(tmp_path / "moments" / f"{key}.safetensors", running / "moments.safetensors")  # counted once
     (tmp_path / "models" / "smollm2-135m" / "v3").mkdir(parents=True)
     (tmp_path / "models" / "smollm2-135m" / "v3" / "config.json").write_text("{}")
     (tmp_path / "models" / "gemma3-270m" / "v3").mkdir(parents=True)  # a short name's folder holding a user file
@@ -408,10 +414,12 @@ def test_cache_lists_sizes_and_clears_only_what_clover_wrote(tmp_path, capsys, m
     assert {kind: row["bytes"] for kind, row in rows.items()} == {"models": 4, "moments": 1030, "speech": 0}
     assert rows["models"]["entries"] == 2
     assert main(["cache", "--clear", "all"]) == 0
-    assert "left 3 entries clover did not write" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "left 3 entries clover did not write" in err and "left 1 in use by a running clover" in err
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
         "models", "models/README.txt", "models/gemma3-270m", "models/gemma3-270m/notes.txt", "models/my-vit",
-        "models/my-vit/model.safetensors", "moments", "unrelated.txt",
+        "models/my-vit/model.safetensors", "moments", f"moments/{running.name}",
+        f"moments/{running.name}/moments.safetensors", "unrelated.txt",
     ]  # fmt: skip
 
 

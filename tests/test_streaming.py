@@ -180,6 +180,47 @@ def test_moments_collected_layer_by_layer_equal_the_loaded_models(arch, tmp_path
         torch.testing.assert_close(layered_total, total, atol=1e-6 * float(total.abs().max()), rtol=0, msg=name)
 
 
+def _four_layers(arch: str) -> torch.nn.Module:
+    """A 4-layer model of a table row ("t5-encoder": T5's encoder alone): from the third layer on, a layer's
+    recorded arguments come from a recorder, not from the real layer before it."""
+    config = FAMILY_TABLE["t5" if arch == "t5-encoder" else arch].config()
+    for name in ("num_hidden_layers", "n_layer", "num_layers"):
+        if hasattr(config, name):
+            setattr(config, name, 4)
+    if getattr(config, "layer_types", None):  # Gemma 3's sliding and full layers, alternating
+        config.layer_types = (config.layer_types * 4)[:4]
+    torch.manual_seed(0)
+    model_class = tf.T5EncoderModel if arch == "t5-encoder" else getattr(tf, FAMILY_TABLE[arch].model)
+    return model_class(config).eval()
+
+
+def _drive_asking_for_a_cache(model: torch.nn.Module) -> None:
+    """Two batches of token ids, with use_cache=True where the model takes it (layer by layer ignores it)."""
+    import inspect
+
+    generator = torch.Generator().manual_seed(0)
+    cache = {"use_cache": True} if "use_cache" in inspect.signature(model.forward).parameters else {}
+    for _ in range(2):
+        model(input_ids=torch.randint(3, 100, (2, 12), generator=generator), **cache)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "falcon-alibi", "gpt2", "opt", "bert", "t5-encoder"])
+def test_layers_past_the_second_get_the_arguments_their_own_forward_would(arch, tmp_path):
+    model = _four_layers(arch)
+    model.save_pretrained(tmp_path / "model", max_shard_size="100KB")
+    (tmp_path / "work").mkdir()
+    written = layerwise_moments(tmp_path / "model", _drive_asking_for_a_cache, tmp_path / "work")
+    if arch == "t5-encoder":  # each layer hands the next its position bias too: module by module instead
+        assert written is None
+        return
+    expected = InputMoments.collect(model, _drive_asking_for_a_cache)
+    layered = InputMoments.load(written)
+    assert layered.stats.keys() == expected.stats.keys()
+    for name, (gram, _, count) in expected.stats.items():
+        assert layered.stats[name][2] == count
+        torch.testing.assert_close(layered.stats[name][0], gram, atol=1e-6 * float(gram.abs().max()), rtol=0, msg=name)
+
+
 def test_lazy_moments_read_as_the_loaded_ones_on_any_device_and_keep_their_folder_while_used(tmp_path):
     import gc
 
@@ -200,6 +241,45 @@ def test_lazy_moments_read_as_the_loaded_ones_on_any_device_and_keep_their_folde
     del moved
     gc.collect()
     assert not folder.exists()
+
+
+def test_cached_moments_read_lazily_survive_the_cache_being_cleared_and_go_with_the_run(tmp_path):
+    import gc
+
+    from clover.quality import _read_lazily
+
+    model = build_tiny("llama")
+    expected = InputMoments.collect(model, model_output)
+    entry = tmp_path / "moments" / "0123456789abcdef01234567.safetensors"
+    entry.parent.mkdir()
+    expected.save(entry)
+    moments = _read_lazily(entry, torch.device("cpu"))
+    entry.unlink()  # `clover cache --clear` while the prune runs
+    for name, (gram, _, count) in expected.stats.items():
+        assert moments.stats[name][2] == count
+        torch.testing.assert_close(moments.stats[name][0], gram, atol=0, rtol=0)
+    del moments
+    gc.collect()
+    assert list(entry.parent.iterdir()) == []  # the run's second name for the file went with it
+
+
+def test_a_calibration_that_fails_reading_its_data_says_so_once_and_leaves_no_folder(tmp_path, monkeypatch):
+    import tempfile
+
+    from clover.quality import _streamed_moments
+
+    _sharded("llama", tmp_path / "model")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "temporary"))
+    (tmp_path / "temporary").mkdir()
+    calls = []
+
+    def missing_data(model):
+        calls.append(model)
+        raise FileNotFoundError(2, "No such file or directory", "/data/calibration/0001.jpg")
+
+    with pytest.raises(FileNotFoundError):  # the error itself, not "cannot write the moments" and a second run
+        _streamed_moments(tmp_path / "model", missing_data, None, torch.device("cpu"), False)
+    assert len(calls) == 1 and list((tmp_path / "temporary").iterdir()) == []
 
 
 def test_calibrated_streamed_prune_equals_the_in_memory_one(tmp_path):

@@ -452,7 +452,7 @@ def _stream_prune(args: argparse.Namespace, config, source, device) -> int:
         seq_len = calibration_length(loaded, args.calibration_length)
         moments, moments_cached = calibration_moments(
             loaded, samples=args.calibration_samples, seq_len=seq_len, refresh=args.recalibrate,
-            progress=not args.quiet, stream_from=source,
+            progress=not args.quiet, stream_from=source, device=device,
         )  # fmt: skip
         moments = moments.to(device)
         del model, loaded
@@ -623,8 +623,17 @@ CACHE_KINDS = {
 }
 
 
-def _tree_bytes(path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+def _tree_bytes(path, seen: set) -> int:
+    """Bytes of the files under ``path`` (or of ``path``), each file counted once however many names it has (a
+    running calibration links its moments into the cache)."""
+    total = 0
+    for f in [path] if path.is_file() else path.rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            stat = f.stat()
+            if (stat.st_dev, stat.st_ino) not in seen:
+                seen.add((stat.st_dev, stat.st_ino))
+                total += stat.st_size
+    return total
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
@@ -641,18 +650,23 @@ def cmd_cache(args: argparse.Namespace) -> int:
     for kind in chosen:
         folder = root / kind
         entries = _clover_cache_entries(kind, folder)
+        seen: set = set()
         rows.append({"cache": kind, "path": str(folder), "entries": len(entries),
-                     "bytes": sum(_tree_bytes(e) if e.is_dir() else e.stat().st_size for e in entries)})  # fmt: skip
+                     "bytes": sum(_tree_bytes(e, seen) for e in entries)})  # fmt: skip
         if args.clear:
-            try:  # only what clover wrote: a file or folder of yours put there stays
-                for entry in entries:
+            in_use = [e for e in entries if _in_use(e)]
+            try:  # only what clover wrote: a file or folder of yours put there stays; a running prune's stays too
+                for entry in [e for e in entries if e not in in_use]:
                     shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
             except OSError as error:
                 raise CloverError(f"could not clear {folder}: {error.strerror or error}") from None
             for parent in {entry.parent for entry in entries if entry.parent != folder}:
                 if not any(parent.iterdir()):  # a short name's folder that held only clover's versions
                     parent.rmdir()
-            kept += [str(e) for e in sorted(folder.rglob("*")) if e.is_file() or (e.is_dir() and not any(e.iterdir()))]
+            if in_use:
+                print(f"clover: note: left {len(in_use)} in use by a running clover ({in_use[0]})", file=sys.stderr)
+            kept += [str(e) for e in sorted(folder.rglob("*")) if (e.is_file() or (e.is_dir() and not any(e.iterdir())))
+                     and not any(e == u or u in e.parents for u in in_use)]  # fmt: skip
     if kept:
         print(f"clover: note: left {len(kept)} entries clover did not write ({', '.join(kept[:3])})", file=sys.stderr)
     if args.json:
@@ -685,6 +699,14 @@ def _clover_cache_entries(kind: str, folder: pathlib.Path) -> list[pathlib.Path]
         if re.fullmatch(r"\.?[0-9a-f]{24}(\.safetensors|\.npy|\.[0-9]+-\w+\.tmp)", e.name)
     )
     return [e for e in named if e.is_file() or (e.is_dir() and not e.is_symlink() and e.name.endswith(".tmp"))]
+
+
+def _in_use(entry: pathlib.Path) -> bool:
+    """A running process's temporary (``.<key>.<pid>-<random>.tmp``): a prune reads its moments from there."""
+    from .io import process_alive
+
+    pid = entry.name.split(".")[-2].split("-")[0] if entry.name.endswith(".tmp") else ""
+    return pid.isdigit() and process_alive(int(pid))
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -428,6 +428,7 @@ def calibration_moments(
     progress: bool = False,
     cache: bool = True,
     stream_from: pathlib.Path | None = None,
+    device: torch.device | None = None,
 ) -> tuple[InputMoments, bool]:
     """Input moments of every attention site on the calibration set, and whether they came from the cache.
 
@@ -438,13 +439,16 @@ def calibration_moments(
     nor written, for a model changed since it was loaded (its files no longer describe it).
 
     ``stream_from``: the checkpoint directory of a model larger than memory (``loaded.model`` its skeleton without
-    weights): the moments are collected one layer at a time and read from their file as they are used."""
+    weights), calibrated on ``device``: the moments are collected one layer at a time and read from their file as
+    they are used."""
     key = calibration_fingerprint(loaded, samples=samples, seq_len=seq_len) if cache else None
     path = model_cache_dir() / "moments" / f"{key}.safetensors" if key else None
-    device = evaluate._model_device(loaded.model)
+    device = device or evaluate._model_device(loaded.model)
     if path is not None and path.is_file() and not refresh:
         try:
-            return InputMoments.load(path, device, lazy=stream_from is not None), True
+            if stream_from is None:
+                return InputMoments.load(path, device), True
+            return _read_lazily(path, device), True
         except Exception as error:  # a truncated or foreign file: recompute and replace it
             warnings.warn(
                 f"ignoring unreadable cached calibration moments {path}: {error}", CloverWarning, stacklevel=2
@@ -470,16 +474,14 @@ def _streamed_moments(
     when they do. Where the layers are not one
     stack (encoder-decoders), or the work folder cannot be written, the model runs module by module instead,
     its moments held in memory."""
-    from safetensors import SafetensorError
-
-    from .streaming import layerwise_moments, streamed_calibration_model
+    from .streaming import MomentsNotWritten, layerwise_moments, streamed_calibration_model
 
     work, path = _work_folder(path)
     try:
         written = layerwise_moments(source, callback, work, device=device, progress=progress)
-    except (OSError, SafetensorError) as error:  # a full disk
-        warnings.warn(f"calibration moments held in memory: cannot write them to disk ({error})", CloverWarning,
-                      stacklevel=3)  # fmt: skip
+    except MomentsNotWritten as failure:  # a full disk: the moments stay in memory instead
+        warnings.warn(f"calibration moments held in memory: cannot write them to disk ({failure.error})",
+                      CloverWarning, stacklevel=3)  # fmt: skip
         written = None
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
@@ -490,15 +492,41 @@ def _streamed_moments(
         if path is not None:
             _store(moments, path)
         return moments
-    if path is not None:  # a second name for the same file: clearing the cache cannot pull it from under this run
-        try:
+    if path is not None:
+        try:  # a second name for the same file: clearing the cache cannot pull it from under this run
             os.link(written, work / "entry")
             os.replace(work / "entry", path)
-        except OSError as error:
-            warnings.warn(f"calibration moments not cached ({error}); the next prune will recompute them",
-                          CloverWarning, stacklevel=3)  # fmt: skip
-    moments = InputMoments.load(written, device, lazy=True)
-    # the file is read until the prune is done with the moments (or their copies on another device)
+        except OSError:
+            try:  # a filesystem without hard links: the cache entry itself is read
+                os.replace(written, path)
+                written = path
+            except OSError as error:
+                warnings.warn(f"calibration moments not cached ({error}); the next prune will recompute them",
+                              CloverWarning, stacklevel=3)  # fmt: skip
+    return _kept_with(InputMoments.load(written, device, lazy=True), work)
+
+
+def _read_lazily(path: pathlib.Path, device: torch.device) -> InputMoments:
+    """Cached moments read one site at a time, through a second name for the file in a work folder of this run
+    (so that clearing the cache cannot pull it away mid-prune); the cache entry itself where that fails."""
+    work = None
+    try:
+        work = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.stem}.{os.getpid()}-", suffix=".tmp", dir=path.parent))
+        os.link(path, work / "moments.safetensors")
+    except OSError:  # a read-only cache, a filesystem without hard links
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
+        return InputMoments.load(path, device, lazy=True)
+    try:
+        return _kept_with(InputMoments.load(work / "moments.safetensors", device, lazy=True), work)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def _kept_with(moments: InputMoments, work: pathlib.Path) -> InputMoments:
+    """``moments`` read from a file in ``work``, which is removed once neither they nor copies of them on another
+    device are used."""
     owner = _Folder()
     weakref.finalize(owner, shutil.rmtree, work, True)
     for entry in moments.stats.values():
@@ -511,9 +539,9 @@ class _Folder:
 
 
 def _work_folder(path: pathlib.Path | None) -> tuple[pathlib.Path, pathlib.Path | None]:
-    """A new folder for a layer-by-layer calibration, beside the cache entry ``path`` (named so that a killed
-    run's is cleaned by the next), and ``path``; in the temporary folder, and None, where there is no cache entry
-    or the cache cannot be written."""
+    """A new folder for a layer-by-layer calibration, beside the cache entry ``path``, and ``path``; in the
+    temporary folder, and None, where there is no cache entry or the cache cannot be written. Either is named
+    so that a killed run's is removed by the next run."""
     if path is not None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -523,7 +551,8 @@ def _work_folder(path: pathlib.Path | None) -> tuple[pathlib.Path, pathlib.Path 
         except OSError as error:
             warnings.warn(f"calibration moments not cached ({error}); the next prune will recompute them",
                           CloverWarning, stacklevel=4)  # fmt: skip
-    return pathlib.Path(tempfile.mkdtemp(prefix="clover-moments-")), None
+    remove_stale_temporaries(pathlib.Path(tempfile.gettempdir()), "clover-moments.*.tmp")
+    return pathlib.Path(tempfile.mkdtemp(prefix=f"clover-moments.{os.getpid()}-", suffix=".tmp")), None
 
 
 def _store(moments: InputMoments, path: pathlib.Path) -> None:
@@ -547,10 +576,10 @@ def _store(moments: InputMoments, path: pathlib.Path) -> None:
             pathlib.Path(staging).unlink(missing_ok=True)
 
 
-def remove_stale_temporaries(directory: pathlib.Path) -> None:
+def remove_stale_temporaries(directory: pathlib.Path, pattern: str = ".*.tmp") -> None:
     """Delete the temporary files and folders (a layer-by-layer calibration's) that killed runs left in a cache
     folder (their process is gone)."""
-    for entry in directory.glob(".*.tmp"):
+    for entry in directory.glob(pattern):
         pid = entry.name.split(".")[-2].split("-")[0]  # .<key>.<pid>-<random>.tmp
         if pid.isdigit() and not process_alive(int(pid)):
             if entry.is_dir() and not entry.is_symlink():

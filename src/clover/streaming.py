@@ -34,7 +34,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -813,6 +813,14 @@ class _PastTheLastLayer(Exception):
     """The calibration inputs of every layer are recorded: what follows the layers (a head) need not run."""
 
 
+class MomentsNotWritten(Exception):
+    """A layer's calibration moments could not be written to disk (a full or read-only disk)."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(str(error))
+        self.error = error
+
+
 class _Recorder(nn.Module):
     """Stands in for a layer while the calibration inputs are captured: records the arguments besides the hidden
     states that each forward gives it (masks, positions: the same whatever the states are) and hands the hidden
@@ -893,9 +901,13 @@ def layerwise_moments(
         stack[j] = _Recorder(layer, calls[j], shape, hidden if j == 1 else None, last=j == len(layers) - 1)
     model = _offloaded(streamed)  # before the layers return: each is read once, below, not at every forward
     forward = model.forward
+    if getattr(model.config, "use_cache", None):
+        model.config.use_cache = False  # a cache shared by the recorded calls would keep every layer's K and V
 
     @functools.wraps(forward)
     def up_to_the_last_layer(*args, **kwargs):  # the head's weights are never read
+        if kwargs.get("use_cache"):
+            kwargs["use_cache"] = False
         try:
             return forward(*args, **kwargs)
         except _PastTheLastLayer:
@@ -907,49 +919,55 @@ def layerwise_moments(
         is_tuple = isinstance(output, tuple)
         if not isinstance(output[0] if is_tuple and output else output, torch.Tensor):
             raise _NotOneStack
+        if is_tuple and any(isinstance(extra, torch.Tensor) for extra in output[1:]):
+            raise _NotOneStack  # the next layer may take more of it than the hidden states (T5's position bias)
         shape.update(tuple=is_tuple, extra=len(output) - 1 if is_tuple else 0)
         if len(layers) == 1:
             raise _PastTheLastLayer
 
     parts = []
-    bar = tqdm(total=len(layers), desc="calibrating layers", unit="layer", disable=not progress)
-    for j, layer in enumerate(layers):
-        stack[j] = layer
-        unit = f"{stack_name}.{j}"
-        with streamed.loaded(unit, by_unit.get(unit, []), write=False), torch.no_grad():
-            moments, handles = InputMoments.watching(by_unit.get(unit, []))
-            try:
-                if j == 0:
-                    handles.append(layer.register_forward_hook(learn_shape))
-                    try:
-                        calibrate(model)
-                    except _NotOneStack:
-                        return None
-                else:
-                    for b, call in enumerate(calls[j]):
-                        hidden[b] = _run_layer(layer, hidden[b], call)
-            finally:
-                for handle in handles:
-                    handle.remove()
-        calls[j] = None  # the masks and positions only this layer used
-        if by_unit.get(unit):
-            parts.append(directory / f"layer-{j}.safetensors")
-            moments.save(parts[-1])
-        del moments
-        bar.update()
-    bar.close()
+    with tqdm(total=len(layers), desc="calibrating layers", unit="layer", disable=not progress) as bar:
+        for j, layer in enumerate(layers):
+            stack[j] = layer
+            unit = f"{stack_name}.{j}"
+            with streamed.loaded(unit, by_unit.get(unit, []), write=False), torch.no_grad():
+                moments, handles = InputMoments.watching(by_unit.get(unit, []))
+                try:
+                    if j == 0:
+                        handles.append(layer.register_forward_hook(learn_shape))
+                        try:
+                            calibrate(model)
+                        except _NotOneStack:
+                            return None
+                    else:
+                        for b, call in enumerate(calls[j]):
+                            hidden[b] = _run_layer(layer, hidden[b], call)
+                finally:
+                    for handle in handles:
+                        handle.remove()
+            calls[j] = None  # the masks and positions only this layer used
+            if by_unit.get(unit):
+                parts.append(directory / f"layer-{j}.safetensors")
+                try:
+                    moments.save(parts[-1])
+                except (OSError, SafetensorError) as error:
+                    raise MomentsNotWritten(error) from error
+            del moments
+            bar.update()
     hidden.clear()
     _return_freed_memory()
     target = directory / "moments.safetensors"
-    _concatenate_safetensors(parts, target)
-    for part in parts:
-        part.unlink()
+    try:
+        _concatenate_safetensors(parts, target)
+    except (OSError, SafetensorError) as error:
+        raise MomentsNotWritten(error) from error
     return target
 
 
 def _concatenate_safetensors(parts: list[pathlib.Path], target: pathlib.Path) -> None:
     """One safetensors file holding every tensor of ``parts`` (distinct names), their data copied through in
-    chunks; the metadata's "aliases" maps are merged, as ``InputMoments.save`` writes them."""
+    chunks, each part deleted once copied (the disk holds the moments about once); the metadata's "aliases" maps
+    are merged, as ``InputMoments.save`` writes them."""
     header: dict = {}
     aliases: dict = {}
     segments = []
@@ -974,6 +992,7 @@ def _concatenate_safetensors(parts: list[pathlib.Path], target: pathlib.Path) ->
             with open(part, "rb") as f:
                 f.seek(data_start)
                 shutil.copyfileobj(f, out)
+            part.unlink()
 
 
 def write_random_checkpoint(
