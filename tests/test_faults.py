@@ -303,6 +303,42 @@ def test_a_streamed_calibration_caches_its_moments_and_leaves_no_work_folder(
     assert first.keys() == second.keys() and all(torch.equal(first[name], second[name]) for name in first)
 
 
+@pytest.mark.parametrize("stream", ["--stream", "--no-stream"])
+def test_calibration_inputs_made_non_finite_by_an_mlp_are_one_line_and_never_cached(
+    llama_with_tokenizer, tmp_path, monkeypatch, capsys, stream
+):
+    from test_heal import _byte_llama
+
+    model = _byte_llama()
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")  # not attention: the next layer's inputs
+    model.save_pretrained(llama_with_tokenizer)
+    monkeypatch.setenv("CLOVER_CACHE", str(tmp_path / "cache"))
+    calibration = ["--method", "calibrated", "--calibration-samples", "2", "--calibration-length", "32", stream]
+    capsys.readouterr()
+    assert main(prune(llama_with_tokenizer, tmp_path / "out", *calibration)) == 2
+    assert "calibration inputs of model.layers.1.self_attn are not finite" in one_line(capsys)
+    assert not (tmp_path / "out").exists() and not list((tmp_path / "cache").glob("moments/*"))
+
+
+def test_stream_and_no_stream_calibrate_in_the_dtype_asked_for_and_prune_alike(
+    llama_with_tokenizer, tmp_path, monkeypatch, capsys
+):
+    from test_heal import _byte_llama
+
+    _byte_llama().to(torch.bfloat16).save_pretrained(llama_with_tokenizer)
+    monkeypatch.setenv("CLOVER_CACHE", str(tmp_path / "cache"))
+    calibration = ["--method", "calibrated", "--calibration-samples", "2", "--calibration-length", "32",
+                   "--dtype", "float32", "--recalibrate"]  # fmt: skip
+    for stream in ("--stream", "--no-stream"):
+        assert main(prune(llama_with_tokenizer, tmp_path / stream, *calibration, stream)) == 0
+    streamed, loaded = (load_file(tmp_path / stream / "model.safetensors") for stream in ("--stream", "--no-stream"))
+    assert streamed.keys() == loaded.keys()
+    for name, tensor in loaded.items():
+        assert tensor.dtype == torch.float32
+        torch.testing.assert_close(streamed[name], tensor, atol=1e-6, rtol=0, msg=name)
+
+
 def _notes(capsys, stream: str) -> list[str]:
     """The notes of a calibrated prune whose moments cannot be written: one line each, and streaming's first says
     the layer-by-layer calibration fell back to holding the moments in memory."""

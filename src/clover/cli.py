@@ -436,7 +436,7 @@ def _stream_prune(args: argparse.Namespace, config, source, device) -> int:
     next (encoder-decoders: each module's weights read from disk just before its forward); scoring and the
     rewrite each read every layer once."""
     from .io import atomic_directory
-    from .models import LoadedModel, _load_tokenizer, tokenizer_directory
+    from .models import tokenizer_directory, with_preprocessing
     from .prune import CALIBRATED
     from .quality import calibration_length, calibration_moments
     from .streaming import StreamedModel, stream_prune
@@ -445,10 +445,9 @@ def _stream_prune(args: argparse.Namespace, config, source, device) -> int:
     moments, moments_cached, seq_len = None, False, None
     tokenizer_dir = None if args.tokenizer is None else tokenizer_directory(args.tokenizer)
     if args.method in CALIBRATED:
-        model = StreamedModel(source, device=device).model  # without weights: the calibration reads them
-        tokenizer, prompt = _load_tokenizer(tokenizer_dir or source, _kind_of(model), model.config, {})
-        loaded = LoadedModel(model, tokenizer, args.model, _kind_of(model), decoder_prompt_ids=prompt, source=source,
-                             tokenizer_source=tokenizer_dir)  # fmt: skip
+        # without weights (the calibration reads them), in the dtype the in-memory path would calibrate in
+        model = StreamedModel(source, device=device, dtype=_dtype(args.dtype)).model
+        loaded = with_preprocessing(model, source, args.model, _kind_of(model), tokenizer_dir)
         seq_len = calibration_length(loaded, args.calibration_length)
         moments, moments_cached = calibration_moments(
             loaded, samples=args.calibration_samples, seq_len=seq_len, refresh=args.recalibrate,
@@ -943,6 +942,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "quiet", False):  # transformers' own bars too (loading weights, GGUF conversion)
         hf_logging.disable_progress_bar()
     previous_term = signal.signal(signal.SIGTERM, _terminate) if _main_thread() else None
+    previous_int = signal.getsignal(signal.SIGINT) if _main_thread() else None
     committed_before = len(COMMITTED)
     show_warning = warnings.showwarning
     warnings.showwarning = _notes_for_clover_warnings(show_warning)
@@ -967,6 +967,8 @@ def main(argv: list[str] | None = None) -> int:
         _silence_stdout()
         return 141
     except KeyboardInterrupt:
+        if previous_int is not None:  # a Ctrl-C more while clover winds down would print a traceback
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         print(stopped("interrupted"), file=sys.stderr)
         return 130
     except Terminated:
@@ -981,6 +983,8 @@ def main(argv: list[str] | None = None) -> int:
         warnings.showwarning = show_warning
         if previous_term is not None:
             signal.signal(signal.SIGTERM, previous_term)
+        if previous_int is not None and argv is not None:  # called from Python: its own Ctrl-C handling back
+            signal.signal(signal.SIGINT, previous_int)
         if bars_were_on:
             hf_logging.enable_progress_bar()
 

@@ -957,7 +957,21 @@ def _load_directory(
     remote = {"trust_remote_code": True} if auto_map else {}
     kind, cls = model_kind(config)
     model = _from_pretrained(cls, path, dtype, remote)
-    tokenizer, prompt = _load_tokenizer(tokenizer_dir or path, kind, model.config, remote)
+    return with_preprocessing(model, path, name, kind, tokenizer_dir, remote)
+
+
+def with_preprocessing(
+    model: Any,
+    path: pathlib.Path,
+    name: str,
+    kind: str,
+    tokenizer_dir: pathlib.Path | None = None,
+    remote: dict | None = None,
+) -> LoadedModel:
+    """``model``, loaded from the checkpoint directory ``path`` (or built without weights to stream it), with the
+    tokenizer (from ``tokenizer_dir`` where given), Whisper's feature extractor and decoder prompt, or a vision
+    model's image processor, as saved beside it."""
+    tokenizer, prompt = _load_tokenizer(tokenizer_dir or path, kind, model.config, remote or {})
     if kind == "speech-seq2seq":
         feature_extractor = whisper_feature_extractor(path, model.config)
         return LoadedModel(

@@ -308,6 +308,9 @@ def calibration_length(loaded: LoadedModel, seq_len: int) -> int:
     if loaded.tokenizer is None or (loaded.kind == "speech-seq2seq" and loaded.decoder_prompt_ids is None):
         raise CloverError(f"calibration needs a tokenizer: {_no_tokenizer(loaded)}")
     limit = evaluate.context_length(loaded.model) if loaded.kind != "speech-seq2seq" else None
+    if limit is not None and limit < 2:
+        raise CloverError(f"{loaded.name}'s context is {limit} token: too short for calibration sequences (at least "
+                          "2 tokens); use --method clover or vanilla")  # fmt: skip
     return min(seq_len, limit) if limit is not None else seq_len
 
 
@@ -321,7 +324,7 @@ def calibration_callback(
     check_calibration_settings(samples, seq_len)
     if loaded.kind == "seq2seq-lm":
         raise CloverError(
-            "the command line has no calibration data for text encoder-decoders (BART, Marian) yet; use --method "
+            "the command line has no calibration data for text encoder-decoders (T5, BART, Marian) yet; use --method "
             "clover or vanilla, or clover.prune.prune_ with your own calibrate(model) callback"
         )
     if loaded.kind == "image-text-to-text":  # its vision and cross-attention sites need images with the text
@@ -443,6 +446,11 @@ def calibration_moments(
     they are used."""
     key = calibration_fingerprint(loaded, samples=samples, seq_len=seq_len) if cache else None
     path = model_cache_dir() / "moments" / f"{key}.safetensors" if key else None
+    if path is not None and path.parent.is_dir():
+        try:  # what killed runs left (a layer-by-layer calibration's folder holds gigabytes), hit or miss
+            remove_stale_temporaries(path.parent)
+        except OSError:
+            pass
     device = device or evaluate._model_device(loaded.model)
     if path is not None and path.is_file() and not refresh:
         try:
@@ -455,8 +463,9 @@ def calibration_moments(
             )
     callback = calibration_callback(loaded, samples=samples, seq_len=seq_len, progress=progress)
     if stream_from is not None:
-        return _streamed_moments(stream_from, callback, path, device, progress), False
+        return _streamed_moments(stream_from, callback, path, device, progress, loaded.model.dtype), False
     moments = InputMoments.collect(loaded.model, callback)
+    moments.refuse_non_finite()
     if path is not None:
         _store(moments, path)
     return moments, False
@@ -468,6 +477,7 @@ def _streamed_moments(
     path: pathlib.Path | None,
     device: torch.device,
     progress: bool,
+    dtype: torch.dtype | None = None,
 ) -> InputMoments:
     """Moments collected one layer at a time into a work folder beside the cache entry ``path`` (linked into
     place once whole) or, without one, in the temporary folder; read back lazily from the work folder, which goes
@@ -478,7 +488,7 @@ def _streamed_moments(
 
     work, path = _work_folder(path)
     try:
-        written = layerwise_moments(source, callback, work, device=device, progress=progress)
+        written = layerwise_moments(source, callback, work, device=device, dtype=dtype, progress=progress)
     except MomentsNotWritten as failure:  # a full disk: the moments stay in memory instead
         warnings.warn(f"calibration moments held in memory: cannot write them to disk ({failure.error})",
                       CloverWarning, stacklevel=3)  # fmt: skip
@@ -488,7 +498,8 @@ def _streamed_moments(
         raise
     if written is None:
         shutil.rmtree(work, ignore_errors=True)
-        moments = InputMoments.collect(streamed_calibration_model(source, device), callback)
+        moments = InputMoments.collect(streamed_calibration_model(source, device, dtype), callback)
+        moments.refuse_non_finite()
         if path is not None:
             _store(moments, path)
         return moments

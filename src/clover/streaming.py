@@ -775,10 +775,12 @@ def stream_prune(
     return report
 
 
-def streamed_calibration_model(source: str | os.PathLike, device: torch.device | str = "cpu") -> nn.Module:
+def streamed_calibration_model(
+    source: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+) -> nn.Module:
     """The checkpoint's model with every module's weights read from its files only while it runs (accelerate's
     disk offload over the safetensors themselves: nothing is copied), for collecting calibration moments."""
-    return _offloaded(StreamedModel(source, device=device))
+    return _offloaded(StreamedModel(source, device=device, dtype=dtype))
 
 
 def _offloaded(streamed: StreamedModel) -> nn.Module:
@@ -869,6 +871,7 @@ def layerwise_moments(
     directory: str | os.PathLike,
     *,
     device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
     progress: bool = False,
 ) -> pathlib.Path | None:
     """The input moments of every attention site of the checkpoint ``source`` on ``calibrate(model)``'s forward
@@ -884,7 +887,7 @@ def layerwise_moments(
     from .prune import InputMoments
 
     directory = pathlib.Path(directory)
-    streamed = StreamedModel(source, device=device)
+    streamed = StreamedModel(source, device=device, dtype=dtype)
     sites = streamed.sites()
     stack_name = _one_stack(streamed.model, sites)
     if stack_name is None:
@@ -946,6 +949,7 @@ def layerwise_moments(
                     for handle in handles:
                         handle.remove()
             calls[j] = None  # the masks and positions only this layer used
+            moments.refuse_non_finite()  # one line, and nothing cached
             if by_unit.get(unit):
                 parts.append(directory / f"layer-{j}.safetensors")
                 try:
