@@ -236,11 +236,12 @@ class _StoredMoment:
         return self._read()[index]
 
 
-def _not_finite(site_name: str) -> str:
-    return (
-        f"the calibration inputs of {site_name} are not finite (NaN or inf): a weight before it is not finite, or "
-        "the activations overflow in this dtype; check the checkpoint, or calibrate in float32 (--dtype float32)"
-    )
+def _refuse_non_finite(gram: Tensor, total: Tensor, site_name: str) -> None:
+    if not (torch.isfinite(gram).all() and torch.isfinite(total).all()):
+        raise CloverError(
+            f"the calibration inputs of {site_name} are not finite (NaN or inf): a weight before it is not finite, "
+            "or the activations overflow in this dtype; check the checkpoint, or calibrate in float32 (--dtype float32)"
+        )
 
 
 class InputMoments:
@@ -343,18 +344,16 @@ class InputMoments:
     def refuse_non_finite(self) -> None:
         """One CloverError naming the first site whose calibration inputs held NaN or inf: nothing can be whitened
         by them, and they are not worth caching."""
-        for name, entry in self.stats.items():
-            gram, total, count = entry
-            if count and not (torch.isfinite(gram).all() and torch.isfinite(total).all()):
-                raise CloverError(_not_finite(name.rpartition("|")[0]))
+        for name, (gram, total, count) in self.stats.items():
+            if count:
+                _refuse_non_finite(gram, total, name.rpartition("|")[0])
 
     def whitening(self, site: AttentionSite, side: str, augmented: bool, ridge: float) -> Tensor:
         """Cholesky factor of the input second moment of Q's (side 'q') or K/V's (side 'k') projection."""
         gram, total, count = self.stats.get(f"{site.name}|{side}", (None, None, 0))
         if not count:
             raise CloverError(f"calibration never reached {site.name}; check the calibration data")
-        if not (torch.isfinite(gram).all() and torch.isfinite(total).all()):
-            raise CloverError(_not_finite(site.name))
+        _refuse_non_finite(gram, total, site.name)
         moment = gram / count
         if augmented:  # input [x, 1]: the bias row sees the mean and a constant 1
             mean = (total / count).unsqueeze(0)

@@ -447,7 +447,7 @@ def calibration_moments(
     key = calibration_fingerprint(loaded, samples=samples, seq_len=seq_len) if cache else None
     path = model_cache_dir() / "moments" / f"{key}.safetensors" if key else None
     if path is not None and path.parent.is_dir():
-        try:  # what killed runs left (a layer-by-layer calibration's folder holds gigabytes), hit or miss
+        try:  # what killed runs left (a layer-by-layer calibration's folder holds gigabytes), hit or miss, once
             remove_stale_temporaries(path.parent)
         except OSError:
             pass
@@ -481,9 +481,8 @@ def _streamed_moments(
 ) -> InputMoments:
     """Moments collected one layer at a time into a work folder beside the cache entry ``path`` (linked into
     place once whole) or, without one, in the temporary folder; read back lazily from the work folder, which goes
-    when they do. Where the layers are not one
-    stack (encoder-decoders), or the work folder cannot be written, the model runs module by module instead,
-    its moments held in memory."""
+    when they do. Where the layers are not one stack (encoder-decoders), or the moments cannot be written, the
+    model runs module by module instead, its moments held in memory."""
     from .streaming import MomentsNotWritten, layerwise_moments, streamed_calibration_model
 
     work, path = _work_folder(path)
@@ -522,7 +521,7 @@ def _read_lazily(path: pathlib.Path, device: torch.device) -> InputMoments:
     (so that clearing the cache cannot pull it away mid-prune); the cache entry itself where that fails."""
     work = None
     try:
-        work = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.stem}.{os.getpid()}-", suffix=".tmp", dir=path.parent))
+        work = _folder_beside(path)
         os.link(path, work / "moments.safetensors")
     except OSError:  # a read-only cache, a filesystem without hard links
         if work is not None:
@@ -549,6 +548,11 @@ class _Folder:
     """Keeps a temporary folder while anything refers to it."""
 
 
+def _folder_beside(path: pathlib.Path) -> pathlib.Path:
+    """A new folder of this run beside the cache entry ``path``, named as ``remove_stale_temporaries`` reads."""
+    return pathlib.Path(tempfile.mkdtemp(prefix=f".{path.stem}.{os.getpid()}-", suffix=".tmp", dir=path.parent))
+
+
 def _work_folder(path: pathlib.Path | None) -> tuple[pathlib.Path, pathlib.Path | None]:
     """A new folder for a layer-by-layer calibration, beside the cache entry ``path``, and ``path``; in the
     temporary folder, and None, where there is no cache entry or the cache cannot be written. Either is named
@@ -556,9 +560,7 @@ def _work_folder(path: pathlib.Path | None) -> tuple[pathlib.Path, pathlib.Path 
     if path is not None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            remove_stale_temporaries(path.parent)
-            return pathlib.Path(tempfile.mkdtemp(prefix=f".{path.stem}.{os.getpid()}-", suffix=".tmp",
-                                                 dir=path.parent)), path  # fmt: skip
+            return _folder_beside(path), path
         except OSError as error:
             warnings.warn(f"calibration moments not cached ({error}); the next prune will recompute them",
                           CloverWarning, stacklevel=4)  # fmt: skip
@@ -572,7 +574,6 @@ def _store(moments: InputMoments, path: pathlib.Path) -> None:
     staging = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(path.parent)
         handle, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.{os.getpid()}-", suffix=".tmp")
         os.close(handle)
         moments.save(staging)
